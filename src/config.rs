@@ -1,0 +1,422 @@
+//! The TOML configuration: its schema, parsing and validation.
+//!
+//! Unknown keys are errors, and every error names the key that is wrong, so a
+//! typo never silently turns a setting off. Nothing here opens a socket; the
+//! checks only read the files the config names.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::reference::valid_component;
+
+/// The configuration shipped in the repository and embedded in the binary.
+pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub ca: CaConfig,
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub resolver: ResolverConfig,
+    #[serde(rename = "upstream", default)]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// TLS listener; absent disables it.
+    pub https: Option<String>,
+    /// Plain HTTP listener; absent disables it.
+    pub http: Option<String>,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    pub max_size: String,
+}
+
+/// How upstream hostnames are resolved. regmirror never reads /etc/hosts for
+/// this (the host it runs on may point registry names at regmirror itself);
+/// `overrides` pins names to addresses, which is what tests and split-horizon
+/// setups need.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverConfig {
+    #[serde(default)]
+    pub overrides: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub url: String,
+    pub namespace: String,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// A configuration that passed every check, with values parsed into the
+/// types the rest of the program uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub server_name: String,
+    pub ca_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub max_size: u64,
+    pub resolver_overrides: BTreeMap<String, IpAddr>,
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub url: url::Url,
+    pub namespace: String,
+    pub ca_file: Option<PathBuf>,
+    pub credentials: Option<Credentials>,
+    /// Docker Hub keeps official images under `library/`.
+    pub library_prefix: bool,
+}
+
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.username)
+    }
+}
+
+impl Settings {
+    /// Reads `path`, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Self::from_toml(&text, &p.display().to_string())
+            }
+            None => Self::from_toml(DEFAULT_CONFIG, "built-in config.toml"),
+        }
+    }
+
+    pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        let raw: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        validate(raw).map_err(|(key, message)| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            message,
+        })
+    }
+
+    /// The upstream that serves requests naming no registry (docker's
+    /// `registry-mirrors`): Docker Hub when configured, else the first.
+    pub fn default_upstream(&self) -> usize {
+        self.upstreams
+            .iter()
+            .position(|u| u.library_prefix)
+            .unwrap_or(0)
+    }
+
+    /// Every hostname the CA may sign for: the upstreams' plus our own.
+    pub fn tls_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .upstreams
+            .iter()
+            .flat_map(|u| u.hosts.iter().cloned())
+            .collect();
+        names.push(self.server_name.clone());
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+type Invalid = (String, String);
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
+    (key.into(), message.into())
+}
+
+fn validate(raw: Config) -> Result<Settings, Invalid> {
+    let https = parse_addr("server.https", raw.server.https.as_deref())?;
+    let http = parse_addr("server.http", raw.server.http.as_deref())?;
+    if https.is_none() && http.is_none() {
+        return Err(invalid("server", "at least one of `https` and `http` must be set"));
+    }
+    let server_name = raw.server.name.to_ascii_lowercase();
+    if !valid_hostname(&server_name) {
+        return Err(invalid("server.name", format!("{:?} is not a valid DNS hostname", raw.server.name)));
+    }
+    if raw.ca.dir.as_os_str().is_empty() {
+        return Err(invalid("ca.dir", "must not be empty"));
+    }
+    if raw.cache.dir.as_os_str().is_empty() {
+        return Err(invalid("cache.dir", "must not be empty"));
+    }
+    let max_size = parse_size(&raw.cache.max_size).map_err(|m| invalid("cache.max_size", m))?;
+
+    let mut resolver_overrides = BTreeMap::new();
+    for (name, addr) in raw.resolver.overrides {
+        let ip: IpAddr = addr.parse().map_err(|_| {
+            invalid(format!("resolver.overrides.{name:?}"), format!("{addr:?} is not an IP address"))
+        })?;
+        resolver_overrides.insert(name.to_ascii_lowercase(), ip);
+    }
+
+    if raw.upstreams.is_empty() {
+        return Err(invalid("upstream", "at least one [[upstream]] is required"));
+    }
+    let mut names = HashSet::new();
+    let mut namespaces = HashSet::new();
+    let mut all_hosts = HashSet::new();
+    let mut upstreams = Vec::new();
+    for (i, u) in raw.upstreams.into_iter().enumerate() {
+        let key = |field: &str| format!("upstream[{i}].{field}");
+        if u.name.is_empty() {
+            return Err(invalid(key("name"), "must not be empty"));
+        }
+        if !names.insert(u.name.clone()) {
+            return Err(invalid(key("name"), format!("{:?} is used by two upstreams", u.name)));
+        }
+        if !valid_component(&u.namespace) || u.namespace.starts_with('_') {
+            return Err(invalid(
+                key("namespace"),
+                format!("{:?} must be one lowercase repository-name component, like \"dockerhub\"", u.namespace),
+            ));
+        }
+        if !namespaces.insert(u.namespace.clone()) {
+            return Err(invalid(key("namespace"), format!("{:?} is used by two upstreams", u.namespace)));
+        }
+        if u.hosts.is_empty() {
+            return Err(invalid(key("hosts"), "must list at least one hostname"));
+        }
+        let mut hosts = Vec::new();
+        for h in &u.hosts {
+            let h = h.to_ascii_lowercase();
+            if !valid_hostname(&h) {
+                return Err(invalid(key("hosts"), format!("{h:?} is not a valid DNS hostname")));
+            }
+            if h == server_name {
+                return Err(invalid(key("hosts"), format!("{h:?} is also server.name")));
+            }
+            if !all_hosts.insert(h.clone()) {
+                return Err(invalid(key("hosts"), format!("{h:?} is listed by two upstreams")));
+            }
+            hosts.push(h);
+        }
+        let url = url::Url::parse(&u.url).map_err(|e| invalid(key("url"), format!("{:?}: {e}", u.url)))?;
+        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+            return Err(invalid(key("url"), format!("{:?} must be an http:// or https:// URL with a host", u.url)));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(invalid(key("url"), format!("{:?} must not have a path or query", u.url)));
+        }
+        if let Some(ca) = &u.ca_file {
+            check_pem(ca).map_err(|m| invalid(key("ca_file"), m))?;
+        }
+        let credentials = match (u.username, u.password_file) {
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid(key("password_file"), "is required when username is set")),
+            (None, Some(_)) => return Err(invalid(key("username"), "is required when password_file is set")),
+            (Some(username), Some(pf)) => {
+                let password = std::fs::read_to_string(&pf)
+                    .map_err(|e| invalid(key("password_file"), format!("cannot read {}: {e}", pf.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                if password.is_empty() {
+                    return Err(invalid(key("password_file"), format!("{} is empty", pf.display())));
+                }
+                Some(Credentials { username, password })
+            }
+        };
+        let library_prefix = u.name == "docker.io" || hosts.iter().any(|h| h == "docker.io" || h.ends_with(".docker.io"));
+        upstreams.push(Upstream {
+            name: u.name,
+            hosts,
+            url,
+            namespace: u.namespace,
+            ca_file: u.ca_file,
+            credentials,
+            library_prefix,
+        });
+    }
+
+    Ok(Settings {
+        https,
+        http,
+        server_name,
+        ca_dir: raw.ca.dir,
+        cache_dir: raw.cache.dir,
+        max_size,
+        resolver_overrides,
+        upstreams,
+    })
+}
+
+fn parse_addr(key: &str, value: Option<&str>) -> Result<Option<SocketAddr>, Invalid> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(key, format!("{v:?} is not an address like \"0.0.0.0:443\""))),
+    }
+}
+
+fn check_pem(path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(())
+}
+
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+/// Parses sizes like `50GiB`, `512MiB`, `10GB`, `1000`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"50GiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "MB" => 1000u64.pow(2),
+        "GB" => 1000u64.pow(3),
+        "TB" => 1000u64.pow(4),
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => return Err(format!("unknown unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    let bytes = n * mult as f64;
+    if bytes < 1.0 {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Settings::from_toml(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.upstreams.len(), 3);
+        assert_eq!(s.upstreams[s.default_upstream()].name, "docker.io");
+        assert!(s.upstreams[0].library_prefix && !s.upstreams[1].library_prefix);
+        assert_eq!(s.max_size, 50 << 30);
+        assert!(s.tls_names().contains(&"regmirror.local".to_string()));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let text = DEFAULT_CONFIG.replace("[cache]", "[cache]\nmax_sise = 1");
+        let e = err(&text);
+        assert!(e.contains("max_sise"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("namespace = \"quay\"", "namespace = \"quay\"\nusername2 = \"x\""));
+        assert!(e.contains("username2"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = err(&DEFAULT_CONFIG.replace("\"0.0.0.0:443\"", "\"nope\""));
+        assert!(e.contains("server.https") && e.contains("nope"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("\"50GiB\"", "\"50 parsecs\""));
+        assert!(e.contains("cache.max_size"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("namespace = \"ghcr\"", "namespace = \"quay\""));
+        assert!(e.contains("upstream[2].namespace") && e.contains("two upstreams"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("hosts = [\"ghcr.io\"]", "hosts = [\"quay.io\"]"));
+        assert!(e.contains("upstream[2].hosts"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("url = \"https://ghcr.io\"", "url = \"ftp://ghcr.io\""));
+        assert!(e.contains("upstream[1].url"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("# username = \"...\"", "username = \"bob\""));
+        assert!(e.contains("upstream[0].password_file"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("# ca_file = \"extra-roots.pem\"", "ca_file = \"/nonexistent.pem\""));
+        assert!(e.contains("upstream[0].ca_file") && e.contains("/nonexistent.pem"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("ten").is_err());
+    }
+
+    #[test]
+    fn resolver_overrides_must_be_ips() {
+        let text = format!("{DEFAULT_CONFIG}\n[resolver]\noverrides = {{ \"up.test\" = \"127.0.0.9\" }}\n");
+        let s = Settings::from_toml(&text, "t").unwrap();
+        assert_eq!(s.resolver_overrides["up.test"].to_string(), "127.0.0.9");
+        let bad = format!("{DEFAULT_CONFIG}\n[resolver]\noverrides = {{ \"up.test\" = \"host\" }}\n");
+        assert!(err(&bad).contains("resolver.overrides"));
+    }
+}

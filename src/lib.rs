@@ -1,0 +1,76 @@
+//! regmirror: a transparent, TLS-intercepting pull-through cache for
+//! container registries. See DESIGN.md for the contract this code keeps.
+//!
+//! The modules follow a request: `server` accepts it, `route` parses it,
+//! `registry` handles it, `upstream` asks the real registry, `cache` stores
+//! and serves the bytes, `tls` issues the certificates clients see.
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod config;
+pub mod metrics;
+pub mod reference;
+pub mod registry;
+pub mod route;
+pub mod server;
+pub mod setup;
+pub mod tls;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use config::Settings;
+
+/// Everything that can stop regmirror from starting, with the file or
+/// setting at fault named in the message.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("CA: {0}")]
+    Ca(#[from] tls::ca::CaError),
+    #[error("cache directory {path}: {source}")]
+    Store { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Upstream(#[from] upstream::client::ClientBuildError),
+    #[error("{0}")]
+    Listen(std::io::Error),
+}
+
+/// Loads the CA and store, builds the upstream clients, binds the listeners
+/// and serves until `shutdown` resolves.
+pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = tls::CertificateAuthority::load_or_create(&settings.ca_dir, &settings.tls_names())?;
+    let issuer = Arc::new(tls::LeafIssuer::new(ca, settings.tls_names(), settings.server_name.clone()));
+    let store = cache::LocalStore::open_dir(&settings.cache_dir).map_err(|source| StartError::Store {
+        path: settings.cache_dir.display().to_string(),
+        source,
+    })?;
+    let via = instance_id();
+    let resolver = Arc::new(upstream::resolve::UpstreamResolver::new(settings.resolver_overrides.clone()));
+    let upstreams = settings
+        .upstreams
+        .iter()
+        .map(|u| upstream::UpstreamClient::new(u, resolver.clone(), &via))
+        .collect::<Result<Vec<_>, _>>()?;
+    let listeners = server::Listeners::bind(settings.https, settings.http).await.map_err(StartError::Listen)?;
+    let app = Arc::new(registry::App {
+        routes: route::RouteTable::from_settings(&settings),
+        upstreams,
+        cache: Arc::new(cache::Cache::new(Arc::new(store))),
+        via,
+        settings,
+    });
+    server::run(app, issuer, listeners, shutdown).await.map_err(StartError::Listen)
+}
+
+/// A value unique to this process, for loop detection.
+fn instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!("{}-{nanos}-{:p}", std::process::id(), &nanos);
+    reference::Digest::of(seed.as_bytes()).hex()[..16].to_string()
+}

@@ -1,0 +1,129 @@
+//! The `regmirror` command line: parse, load the config, hand off to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use regmirror::config::Settings;
+use regmirror::setup::{self, SetupOptions, Target};
+use regmirror::tls::CertificateAuthority;
+
+#[derive(Parser)]
+#[command(name = "regmirror", version, about = "Transparent pull-through cache for container registries")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve: intercept registry hostnames and cache what clients pull.
+    Serve {
+        /// Config file (default: the built-in config.toml)
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config and explain every problem with the key at fault.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Root CA operations.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+    /// Print the client-side configuration for one way of using regmirror.
+    Setup {
+        target: Target,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address clients reach regmirror at (IP, host or host:port)
+        #[arg(long)]
+        proxy: Option<String>,
+        /// containerd: mirror over TLS on server.name instead of plain HTTP
+        #[arg(long)]
+        tls: bool,
+        /// Write the files under this directory instead of printing them
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// Print the root CA certificate (PEM), creating the CA if needed.
+    Export {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "regmirror=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("regmirror: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config } => {
+            let settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("starting the runtime: {e}"))?;
+            rt.block_on(regmirror::serve(settings, shutdown_signal())).map_err(|e| e.to_string())
+        }
+        Command::Check { config } => {
+            let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            println!(
+                "config OK: {} upstream(s) ({}), https {}, http {}, cache {} (max {} bytes), CA in {}",
+                s.upstreams.len(),
+                s.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(", "),
+                s.https.map_or("off".into(), |a| a.to_string()),
+                s.http.map_or("off".into(), |a| a.to_string()),
+                s.cache_dir.display(),
+                s.max_size,
+                s.ca_dir.display(),
+            );
+            Ok(())
+        }
+        Command::Ca { action: CaAction::Export { config } } => {
+            let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            let ca = CertificateAuthority::load_or_create(&s.ca_dir, &s.tls_names()).map_err(|e| e.to_string())?;
+            print!("{}", ca.cert_pem);
+            Ok(())
+        }
+        Command::Setup { target, config, proxy, tls, write } => {
+            let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            let files = setup::files(&s, target, &SetupOptions { proxy, tls })?;
+            setup::emit(&files, write.as_deref()).map_err(|e| e.to_string())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

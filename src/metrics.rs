@@ -1,0 +1,72 @@
+//! Process-wide counters, exported in Prometheus text format on `/metrics`.
+//!
+//! Counters only: cheap atomics that any module may bump without locking.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    const fn new() -> Self {
+        Counter(AtomicU64::new(0))
+    }
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Metrics {
+    pub requests: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    /// Requests that joined a download another request had started.
+    pub cache_joins: Counter,
+    pub upstream_requests: Counter,
+    pub upstream_fetches: Counter,
+    /// Downloads aborted because the bytes were short, broken or did not match their digest.
+    pub verify_failures: Counter,
+    pub stale_served: Counter,
+    pub bytes_fetched: Counter,
+    pub bytes_served: Counter,
+}
+
+pub static METRICS: Metrics = Metrics {
+    requests: Counter::new(),
+    cache_hits: Counter::new(),
+    cache_misses: Counter::new(),
+    cache_joins: Counter::new(),
+    upstream_requests: Counter::new(),
+    upstream_fetches: Counter::new(),
+    verify_failures: Counter::new(),
+    stale_served: Counter::new(),
+    bytes_fetched: Counter::new(),
+    bytes_served: Counter::new(),
+};
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let rows: [(&str, &str, &Counter); 10] = [
+            ("regmirror_requests_total", "HTTP requests received", &self.requests),
+            ("regmirror_cache_hits_total", "content served from the store", &self.cache_hits),
+            ("regmirror_cache_misses_total", "downloads started for missing content", &self.cache_misses),
+            ("regmirror_cache_joins_total", "requests that joined a running download", &self.cache_joins),
+            ("regmirror_upstream_requests_total", "requests sent upstream", &self.upstream_requests),
+            ("regmirror_upstream_fetches_total", "upstream bodies downloaded into the store", &self.upstream_fetches),
+            ("regmirror_verify_failures_total", "downloads aborted as short, broken or corrupt", &self.verify_failures),
+            ("regmirror_stale_served_total", "tags served from cache because upstream failed", &self.stale_served),
+            ("regmirror_bytes_fetched_total", "bytes downloaded from upstream and stored", &self.bytes_fetched),
+            ("regmirror_bytes_served_total", "bytes sent to clients", &self.bytes_served),
+        ];
+        let mut out = String::new();
+        for (name, help, c) in rows {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", c.get()));
+        }
+        out
+    }
+}

@@ -1,0 +1,123 @@
+//! `/v2/<name>/blobs/<digest>`: layers and configs.
+//!
+//! GET serves from the store or joins the single download of a missing
+//! digest, with Range support either way (a range on a miss is cut from the
+//! download as it grows). HEAD answers from the store, or asks upstream with
+//! a HEAD on a miss; it never 404s just because the blob is not cached.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+
+use super::body::{empty, stream, Body};
+use super::errors::RegistryError;
+use super::range::{parse_range, ByteRange};
+use super::{copy_header, source_from, upstream_error, App};
+use crate::cache::Store;
+use crate::reference::Digest;
+use crate::route::RepoRequest;
+use crate::upstream::UpstreamRequest;
+
+pub async fn serve(app: &Arc<App>, r: &RepoRequest, d: &Digest, headers: &HeaderMap, head: bool) -> Result<Response<Body>, RegistryError> {
+    if head {
+        return head_blob(app, r, d).await;
+    }
+    let app2 = app.clone();
+    let req = blob_request(r, d, Method::GET);
+    let upstream = r.upstream;
+    let digest = d.clone();
+    let served = app
+        .cache
+        .get_or_fetch(d, move || {
+            Box::pin(async move {
+                let client = &app2.upstreams[upstream];
+                let resp = client.send(&req).await?;
+                if resp.status() != StatusCode::OK {
+                    let e = upstream_error(&client.name, resp).await;
+                    return Err(blob_error(e, &digest));
+                }
+                let mut source = source_from(resp);
+                // Layers are opaque bytes; whatever upstream called them.
+                source.media_type = None;
+                Ok(source)
+            })
+        })
+        .await?;
+
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let mut resp = match (served.info.size, range) {
+        (Some(size), Some(_)) => match parse_range(range, size) {
+            ByteRange::Unsatisfiable => {
+                let mut resp = RegistryError::range_not_satisfiable(size).into_response();
+                resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).map_err(|e| RegistryError::internal(e.to_string()))?);
+                return Ok(resp);
+            }
+            ByteRange::Partial { first, last } => {
+                let mut resp = Response::new(stream(served.into_stream(first, Some(last + 1))));
+                *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+                let h = resp.headers_mut();
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - first));
+                h.insert(header::CONTENT_RANGE, value(&format!("bytes {first}-{last}/{size}")));
+                resp
+            }
+            ByteRange::Full => full_response(served, Some(size)),
+        },
+        (size, _) => full_response(served, size),
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert("docker-content-digest", value(&d.to_string()));
+    h.insert(header::ETAG, value(&format!("\"{d}\"")));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    Ok(resp)
+}
+
+fn full_response(served: crate::cache::Served<crate::cache::LocalStore>, size: Option<u64>) -> Response<Body> {
+    let mut resp = Response::new(stream(served.into_stream(0, None)));
+    if let Some(s) = size {
+        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(s));
+    }
+    resp
+}
+
+async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Response<Body>, RegistryError> {
+    let mut resp = Response::new(empty());
+    if let Some(info) = app.cache.store().stat(d).await.map_err(|e| RegistryError::internal(format!("cache store failure for {d}: {e}")))? {
+        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+    } else {
+        let client = app.upstream(r);
+        let up = client.send(&blob_request(r, d, Method::HEAD)).await?;
+        if up.status() != StatusCode::OK {
+            return Err(blob_error(upstream_error(&client.name, up).await, d));
+        }
+        copy_header(up.headers(), resp.headers_mut(), header::CONTENT_LENGTH);
+    }
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert("docker-content-digest", value(&d.to_string()));
+    h.insert(header::ETAG, value(&format!("\"{d}\"")));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    Ok(resp)
+}
+
+fn blob_request(r: &RepoRequest, d: &Digest, method: Method) -> UpstreamRequest {
+    UpstreamRequest {
+        method,
+        path: format!("/v2/{}/blobs/{d}", r.repo),
+        query: None,
+        headers: HeaderMap::new(),
+        scope: format!("repository:{}:pull", r.repo),
+    }
+}
+
+fn blob_error(e: RegistryError, d: &Digest) -> RegistryError {
+    if e.status == StatusCode::NOT_FOUND {
+        RegistryError::blob_unknown(&d.to_string())
+    } else {
+        e
+    }
+}
+
+fn value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}

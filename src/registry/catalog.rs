@@ -1,0 +1,49 @@
+//! `/v2/_catalog`: the repositories regmirror holds tags for. Asked through
+//! an upstream's hostname it lists that upstream's repositories; on the
+//! proxy's own name it lists all of them under their namespace prefix.
+
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Response};
+
+use super::body::{full, Body};
+use super::errors::RegistryError;
+use super::App;
+use crate::cache::Store;
+
+pub async fn list(app: &Arc<App>, upstream: Option<usize>, query: Option<&str>) -> Result<Response<Body>, RegistryError> {
+    let store = app.cache.store();
+    let mut repos = Vec::new();
+    for (i, u) in app.settings.upstreams.iter().enumerate() {
+        if upstream.is_some_and(|want| want != i) {
+            continue;
+        }
+        let names = store
+            .list_repositories(&u.namespace)
+            .await
+            .map_err(|e| RegistryError::internal(format!("listing the cache: {e}")))?;
+        for n in names {
+            repos.push(if upstream.is_some() { n } else { format!("{}/{n}", u.namespace) });
+        }
+    }
+    repos.sort();
+    let mut n = None;
+    let mut last = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "n" => n = v.parse::<usize>().ok(),
+            "last" => last = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if let Some(last) = last {
+        repos.retain(|r| *r > last);
+    }
+    if let Some(n) = n {
+        repos.truncate(n);
+    }
+    let body = serde_json::json!({ "repositories": repos }).to_string();
+    let mut resp = Response::new(full(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}

@@ -1,0 +1,106 @@
+//! `/v2/<name>/tags/list`: always asked of upstream (tags change), with the
+//! last answer kept and served when upstream fails.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+
+use super::body::{full, Body};
+use super::errors::RegistryError;
+use super::{read_limited, upstream_error, App};
+use crate::cache::Store;
+use crate::metrics::METRICS;
+use crate::reference::Digest;
+use crate::route::RepoRequest;
+use crate::upstream::UpstreamRequest;
+
+const MAX_TAGS_BODY: usize = 16 << 20;
+
+pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Response<Body>, RegistryError> {
+    let client = app.upstream(r);
+    let ns = app.namespace(r).to_string();
+    let key = Digest::of(r.forward_query.as_deref().unwrap_or("").as_bytes()).hex()[..16].to_string();
+    let store = app.cache.store();
+    let req = UpstreamRequest {
+        method: Method::GET,
+        path: format!("/v2/{}/tags/list", r.repo),
+        query: r.forward_query.clone(),
+        headers: HeaderMap::new(),
+        scope: format!("repository:{}:pull", r.repo),
+    };
+    let failure = match client.send(&req).await {
+        Ok(resp) if resp.status() == StatusCode::OK => {
+            let link = resp.headers().get(header::LINK).cloned();
+            let body = read_limited(resp, MAX_TAGS_BODY)
+                .await
+                .map_err(|e| RegistryError::upstream_unavailable(&client.name, format!("tags of {}: {e}", r.repo)))?;
+            let body = rename(&body, &r.client_repo);
+            if let Err(e) = store.put_tag_list(&ns, &r.repo, &key, &body).await {
+                tracing::warn!(error = %e, "could not keep the tag list");
+            }
+            let mut out = respond(body, head);
+            if let Some(link) = link.and_then(|l| rewrite_link(&l, r)) {
+                out.headers_mut().insert(header::LINK, link);
+            }
+            return Ok(out);
+        }
+        Ok(resp) => upstream_error(&client.name, resp).await,
+        Err(e) => e,
+    };
+    if failure.is_upstream_failure() {
+        if let Ok(Some(body)) = store.get_tag_list(&ns, &r.repo, &key).await {
+            METRICS.stale_served.inc();
+            tracing::warn!(error = %failure, "upstream failed; serving the cached tag list");
+            let mut out = respond(body, head);
+            out.headers_mut().insert(
+                header::WARNING,
+                HeaderValue::from_static("110 regmirror \"Response is Stale\""),
+            );
+            return Ok(out);
+        }
+    }
+    if failure.status == StatusCode::NOT_FOUND {
+        return Err(RegistryError { code: "NAME_UNKNOWN".into(), message: format!("repository name not known to registry: {}", r.client_repo), ..failure });
+    }
+    Err(failure)
+}
+
+fn respond(body: Vec<u8>, head: bool) -> Response<Body> {
+    let len = body.len();
+    let mut out = Response::new(if head { super::body::empty() } else { full(body) });
+    out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    out.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    out
+}
+
+/// Upstream answers with its own repository name; the client asked by its name.
+fn rename(body: &[u8], client_repo: &str) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(mut v) => {
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("name".into(), serde_json::Value::String(client_repo.to_string()));
+            }
+            serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
+        }
+        Err(_) => body.to_vec(),
+    }
+}
+
+/// `Link: </v2/library/x/tags/list?last=a&n=5>; rel="next"` in client names.
+fn rewrite_link(link: &HeaderValue, r: &RepoRequest) -> Option<HeaderValue> {
+    let s = link.to_str().ok()?;
+    let from = format!("/v2/{}/tags/list", r.repo);
+    let to = format!("/v2/{}/tags/list", r.client_repo);
+    HeaderValue::from_str(&s.replace(&from, &to)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tag_list_names_are_the_clients() {
+        let out = super::rename(br#"{"name":"library/alpine","tags":["3"]}"#, "dockerhub/library/alpine");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["name"], "dockerhub/library/alpine");
+        assert_eq!(v["tags"][0], "3");
+    }
+}

@@ -1,0 +1,316 @@
+//! Turns an HTTP request line into a typed registry request.
+//!
+//! Pure: no I/O, no state. Picks the upstream by (in order) containerd's
+//! `?ns=`, a Host that names a mirrored registry (transparent mode), the
+//! first path segment naming an upstream namespace (explicit prefix and
+//! podman mirrors), and otherwise the default upstream (docker's
+//! `registry-mirrors`). Everything a client names is validated here, before
+//! any other module sees it.
+
+use crate::config::Settings;
+use crate::reference::{Digest, Reference, RepoName};
+
+/// What the routing table needs to know of one upstream.
+#[derive(Debug, Clone)]
+pub struct RouteUpstream {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub namespace: String,
+    pub library_prefix: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    pub upstreams: Vec<RouteUpstream>,
+    pub default_upstream: usize,
+}
+
+impl RouteTable {
+    pub fn from_settings(s: &Settings) -> Self {
+        RouteTable {
+            upstreams: s
+                .upstreams
+                .iter()
+                .map(|u| RouteUpstream {
+                    name: u.name.clone(),
+                    hosts: u.hosts.clone(),
+                    namespace: u.namespace.clone(),
+                    library_prefix: u.library_prefix,
+                })
+                .collect(),
+            default_upstream: s.default_upstream(),
+        }
+    }
+
+    fn by_host(&self, host: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.hosts.iter().any(|h| h == host))
+    }
+
+    fn by_ns(&self, ns: &str) -> Option<usize> {
+        let ns = ns.to_ascii_lowercase();
+        self.upstreams
+            .iter()
+            .position(|u| u.name == ns || u.hosts.iter().any(|h| *h == ns))
+    }
+
+    fn by_namespace(&self, segment: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.namespace == segment)
+    }
+}
+
+/// How the client addressed the upstream; decides how names look to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Transparent,
+    Namespace,
+    Prefix,
+    DefaultMirror,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Manifest(Reference),
+    Blob(Digest),
+    TagsList,
+    /// Any push endpoint: regmirror's mirrors are read-only.
+    Upload,
+}
+
+#[derive(Debug, Clone)]
+pub struct RepoRequest {
+    pub upstream: usize,
+    pub mode: Mode,
+    /// The name as the client wrote it (with the namespace prefix, if any).
+    pub client_repo: String,
+    /// The name upstream knows it by.
+    pub repo: RepoName,
+    pub kind: Kind,
+    /// Query parameters to pass upstream (`n`, `last`), with `ns` removed.
+    pub forward_query: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// `GET /v2/`
+    Ping,
+    /// `GET /v2/_catalog`: one upstream's repositories, or all (namespaced).
+    Catalog { upstream: Option<usize> },
+    Repo(RepoRequest),
+    Health,
+    Metrics,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// Not a registry API path at all.
+    NotFound(String),
+    NameInvalid(String),
+    DigestInvalid(String),
+    TagInvalid(String),
+    UnknownNamespace(String),
+}
+
+/// Routes a request. `host` is the Host header (or `:authority`, or the TLS
+/// SNI when neither is present) without its port.
+pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&str>) -> Result<Endpoint, RouteError> {
+    if path == "/healthz" {
+        return Ok(Endpoint::Health);
+    }
+    if path == "/metrics" {
+        return Ok(Endpoint::Metrics);
+    }
+    if path.contains('%') || path.contains("//") || path.contains("/./") || path.contains("/../") {
+        return Err(RouteError::NotFound(format!("malformed path {path:?}")));
+    }
+    let Some(rest) = path.strip_prefix("/v2/").or(if path == "/v2" { Some("") } else { None }) else {
+        return Err(RouteError::NotFound(format!("{path:?} is not a registry API path")));
+    };
+
+    let mut ns = None;
+    let mut forward = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if k == "ns" {
+            ns = Some(v.into_owned());
+        } else {
+            forward.push((k.into_owned(), v.into_owned()));
+        }
+    }
+    let host = host.map(|h| h.to_ascii_lowercase());
+    let from_ns = match &ns {
+        Some(n) => Some(table.by_ns(n).ok_or_else(|| RouteError::UnknownNamespace(format!("no upstream is configured for ns={n:?}")))?),
+        None => None,
+    };
+    let from_host = host.as_deref().and_then(|h| table.by_host(h));
+
+    if rest.is_empty() {
+        return Ok(Endpoint::Ping);
+    }
+    if rest == "_catalog" {
+        return Ok(Endpoint::Catalog { upstream: from_ns.or(from_host) });
+    }
+
+    let (name, kind) = split_kind(rest)?;
+    let (upstream, mode, upstream_name) = if let Some(u) = from_ns {
+        (u, Mode::Namespace, name)
+    } else if let Some(u) = from_host {
+        (u, Mode::Transparent, name)
+    } else {
+        let (first, tail) = name.split_once('/').unwrap_or((name, ""));
+        match table.by_namespace(first) {
+            Some(u) if !tail.is_empty() => (u, Mode::Prefix, tail),
+            _ => (table.default_upstream, Mode::DefaultMirror, name),
+        }
+    };
+    let client_repo = RepoName::parse(name).map_err(RouteError::NameInvalid)?;
+    let mut repo = RepoName::parse(upstream_name).map_err(RouteError::NameInvalid)?;
+    if table.upstreams[upstream].library_prefix {
+        repo = repo.with_library_prefix();
+    }
+    let forward_query = if forward.is_empty() {
+        None
+    } else {
+        Some(form_urlencoded::Serializer::new(String::new()).extend_pairs(forward).finish())
+    };
+    Ok(Endpoint::Repo(RepoRequest {
+        upstream,
+        mode,
+        client_repo: client_repo.as_str().to_string(),
+        repo,
+        kind,
+        forward_query,
+    }))
+}
+
+/// Splits `<name>/manifests/<ref>` and friends. The name is everything before
+/// the last `/manifests/`, `/blobs/` or `/tags/list`.
+fn split_kind(rest: &str) -> Result<(&str, Kind), RouteError> {
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Ok((name, Kind::TagsList));
+    }
+    if let Some(i) = rest.rfind("/blobs/uploads") {
+        return Ok((&rest[..i], Kind::Upload));
+    }
+    if let Some(i) = rest.rfind("/manifests/") {
+        let r = &rest[i + "/manifests/".len()..];
+        let reference = Reference::parse(r).map_err(|e| {
+            if r.contains(':') {
+                RouteError::DigestInvalid(e)
+            } else {
+                RouteError::TagInvalid(e)
+            }
+        })?;
+        return Ok((&rest[..i], Kind::Manifest(reference)));
+    }
+    if let Some(i) = rest.rfind("/blobs/") {
+        let d = Digest::parse(&rest[i + "/blobs/".len()..]).map_err(RouteError::DigestInvalid)?;
+        return Ok((&rest[..i], Kind::Blob(d)));
+    }
+    Err(RouteError::NotFound(format!("/v2/{rest} is not a registry API path")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        RouteTable::from_settings(&Settings::load(None).unwrap())
+    }
+
+    fn repo(host: Option<&str>, path: &str, query: Option<&str>) -> RepoRequest {
+        match route(&table(), host, path, query) {
+            Ok(Endpoint::Repo(r)) => r,
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn transparent_mode_picks_upstream_by_host() {
+        let r = repo(Some("registry-1.docker.io"), "/v2/library/debian/manifests/bookworm", None);
+        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (0, Mode::Transparent, "library/debian"));
+        assert!(matches!(r.kind, Kind::Manifest(Reference::Tag(_))));
+        let r = repo(Some("ghcr.io"), &format!("/v2/org/app/blobs/{D}"), None);
+        assert_eq!((r.upstream, r.repo.as_str()), (1, "org/app"));
+        assert!(matches!(r.kind, Kind::Blob(_)));
+        let r = repo(Some("quay.io"), "/v2/prometheus/node-exporter/tags/list", Some("n=10"));
+        assert_eq!((r.upstream, r.kind.clone(), r.forward_query.as_deref()), (2, Kind::TagsList, Some("n=10")));
+    }
+
+    #[test]
+    fn docker_hub_single_component_names_get_library() {
+        let r = repo(Some("docker.io"), "/v2/alpine/manifests/3", None);
+        assert_eq!(r.repo.as_str(), "library/alpine");
+        assert_eq!(r.client_repo, "alpine");
+        let r = repo(Some("ghcr.io"), "/v2/alpine/manifests/3", None);
+        assert_eq!(r.repo.as_str(), "alpine", "only Docker Hub has library/");
+    }
+
+    #[test]
+    fn explicit_prefix_and_podman_mirror_paths() {
+        let r = repo(Some("regmirror.local"), "/v2/dockerhub/library/nginx/manifests/1", None);
+        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (0, Mode::Prefix, "library/nginx"));
+        assert_eq!(r.client_repo, "dockerhub/library/nginx");
+        let r = repo(Some("10.0.0.5"), "/v2/quay/org/x/manifests/1", None);
+        assert_eq!((r.upstream, r.repo.as_str()), (2, "org/x"));
+        let r = repo(None, "/v2/dockerhub/nginx/manifests/1", None);
+        assert_eq!(r.repo.as_str(), "library/nginx");
+    }
+
+    #[test]
+    fn registry_mirrors_requests_go_to_docker_hub() {
+        let r = repo(Some("10.0.0.5"), "/v2/library/nginx/manifests/1", None);
+        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (0, Mode::DefaultMirror, "library/nginx"));
+        let r = repo(Some("10.0.0.5"), "/v2/quay/manifests/1", None);
+        assert_eq!((r.upstream, r.repo.as_str()), (0, "library/quay"), "a namespace alone is a Docker Hub name");
+    }
+
+    #[test]
+    fn containerd_ns_picks_upstream_and_is_stripped() {
+        let r = repo(Some("10.0.0.5"), "/v2/org/app/manifests/1", Some("ns=ghcr.io"));
+        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (1, Mode::Namespace, "org/app"));
+        assert_eq!(r.forward_query, None);
+        let r = repo(Some("10.0.0.5"), "/v2/library/x/tags/list", Some("ns=docker.io&n=5"));
+        assert_eq!((r.upstream, r.forward_query.as_deref()), (0, Some("n=5")));
+        let e = route(&table(), None, "/v2/x/manifests/1", Some("ns=evil.example")).unwrap_err();
+        assert!(matches!(e, RouteError::UnknownNamespace(_)));
+    }
+
+    #[test]
+    fn ping_catalog_and_operational_paths() {
+        assert!(matches!(route(&table(), None, "/v2/", None), Ok(Endpoint::Ping)));
+        assert!(matches!(route(&table(), None, "/v2", None), Ok(Endpoint::Ping)));
+        assert!(matches!(route(&table(), Some("quay.io"), "/v2/_catalog", None), Ok(Endpoint::Catalog { upstream: Some(2) })));
+        assert!(matches!(route(&table(), None, "/v2/_catalog", None), Ok(Endpoint::Catalog { upstream: None })));
+        assert!(matches!(route(&table(), None, "/healthz", None), Ok(Endpoint::Health)));
+    }
+
+    #[test]
+    fn malformed_input_is_rejected_before_it_reaches_anything() {
+        let t = table();
+        let bad = [
+            ("/v2/../etc/passwd/manifests/1", "traversal"),
+            ("/v2/library/x/blobs/sha256:zz", "bad digest"),
+            ("/v2/library/x/blobs/sha256:../../etc", "digest traversal"),
+            ("/v2/Library/x/manifests/1", "uppercase name"),
+            ("/v2/library/x/manifests/-bad", "bad tag"),
+            ("/v2/library%2fx/manifests/1", "encoded"),
+            ("/v2/library/x/nothing", "unknown endpoint"),
+            ("/etc/passwd", "not /v2"),
+            ("/v2//x/manifests/1", "empty component"),
+        ];
+        for (p, why) in bad {
+            assert!(route(&t, Some("docker.io"), p, None).is_err(), "{why}: {p}");
+        }
+        assert!(matches!(
+            route(&t, Some("docker.io"), "/v2/library/x/blobs/sha256:00", None),
+            Err(RouteError::DigestInvalid(_))
+        ));
+    }
+
+    #[test]
+    fn uploads_are_recognised() {
+        let r = repo(Some("docker.io"), "/v2/library/x/blobs/uploads/", None);
+        assert_eq!(r.kind, Kind::Upload);
+    }
+}

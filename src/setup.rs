@@ -1,0 +1,208 @@
+//! `regmirror setup …`: the client-side configuration for each way of using
+//! regmirror, with the proxy's address filled in. The e2e tests write these
+//! files and configure the real clients with them, so what is printed here
+//! is what is tested.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::config::Settings;
+use crate::tls::CertificateAuthority;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// /etc/hosts lines for transparent mode
+    Hosts,
+    /// how to trust regmirror's root CA
+    Ca,
+    /// containerd hosts.toml, one per registry
+    Containerd,
+    /// podman/skopeo registries.conf mirrors
+    Podman,
+    /// docker daemon.json (registry-mirrors)
+    Docker,
+}
+
+/// One file of client configuration: where it goes and what it holds.
+#[derive(Debug, Clone)]
+pub struct SetupFile {
+    pub path: PathBuf,
+    pub content: String,
+}
+
+pub struct SetupOptions {
+    /// Host or IP clients use to reach regmirror; defaults from the config.
+    pub proxy: Option<String>,
+    /// containerd: mirror over TLS on the proxy's own name instead of plain HTTP.
+    pub tls: bool,
+}
+
+/// The files for `target`. Paths are where the client reads them on a
+/// standard install.
+pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<SetupFile>, String> {
+    let ca_path = absolute(&CertificateAuthority::cert_path(&s.ca_dir));
+    match target {
+        Target::Hosts => {
+            let ip = match &opts.proxy {
+                Some(p) => p.clone(),
+                None => listener_ip(s.https)
+                    .or_else(|| listener_ip(s.http))
+                    .ok_or("the config listens on all addresses; pass --proxy IP (the address clients reach regmirror at)")?,
+            };
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(format!("--proxy {ip:?} must be an IP address for /etc/hosts"));
+            }
+            let names = s.tls_names().join(" ");
+            Ok(vec![SetupFile {
+                path: "/etc/hosts".into(),
+                content: format!("# regmirror: intercept registry hostnames (append to /etc/hosts)\n{ip} {names}\n"),
+            }])
+        }
+        Target::Ca => Ok(vec![SetupFile {
+            path: "/usr/local/share/ca-certificates/regmirror.crt".into(),
+            content: format!(
+                "# Copy {ca} here, then run update-ca-certificates (Debian/Ubuntu).\n\
+                 # Fedora/RHEL: /etc/pki/ca-trust/source/anchors/regmirror.crt, then update-ca-trust.\n\
+                 # docker: also /etc/docker/certs.d/<host>/ca.crt for hosts not in the system store.\n",
+                ca = ca_path.display()
+            ),
+        }]),
+        Target::Docker => {
+            let proxy = plain_proxy(s, opts)?;
+            let json = serde_json::json!({
+                "registry-mirrors": [format!("http://{proxy}")],
+                "insecure-registries": [proxy],
+            });
+            Ok(vec![SetupFile {
+                path: "/etc/docker/daemon.json".into(),
+                content: serde_json::to_string_pretty(&json).map_err(|e| e.to_string())? + "\n",
+            }])
+        }
+        Target::Containerd => {
+            let mirror = if opts.tls {
+                let port = s.https.map(|a| a.port()).unwrap_or(443);
+                let host = opts.proxy.clone().unwrap_or_else(|| s.server_name.clone());
+                if port == 443 { format!("https://{host}") } else { format!("https://{host}:{port}") }
+            } else {
+                format!("http://{}", plain_proxy(s, opts)?)
+            };
+            Ok(s.upstreams
+                .iter()
+                .map(|u| {
+                    let mut content = format!(
+                        "# regmirror mirror for {name}\nserver = \"{url}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                        name = u.name,
+                        url = u.url.as_str().trim_end_matches('/'),
+                    );
+                    if opts.tls {
+                        content.push_str(&format!("  ca = \"{}\"\n", ca_path.display()));
+                    }
+                    SetupFile { path: PathBuf::from("/etc/containerd/certs.d").join(&u.name).join("hosts.toml"), content }
+                })
+                .collect())
+        }
+        Target::Podman => {
+            let proxy = plain_proxy(s, opts)?;
+            let default = &s.upstreams[s.default_upstream()];
+            let mut content = format!("# regmirror mirrors for podman, skopeo and buildah\nunqualified-search-registries = [\"{}\"]\n", default.name);
+            for u in &s.upstreams {
+                content.push_str(&format!(
+                    "\n[[registry]]\nprefix = \"{name}\"\nlocation = \"{name}\"\n\n[[registry.mirror]]\nlocation = \"{proxy}/{ns}\"\ninsecure = true\n",
+                    name = u.name,
+                    ns = u.namespace
+                ));
+            }
+            Ok(vec![SetupFile { path: "/etc/containers/registries.conf.d/regmirror.conf".into(), content }])
+        }
+    }
+}
+
+fn listener_ip(a: Option<SocketAddr>) -> Option<String> {
+    a.filter(|a| !a.ip().is_unspecified()).map(|a| a.ip().to_string())
+}
+
+/// `HOST:PORT` of the plain listener as clients should address it.
+fn plain_proxy(s: &Settings, opts: &SetupOptions) -> Result<String, String> {
+    let http = s.http.ok_or("server.http is not set; mirror setups need the plain listener")?;
+    let host = match &opts.proxy {
+        Some(p) => p.clone(),
+        None => listener_ip(Some(http)).unwrap_or_else(|| s.server_name.clone()),
+    };
+    if host.contains(':') && !host.starts_with('[') {
+        // Already HOST:PORT.
+        return Ok(host);
+    }
+    Ok(format!("{host}:{}", http.port()))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Prints the files, or writes them under `dir` (keeping their paths
+/// relative to `/`), for scripts and tests.
+pub fn emit(files: &[SetupFile], write_to: Option<&Path>) -> std::io::Result<()> {
+    match write_to {
+        None => {
+            for f in files {
+                println!("# ==> {} <==", f.path.display());
+                print!("{}", f.content);
+            }
+        }
+        Some(dir) => {
+            for f in files {
+                let rel = f.path.strip_prefix("/").unwrap_or(&f.path);
+                let dest = dir.join(rel);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&dest, &f.content)?;
+                println!("{}", dest.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let text = crate::config::DEFAULT_CONFIG.replace("0.0.0.0:5000", "10.1.2.3:5000");
+        Settings::from_toml(&text, "t").unwrap()
+    }
+
+    #[test]
+    fn docker_daemon_json_points_at_the_plain_listener() {
+        let f = files(&settings(), Target::Docker, &SetupOptions { proxy: None, tls: false }).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&f[0].content).unwrap();
+        assert_eq!(v["registry-mirrors"][0], "http://10.1.2.3:5000");
+    }
+
+    #[test]
+    fn containerd_gets_one_hosts_toml_per_registry() {
+        let f = files(&settings(), Target::Containerd, &SetupOptions { proxy: Some("mirror".into()), tls: false }).unwrap();
+        assert_eq!(f.len(), 3);
+        assert!(f[0].path.ends_with("docker.io/hosts.toml"));
+        assert!(f[0].content.contains("server = \"https://registry-1.docker.io\""));
+        assert!(f[0].content.contains("[host.\"http://mirror:5000\"]"));
+        let t = files(&settings(), Target::Containerd, &SetupOptions { proxy: None, tls: true }).unwrap();
+        assert!(t[1].content.contains("[host.\"https://regmirror.local\"]") && t[1].content.contains("ca = "));
+    }
+
+    #[test]
+    fn hosts_lines_need_an_ip() {
+        let s = Settings::load(None).unwrap();
+        assert!(files(&s, Target::Hosts, &SetupOptions { proxy: None, tls: false }).is_err());
+        let f = files(&s, Target::Hosts, &SetupOptions { proxy: Some("192.0.2.7".into()), tls: false }).unwrap();
+        assert!(f[0].content.contains("192.0.2.7 docker.io ghcr.io index.docker.io quay.io registry-1.docker.io regmirror.local"));
+    }
+
+    #[test]
+    fn podman_mirrors_use_namespace_paths() {
+        let f = files(&settings(), Target::Podman, &SetupOptions { proxy: None, tls: false }).unwrap();
+        assert!(f[0].content.contains("location = \"10.1.2.3:5000/quay\""));
+        assert!(f[0].content.contains("prefix = \"docker.io\""));
+    }
+}
