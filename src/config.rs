@@ -18,10 +18,7 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("{origin}: {key}: {message}")]
@@ -158,19 +155,12 @@ impl Settings {
     /// The upstream that serves requests naming no registry (docker's
     /// `registry-mirrors`): Docker Hub when configured, else the first.
     pub fn default_upstream(&self) -> usize {
-        self.upstreams
-            .iter()
-            .position(|u| u.library_prefix)
-            .unwrap_or(0)
+        self.upstreams.iter().position(|u| u.library_prefix).unwrap_or(0)
     }
 
     /// Every hostname the CA may sign for: the upstreams' plus our own.
     pub fn tls_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .upstreams
-            .iter()
-            .flat_map(|u| u.hosts.iter().cloned())
-            .collect();
+        let mut names: Vec<String> = self.upstreams.iter().flat_map(|u| u.hosts.iter().cloned()).collect();
         names.push(self.server_name.clone());
         names.sort();
         names.dedup();
@@ -192,7 +182,10 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
     }
     let server_name = raw.server.name.to_ascii_lowercase();
     if !valid_hostname(&server_name) {
-        return Err(invalid("server.name", format!("{:?} is not a valid DNS hostname", raw.server.name)));
+        return Err(invalid(
+            "server.name",
+            format!("{:?} is not a valid DNS hostname", raw.server.name),
+        ));
     }
     if raw.ca.dir.as_os_str().is_empty() {
         return Err(invalid("ca.dir", "must not be empty"));
@@ -205,7 +198,10 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
     let mut resolver_overrides = BTreeMap::new();
     for (name, addr) in raw.resolver.overrides {
         let ip: IpAddr = addr.parse().map_err(|_| {
-            invalid(format!("resolver.overrides.{name:?}"), format!("{addr:?} is not an IP address"))
+            invalid(
+                format!("resolver.overrides.{name:?}"),
+                format!("{addr:?} is not an IP address"),
+            )
         })?;
         resolver_overrides.insert(name.to_ascii_lowercase(), ip);
     }
@@ -228,11 +224,17 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         if !valid_component(&u.namespace) || u.namespace.starts_with('_') {
             return Err(invalid(
                 key("namespace"),
-                format!("{:?} must be one lowercase repository-name component, like \"dockerhub\"", u.namespace),
+                format!(
+                    "{:?} must be one lowercase repository-name component, like \"dockerhub\"",
+                    u.namespace
+                ),
             ));
         }
         if !namespaces.insert(u.namespace.clone()) {
-            return Err(invalid(key("namespace"), format!("{:?} is used by two upstreams", u.namespace)));
+            return Err(invalid(
+                key("namespace"),
+                format!("{:?} is used by two upstreams", u.namespace),
+            ));
         }
         if u.hosts.is_empty() {
             return Err(invalid(key("hosts"), "must list at least one hostname"));
@@ -253,10 +255,16 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         }
         let url = url::Url::parse(&u.url).map_err(|e| invalid(key("url"), format!("{:?}: {e}", u.url)))?;
         if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-            return Err(invalid(key("url"), format!("{:?} must be an http:// or https:// URL with a host", u.url)));
+            return Err(invalid(
+                key("url"),
+                format!("{:?} must be an http:// or https:// URL with a host", u.url),
+            ));
         }
         if url.path() != "/" || url.query().is_some() {
-            return Err(invalid(key("url"), format!("{:?} must not have a path or query", u.url)));
+            return Err(invalid(
+                key("url"),
+                format!("{:?} must not have a path or query", u.url),
+            ));
         }
         if let Some(ca) = &u.ca_file {
             check_pem(ca).map_err(|m| invalid(key("ca_file"), m))?;
@@ -276,7 +284,8 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
                 Some(Credentials { username, password })
             }
         };
-        let library_prefix = u.name == "docker.io" || hosts.iter().any(|h| h == "docker.io" || h.ends_with(".docker.io"));
+        let library_prefix =
+            u.name == "docker.io" || hosts.iter().any(|h| h == "docker.io" || h.ends_with(".docker.io"));
         upstreams.push(Upstream {
             name: u.name,
             hosts,
@@ -326,7 +335,9 @@ pub fn valid_hostname(h: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
 }
 
@@ -335,9 +346,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like \"50GiB\""))?;
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size like \"50GiB\""))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KB" => 1000,
@@ -348,7 +357,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         "TiB" => 1 << 40,
-        other => return Err(format!("unknown unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
     };
     let bytes = n * mult as f64;
     if bytes < 1.0 {
@@ -391,7 +404,10 @@ mod tests {
         let e = err(&DEFAULT_CONFIG.replace("\"50GiB\"", "\"50 parsecs\""));
         assert!(e.contains("cache.max_size"), "{e}");
         let e = err(&DEFAULT_CONFIG.replace("namespace = \"ghcr\"", "namespace = \"quay\""));
-        assert!(e.contains("upstream[2].namespace") && e.contains("two upstreams"), "{e}");
+        assert!(
+            e.contains("upstream[2].namespace") && e.contains("two upstreams"),
+            "{e}"
+        );
         let e = err(&DEFAULT_CONFIG.replace("hosts = [\"ghcr.io\"]", "hosts = [\"quay.io\"]"));
         assert!(e.contains("upstream[2].hosts"), "{e}");
         let e = err(&DEFAULT_CONFIG.replace("url = \"https://ghcr.io\"", "url = \"ftp://ghcr.io\""));
@@ -399,7 +415,10 @@ mod tests {
         let e = err(&DEFAULT_CONFIG.replace("# username = \"...\"", "username = \"bob\""));
         assert!(e.contains("upstream[0].password_file"), "{e}");
         let e = err(&DEFAULT_CONFIG.replace("# ca_file = \"extra-roots.pem\"", "ca_file = \"/nonexistent.pem\""));
-        assert!(e.contains("upstream[0].ca_file") && e.contains("/nonexistent.pem"), "{e}");
+        assert!(
+            e.contains("upstream[0].ca_file") && e.contains("/nonexistent.pem"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! and serves the bytes, `tls` issues the certificates clients see.
 
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
 pub mod config;
@@ -42,19 +43,27 @@ pub enum StartError {
 pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = tls::CertificateAuthority::load_or_create(&settings.ca_dir, &settings.tls_names())?;
-    let issuer = Arc::new(tls::LeafIssuer::new(ca, settings.tls_names(), settings.server_name.clone()));
+    let issuer = Arc::new(tls::LeafIssuer::new(
+        ca,
+        settings.tls_names(),
+        settings.server_name.clone(),
+    ));
     let store = cache::LocalStore::open_dir(&settings.cache_dir).map_err(|source| StartError::Store {
         path: settings.cache_dir.display().to_string(),
         source,
     })?;
     let via = instance_id();
-    let resolver = Arc::new(upstream::resolve::UpstreamResolver::new(settings.resolver_overrides.clone()));
+    let resolver = Arc::new(upstream::resolve::UpstreamResolver::new(
+        settings.resolver_overrides.clone(),
+    ));
     let upstreams = settings
         .upstreams
         .iter()
         .map(|u| upstream::UpstreamClient::new(u, resolver.clone(), &via))
         .collect::<Result<Vec<_>, _>>()?;
-    let listeners = server::Listeners::bind(settings.https, settings.http).await.map_err(StartError::Listen)?;
+    let listeners = server::Listeners::bind(settings.https, settings.http)
+        .await
+        .map_err(StartError::Listen)?;
     let app = Arc::new(registry::App {
         routes: route::RouteTable::from_settings(&settings),
         upstreams,
@@ -62,7 +71,9 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         via,
         settings,
     });
-    server::run(app, issuer, listeners, shutdown).await.map_err(StartError::Listen)
+    server::run(app, issuer, listeners, shutdown)
+        .await
+        .map_err(StartError::Listen)
 }
 
 /// A value unique to this process, for loop detection.

@@ -9,7 +9,11 @@ use regmirror::setup::{self, SetupOptions, Target};
 use regmirror::tls::CertificateAuthority;
 
 #[derive(Parser)]
-#[command(name = "regmirror", version, about = "Transparent pull-through cache for container registries")]
+#[command(
+    name = "regmirror",
+    version,
+    about = "Transparent pull-through cache for container registries"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,14 +87,19 @@ fn run(cli: Cli) -> Result<(), String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("starting the runtime: {e}"))?;
-            rt.block_on(regmirror::serve(settings, shutdown_signal())).map_err(|e| e.to_string())
+            rt.block_on(regmirror::serve(settings, shutdown_signal()))
+                .map_err(|e| e.to_string())
         }
         Command::Check { config } => {
             let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
             println!(
                 "config OK: {} upstream(s) ({}), https {}, http {}, cache {} (max {} bytes), CA in {}",
                 s.upstreams.len(),
-                s.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(", "),
+                s.upstreams
+                    .iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 s.https.map_or("off".into(), |a| a.to_string()),
                 s.http.map_or("off".into(), |a| a.to_string()),
                 s.cache_dir.display(),
@@ -99,13 +108,21 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Ca { action: CaAction::Export { config } } => {
+        Command::Ca {
+            action: CaAction::Export { config },
+        } => {
             let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
             let ca = CertificateAuthority::load_or_create(&s.ca_dir, &s.tls_names()).map_err(|e| e.to_string())?;
             print!("{}", ca.cert_pem);
             Ok(())
         }
-        Command::Setup { target, config, proxy, tls, write } => {
+        Command::Setup {
+            target,
+            config,
+            proxy,
+            tls,
+            write,
+        } => {
             let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
             let files = setup::files(&s, target, &SetupOptions { proxy, tls })?;
             setup::emit(&files, write.as_deref()).map_err(|e| e.to_string())

@@ -53,19 +53,58 @@ impl Metrics {
     pub fn render(&self) -> String {
         let rows: [(&str, &str, &Counter); 10] = [
             ("regmirror_requests_total", "HTTP requests received", &self.requests),
-            ("regmirror_cache_hits_total", "content served from the store", &self.cache_hits),
-            ("regmirror_cache_misses_total", "downloads started for missing content", &self.cache_misses),
-            ("regmirror_cache_joins_total", "requests that joined a running download", &self.cache_joins),
-            ("regmirror_upstream_requests_total", "requests sent upstream", &self.upstream_requests),
-            ("regmirror_upstream_fetches_total", "upstream bodies downloaded into the store", &self.upstream_fetches),
-            ("regmirror_verify_failures_total", "downloads aborted as short, broken or corrupt", &self.verify_failures),
-            ("regmirror_stale_served_total", "tags served from cache because upstream failed", &self.stale_served),
-            ("regmirror_bytes_fetched_total", "bytes downloaded from upstream and stored", &self.bytes_fetched),
-            ("regmirror_bytes_served_total", "bytes sent to clients", &self.bytes_served),
+            (
+                "regmirror_cache_hits_total",
+                "content served from the store",
+                &self.cache_hits,
+            ),
+            (
+                "regmirror_cache_misses_total",
+                "downloads started for missing content",
+                &self.cache_misses,
+            ),
+            (
+                "regmirror_cache_joins_total",
+                "requests that joined a running download",
+                &self.cache_joins,
+            ),
+            (
+                "regmirror_upstream_requests_total",
+                "requests sent upstream",
+                &self.upstream_requests,
+            ),
+            (
+                "regmirror_upstream_fetches_total",
+                "upstream bodies downloaded into the store",
+                &self.upstream_fetches,
+            ),
+            (
+                "regmirror_verify_failures_total",
+                "downloads aborted as short, broken or corrupt",
+                &self.verify_failures,
+            ),
+            (
+                "regmirror_stale_served_total",
+                "tags served from cache because upstream failed",
+                &self.stale_served,
+            ),
+            (
+                "regmirror_bytes_fetched_total",
+                "bytes downloaded from upstream and stored",
+                &self.bytes_fetched,
+            ),
+            (
+                "regmirror_bytes_served_total",
+                "bytes sent to clients",
+                &self.bytes_served,
+            ),
         ];
         let mut out = String::new();
         for (name, help, c) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", c.get()));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                c.get()
+            ));
         }
         out
     }

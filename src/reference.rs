@@ -17,9 +17,7 @@ pub struct RepoName(String);
 impl RepoName {
     pub fn parse(s: &str) -> Result<Self, String> {
         if s.is_empty() || s.len() > MAX_REPO_LEN {
-            return Err(format!(
-                "repository name must be 1..={MAX_REPO_LEN} characters"
-            ));
+            return Err(format!("repository name must be 1..={MAX_REPO_LEN} characters"));
         }
         for component in s.split('/') {
             if !valid_component(component) {
@@ -91,9 +89,7 @@ pub struct Tag(String);
 impl Tag {
     pub fn parse(s: &str) -> Result<Self, String> {
         let b = s.as_bytes();
-        let first_ok = b
-            .first()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+        let first_ok = b.first().is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
         let rest_ok = b
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
@@ -137,7 +133,9 @@ impl Digest {
 
     /// The digest of bytes already computed by a sha256 hasher.
     pub fn from_sha256(bytes: &[u8]) -> Self {
-        Digest { hex: hex::encode(bytes) }
+        Digest {
+            hex: hex::encode(bytes),
+        }
     }
 
     pub fn hex(&self) -> &str {
@@ -189,10 +187,21 @@ mod tests {
 
     #[test]
     fn repo_names_follow_the_oci_grammar() {
-        for ok in ["alpine", "library/alpine", "a/b/c", "my-app", "my--app", "a.b", "a__b", "x1/y_2"] {
+        for ok in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "my-app",
+            "my--app",
+            "a.b",
+            "a__b",
+            "x1/y_2",
+        ] {
             assert!(RepoName::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Alpine", "../etc", "a//b", "/a", "a/", "a..b", "a___b", "-a", "a-", "a/.", "a b", "a%2fb"] {
+        for bad in [
+            "", "Alpine", "../etc", "a//b", "/a", "a/", "a..b", "a___b", "-a", "a-", "a/.", "a b", "a%2fb",
+        ] {
             assert!(RepoName::parse(bad).is_err(), "{bad}");
         }
         assert!(RepoName::parse(&"a".repeat(256)).is_err());
@@ -200,8 +209,14 @@ mod tests {
 
     #[test]
     fn library_prefix_only_for_single_component_names() {
-        assert_eq!(RepoName::parse("nginx").unwrap().with_library_prefix().as_str(), "library/nginx");
-        assert_eq!(RepoName::parse("org/app").unwrap().with_library_prefix().as_str(), "org/app");
+        assert_eq!(
+            RepoName::parse("nginx").unwrap().with_library_prefix().as_str(),
+            "library/nginx"
+        );
+        assert_eq!(
+            RepoName::parse("org/app").unwrap().with_library_prefix().as_str(),
+            "org/app"
+        );
     }
 
     #[test]
@@ -217,7 +232,10 @@ mod tests {
     #[test]
     fn tags_and_references() {
         assert!(matches!(Reference::parse("1.2-alpine"), Ok(Reference::Tag(_))));
-        assert!(matches!(Reference::parse(&format!("sha256:{}", "0".repeat(64))), Ok(Reference::Digest(_))));
+        assert!(matches!(
+            Reference::parse(&format!("sha256:{}", "0".repeat(64))),
+            Ok(Reference::Digest(_))
+        ));
         assert!(Reference::parse(".hidden").is_err());
         assert!(Reference::parse("a/b").is_err());
         assert!(Reference::parse(&"t".repeat(129)).is_err());

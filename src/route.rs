@@ -50,7 +50,7 @@ impl RouteTable {
         let ns = ns.to_ascii_lowercase();
         self.upstreams
             .iter()
-            .position(|u| u.name == ns || u.hosts.iter().any(|h| *h == ns))
+            .position(|u| u.name == ns || u.hosts.contains(&ns))
     }
 
     fn by_namespace(&self, segment: &str) -> Option<usize> {
@@ -94,7 +94,9 @@ pub enum Endpoint {
     /// `GET /v2/`
     Ping,
     /// `GET /v2/_catalog`: one upstream's repositories, or all (namespaced).
-    Catalog { upstream: Option<usize> },
+    Catalog {
+        upstream: Option<usize>,
+    },
     Repo(RepoRequest),
     Health,
     Metrics,
@@ -122,7 +124,10 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     if path.contains('%') || path.contains("//") || path.contains("/./") || path.contains("/../") {
         return Err(RouteError::NotFound(format!("malformed path {path:?}")));
     }
-    let Some(rest) = path.strip_prefix("/v2/").or(if path == "/v2" { Some("") } else { None }) else {
+    let Some(rest) = path
+        .strip_prefix("/v2/")
+        .or(if path == "/v2" { Some("") } else { None })
+    else {
         return Err(RouteError::NotFound(format!("{path:?} is not a registry API path")));
     };
 
@@ -137,7 +142,11 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     }
     let host = host.map(|h| h.to_ascii_lowercase());
     let from_ns = match &ns {
-        Some(n) => Some(table.by_ns(n).ok_or_else(|| RouteError::UnknownNamespace(format!("no upstream is configured for ns={n:?}")))?),
+        Some(n) => Some(
+            table
+                .by_ns(n)
+                .ok_or_else(|| RouteError::UnknownNamespace(format!("no upstream is configured for ns={n:?}")))?,
+        ),
         None => None,
     };
     let from_host = host.as_deref().and_then(|h| table.by_host(h));
@@ -146,7 +155,9 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
         return Ok(Endpoint::Ping);
     }
     if rest == "_catalog" {
-        return Ok(Endpoint::Catalog { upstream: from_ns.or(from_host) });
+        return Ok(Endpoint::Catalog {
+            upstream: from_ns.or(from_host),
+        });
     }
 
     let (name, kind) = split_kind(rest)?;
@@ -169,7 +180,11 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     let forward_query = if forward.is_empty() {
         None
     } else {
-        Some(form_urlencoded::Serializer::new(String::new()).extend_pairs(forward).finish())
+        Some(
+            form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(forward)
+                .finish(),
+        )
     };
     Ok(Endpoint::Repo(RepoRequest {
         upstream,
@@ -227,14 +242,24 @@ mod tests {
 
     #[test]
     fn transparent_mode_picks_upstream_by_host() {
-        let r = repo(Some("registry-1.docker.io"), "/v2/library/debian/manifests/bookworm", None);
-        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (0, Mode::Transparent, "library/debian"));
+        let r = repo(
+            Some("registry-1.docker.io"),
+            "/v2/library/debian/manifests/bookworm",
+            None,
+        );
+        assert_eq!(
+            (r.upstream, r.mode, r.repo.as_str()),
+            (0, Mode::Transparent, "library/debian")
+        );
         assert!(matches!(r.kind, Kind::Manifest(Reference::Tag(_))));
         let r = repo(Some("ghcr.io"), &format!("/v2/org/app/blobs/{D}"), None);
         assert_eq!((r.upstream, r.repo.as_str()), (1, "org/app"));
         assert!(matches!(r.kind, Kind::Blob(_)));
         let r = repo(Some("quay.io"), "/v2/prometheus/node-exporter/tags/list", Some("n=10"));
-        assert_eq!((r.upstream, r.kind.clone(), r.forward_query.as_deref()), (2, Kind::TagsList, Some("n=10")));
+        assert_eq!(
+            (r.upstream, r.kind.clone(), r.forward_query.as_deref()),
+            (2, Kind::TagsList, Some("n=10"))
+        );
     }
 
     #[test]
@@ -249,7 +274,10 @@ mod tests {
     #[test]
     fn explicit_prefix_and_podman_mirror_paths() {
         let r = repo(Some("regmirror.local"), "/v2/dockerhub/library/nginx/manifests/1", None);
-        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (0, Mode::Prefix, "library/nginx"));
+        assert_eq!(
+            (r.upstream, r.mode, r.repo.as_str()),
+            (0, Mode::Prefix, "library/nginx")
+        );
         assert_eq!(r.client_repo, "dockerhub/library/nginx");
         let r = repo(Some("10.0.0.5"), "/v2/quay/org/x/manifests/1", None);
         assert_eq!((r.upstream, r.repo.as_str()), (2, "org/x"));
@@ -260,9 +288,16 @@ mod tests {
     #[test]
     fn registry_mirrors_requests_go_to_docker_hub() {
         let r = repo(Some("10.0.0.5"), "/v2/library/nginx/manifests/1", None);
-        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (0, Mode::DefaultMirror, "library/nginx"));
+        assert_eq!(
+            (r.upstream, r.mode, r.repo.as_str()),
+            (0, Mode::DefaultMirror, "library/nginx")
+        );
         let r = repo(Some("10.0.0.5"), "/v2/quay/manifests/1", None);
-        assert_eq!((r.upstream, r.repo.as_str()), (0, "library/quay"), "a namespace alone is a Docker Hub name");
+        assert_eq!(
+            (r.upstream, r.repo.as_str()),
+            (0, "library/quay"),
+            "a namespace alone is a Docker Hub name"
+        );
     }
 
     #[test]
@@ -280,8 +315,14 @@ mod tests {
     fn ping_catalog_and_operational_paths() {
         assert!(matches!(route(&table(), None, "/v2/", None), Ok(Endpoint::Ping)));
         assert!(matches!(route(&table(), None, "/v2", None), Ok(Endpoint::Ping)));
-        assert!(matches!(route(&table(), Some("quay.io"), "/v2/_catalog", None), Ok(Endpoint::Catalog { upstream: Some(2) })));
-        assert!(matches!(route(&table(), None, "/v2/_catalog", None), Ok(Endpoint::Catalog { upstream: None })));
+        assert!(matches!(
+            route(&table(), Some("quay.io"), "/v2/_catalog", None),
+            Ok(Endpoint::Catalog { upstream: Some(2) })
+        ));
+        assert!(matches!(
+            route(&table(), None, "/v2/_catalog", None),
+            Ok(Endpoint::Catalog { upstream: None })
+        ));
         assert!(matches!(route(&table(), None, "/healthz", None), Ok(Endpoint::Health)));
     }
 

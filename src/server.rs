@@ -53,7 +53,12 @@ impl Listeners {
 
 /// Serves until `shutdown` resolves, then lets open connections finish for
 /// up to [`SHUTDOWN_GRACE`].
-pub async fn run(app: Arc<App>, issuer: Arc<LeafIssuer>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+pub async fn run(
+    app: Arc<App>,
+    issuer: Arc<LeafIssuer>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -69,11 +74,25 @@ pub async fn run(app: Arc<App>, issuer: Arc<LeafIssuer>, listeners: Listeners, s
     let mut loops = Vec::new();
     if let Some(l) = listeners.https {
         tracing::info!(addr = %l.local_addr()?, "TLS listener ready");
-        loops.push(tokio::spawn(accept_loop(l, Some(acceptor.clone()), app.clone(), graceful.clone(), limit.clone(), stop_rx.clone())));
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            Some(acceptor.clone()),
+            app.clone(),
+            graceful.clone(),
+            limit.clone(),
+            stop_rx.clone(),
+        )));
     }
     if let Some(l) = listeners.http {
         tracing::info!(addr = %l.local_addr()?, "plain HTTP listener ready");
-        loops.push(tokio::spawn(accept_loop(l, None, app.clone(), graceful.clone(), limit.clone(), stop_rx.clone())));
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            None,
+            app.clone(),
+            graceful.clone(),
+            limit.clone(),
+            stop_rx.clone(),
+        )));
     }
     shutdown.await;
     tracing::info!("shutting down: no new connections; letting open ones finish");
@@ -136,11 +155,19 @@ async fn accept_loop(
                         }
                     };
                     let sni = tls_stream.get_ref().1.server_name().map(|s| s.to_ascii_lowercase());
-                    let conn = ConnInfo { sni, tls: true, peer: Some(peer) };
+                    let conn = ConnInfo {
+                        sni,
+                        tls: true,
+                        peer: Some(peer),
+                    };
                     serve(TokioIo::new(tls_stream), app, conn, watcher).await;
                 }
                 None => {
-                    let conn = ConnInfo { sni: None, tls: false, peer: Some(peer) };
+                    let conn = ConnInfo {
+                        sni: None,
+                        tls: false,
+                        peer: Some(peer),
+                    };
                     serve(TokioIo::new(stream), app, conn, watcher).await;
                 }
             }

@@ -45,9 +45,9 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
         Target::Hosts => {
             let ip = match &opts.proxy {
                 Some(p) => p.clone(),
-                None => listener_ip(s.https)
-                    .or_else(|| listener_ip(s.http))
-                    .ok_or("the config listens on all addresses; pass --proxy IP (the address clients reach regmirror at)")?,
+                None => listener_ip(s.https).or_else(|| listener_ip(s.http)).ok_or(
+                    "the config listens on all addresses; pass --proxy IP (the address clients reach regmirror at)",
+                )?,
             };
             if ip.parse::<std::net::IpAddr>().is_err() {
                 return Err(format!("--proxy {ip:?} must be an IP address for /etc/hosts"));
@@ -82,7 +82,11 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
             let mirror = if opts.tls {
                 let port = s.https.map(|a| a.port()).unwrap_or(443);
                 let host = opts.proxy.clone().unwrap_or_else(|| s.server_name.clone());
-                if port == 443 { format!("https://{host}") } else { format!("https://{host}:{port}") }
+                if port == 443 {
+                    format!("https://{host}")
+                } else {
+                    format!("https://{host}:{port}")
+                }
             } else {
                 format!("http://{}", plain_proxy(s, opts)?)
             };
@@ -104,7 +108,10 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
         Target::Podman => {
             let proxy = plain_proxy(s, opts)?;
             let default = &s.upstreams[s.default_upstream()];
-            let mut content = format!("# regmirror mirrors for podman, skopeo and buildah\nunqualified-search-registries = [\"{}\"]\n", default.name);
+            let mut content = format!(
+                "# regmirror mirrors for podman, skopeo and buildah\nunqualified-search-registries = [\"{}\"]\n",
+                default.name
+            );
             for u in &s.upstreams {
                 content.push_str(&format!(
                     "\n[[registry]]\nprefix = \"{name}\"\nlocation = \"{name}\"\n\n[[registry.mirror]]\nlocation = \"{proxy}/{ns}\"\ninsecure = true\n",
@@ -112,7 +119,10 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
                     ns = u.namespace
                 ));
             }
-            Ok(vec![SetupFile { path: "/etc/containers/registries.conf.d/regmirror.conf".into(), content }])
+            Ok(vec![SetupFile {
+                path: "/etc/containers/registries.conf.d/regmirror.conf".into(),
+                content,
+            }])
         }
     }
 }
@@ -123,7 +133,9 @@ fn listener_ip(a: Option<SocketAddr>) -> Option<String> {
 
 /// `HOST:PORT` of the plain listener as clients should address it.
 fn plain_proxy(s: &Settings, opts: &SetupOptions) -> Result<String, String> {
-    let http = s.http.ok_or("server.http is not set; mirror setups need the plain listener")?;
+    let http = s
+        .http
+        .ok_or("server.http is not set; mirror setups need the plain listener")?;
     let host = match &opts.proxy {
         Some(p) => p.clone(),
         None => listener_ip(Some(http)).unwrap_or_else(|| s.server_name.clone()),
@@ -175,33 +187,80 @@ mod tests {
 
     #[test]
     fn docker_daemon_json_points_at_the_plain_listener() {
-        let f = files(&settings(), Target::Docker, &SetupOptions { proxy: None, tls: false }).unwrap();
+        let f = files(
+            &settings(),
+            Target::Docker,
+            &SetupOptions {
+                proxy: None,
+                tls: false,
+            },
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_str(&f[0].content).unwrap();
         assert_eq!(v["registry-mirrors"][0], "http://10.1.2.3:5000");
     }
 
     #[test]
     fn containerd_gets_one_hosts_toml_per_registry() {
-        let f = files(&settings(), Target::Containerd, &SetupOptions { proxy: Some("mirror".into()), tls: false }).unwrap();
+        let f = files(
+            &settings(),
+            Target::Containerd,
+            &SetupOptions {
+                proxy: Some("mirror".into()),
+                tls: false,
+            },
+        )
+        .unwrap();
         assert_eq!(f.len(), 3);
         assert!(f[0].path.ends_with("docker.io/hosts.toml"));
         assert!(f[0].content.contains("server = \"https://registry-1.docker.io\""));
         assert!(f[0].content.contains("[host.\"http://mirror:5000\"]"));
-        let t = files(&settings(), Target::Containerd, &SetupOptions { proxy: None, tls: true }).unwrap();
+        let t = files(
+            &settings(),
+            Target::Containerd,
+            &SetupOptions { proxy: None, tls: true },
+        )
+        .unwrap();
         assert!(t[1].content.contains("[host.\"https://regmirror.local\"]") && t[1].content.contains("ca = "));
     }
 
     #[test]
     fn hosts_lines_need_an_ip() {
         let s = Settings::load(None).unwrap();
-        assert!(files(&s, Target::Hosts, &SetupOptions { proxy: None, tls: false }).is_err());
-        let f = files(&s, Target::Hosts, &SetupOptions { proxy: Some("192.0.2.7".into()), tls: false }).unwrap();
-        assert!(f[0].content.contains("192.0.2.7 docker.io ghcr.io index.docker.io quay.io registry-1.docker.io regmirror.local"));
+        assert!(files(
+            &s,
+            Target::Hosts,
+            &SetupOptions {
+                proxy: None,
+                tls: false
+            }
+        )
+        .is_err());
+        let f = files(
+            &s,
+            Target::Hosts,
+            &SetupOptions {
+                proxy: Some("192.0.2.7".into()),
+                tls: false,
+            },
+        )
+        .unwrap();
+        assert!(f[0]
+            .content
+            .contains("192.0.2.7 docker.io ghcr.io index.docker.io quay.io registry-1.docker.io regmirror.local"));
     }
 
     #[test]
     fn podman_mirrors_use_namespace_paths() {
-        let f = files(&settings(), Target::Podman, &SetupOptions { proxy: None, tls: false }).unwrap();
+        let f = files(
+            &settings(),
+            Target::Podman,
+            &SetupOptions {
+                proxy: None,
+                tls: false,
+            },
+        )
+        .unwrap();
         assert!(f[0].content.contains("location = \"10.1.2.3:5000/quay\""));
         assert!(f[0].content.contains("prefix = \"docker.io\""));
     }

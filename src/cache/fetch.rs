@@ -76,12 +76,20 @@ pub struct ServedInfo {
 
 enum ServedSource<S: Store> {
     Stored(S::Reader),
-    Growing { reader: Option<S::Reader>, rx: watch::Receiver<Progress>, store: Arc<S>, digest: Digest },
+    Growing {
+        reader: Option<S::Reader>,
+        rx: watch::Receiver<Progress>,
+        store: Arc<S>,
+        digest: Digest,
+    },
 }
 
 impl<S: Store> Cache<S> {
     pub fn new(store: Arc<S>) -> Self {
-        Cache { store, inflight: Mutex::new(HashMap::new()) }
+        Cache {
+            store,
+            inflight: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -97,17 +105,28 @@ impl<S: Store> Cache<S> {
         if let Some((reader, info)) = self.store.open(digest).await.map_err(|e| store_error(digest, e))? {
             METRICS.cache_hits.inc();
             return Ok(Served {
-                info: ServedInfo { size: Some(info.size), media_type: info.media_type, hit: true },
+                info: ServedInfo {
+                    size: Some(info.size),
+                    media_type: info.media_type,
+                    hit: true,
+                },
                 source: ServedSource::Stored(reader),
             });
         }
         let (inflight, leader) = {
-            let mut map = self.inflight.lock().map_err(|_| RegistryError::internal("cache lock poisoned"))?;
+            let mut map = self
+                .inflight
+                .lock()
+                .map_err(|_| RegistryError::internal("cache lock poisoned"))?;
             match map.get(digest) {
                 Some(f) => (f.clone(), false),
                 None => {
                     let (tx, _) = watch::channel(Progress::Opening);
-                    let f = Arc::new(Inflight { progress: tx, pending: OnceLock::new(), meta: OnceLock::new() });
+                    let f = Arc::new(Inflight {
+                        progress: tx,
+                        pending: OnceLock::new(),
+                        meta: OnceLock::new(),
+                    });
                     map.insert(digest.clone(), f.clone());
                     (f, true)
                 }
@@ -143,7 +162,12 @@ impl<S: Store> Cache<S> {
     }
 
     /// Waits until the download has started, then attaches to it.
-    async fn follow(&self, digest: &Digest, inflight: Arc<Inflight>, mut rx: watch::Receiver<Progress>) -> Result<Served<S>, RegistryError> {
+    async fn follow(
+        &self,
+        digest: &Digest,
+        inflight: Arc<Inflight>,
+        mut rx: watch::Receiver<Progress>,
+    ) -> Result<Served<S>, RegistryError> {
         loop {
             let p = rx.borrow_and_update().clone();
             match p {
@@ -160,9 +184,15 @@ impl<S: Store> Cache<S> {
                         .open(digest)
                         .await
                         .map_err(|e| store_error(digest, e))?
-                        .ok_or_else(|| RegistryError::internal(format!("{digest} vanished from the store after download")))?;
+                        .ok_or_else(|| {
+                            RegistryError::internal(format!("{digest} vanished from the store after download"))
+                        })?;
                     return Ok(Served {
-                        info: ServedInfo { size: Some(info.size), media_type: info.media_type, hit: false },
+                        info: ServedInfo {
+                            size: Some(info.size),
+                            media_type: info.media_type,
+                            hit: false,
+                        },
                         source: ServedSource::Stored(reader),
                     });
                 }
@@ -178,8 +208,17 @@ impl<S: Store> Cache<S> {
                         None => None,
                     };
                     return Ok(Served {
-                        info: ServedInfo { size: length, media_type, hit: false },
-                        source: ServedSource::Growing { reader, rx, store: self.store.clone(), digest: digest.clone() },
+                        info: ServedInfo {
+                            size: length,
+                            media_type,
+                            hit: false,
+                        },
+                        source: ServedSource::Growing {
+                            reader,
+                            rx,
+                            store: self.store.clone(),
+                            digest: digest.clone(),
+                        },
                     });
                 }
             }
@@ -192,7 +231,11 @@ impl<S: Store> Cache<S> {
             // Committed by a download that finished just before ours began.
             return Ok(info.size);
         }
-        let Source { media_type, length, mut body } = opener.await?;
+        let Source {
+            media_type,
+            length,
+            mut body,
+        } = opener.await?;
         METRICS.upstream_fetches.inc();
         let (mut pending, id) = self.store.begin(digest).await.map_err(|e| store_error(digest, e))?;
         let _ = inflight.pending.set(id.clone());
@@ -237,7 +280,10 @@ async fn write_verified<W: tokio::io::AsyncWrite + Unpin>(
         pending.flush().await.map_err(|e| store_error(digest, e))?;
         written += chunk.len() as u64;
         if length.is_some_and(|l| written > l) {
-            return Err(broken(format!("upstream sent more than the announced {} bytes of {digest}", length.unwrap_or(0))));
+            return Err(broken(format!(
+                "upstream sent more than the announced {} bytes of {digest}",
+                length.unwrap_or(0)
+            )));
         }
         inflight.progress.send_replace(Progress::Growing { written });
     }
@@ -248,7 +294,9 @@ async fn write_verified<W: tokio::io::AsyncWrite + Unpin>(
     }
     let got = Digest::from_sha256(&hasher.finalize());
     if &got != digest {
-        return Err(broken(format!("upstream content does not match {digest} (got {got}); not stored")));
+        return Err(broken(format!(
+            "upstream content does not match {digest} (got {got}); not stored"
+        )));
     }
     Ok(written)
 }
@@ -257,7 +305,11 @@ impl<S: Store> Served<S> {
     /// Content opened directly from the store.
     pub fn stored(reader: S::Reader, info: BlobInfo) -> Self {
         Served {
-            info: ServedInfo { size: Some(info.size), media_type: info.media_type, hit: true },
+            info: ServedInfo {
+                size: Some(info.size),
+                media_type: info.media_type,
+                hit: true,
+            },
             source: ServedSource::Stored(reader),
         }
     }
@@ -265,7 +317,12 @@ impl<S: Store> Served<S> {
     /// The bytes `[start, end)` (end `None` = to the end) as a stream.
     pub fn into_stream(self, start: u64, end: Option<u64>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let end = end.or(self.info.size);
-        let state = StreamState { source: self.source, pos: start, end, seeked: false };
+        let state = StreamState {
+            source: self.source,
+            pos: start,
+            end,
+            seeked: false,
+        };
         futures_util::stream::unfold(state, |mut st| async move {
             match st.next_chunk().await {
                 Ok(Some(b)) => Some((Ok(b), st)),
@@ -294,7 +351,12 @@ impl<S: Store> StreamState<S> {
         loop {
             let limit = match &mut self.source {
                 ServedSource::Stored(_) => self.end.unwrap_or(u64::MAX),
-                ServedSource::Growing { rx, reader, store, digest } => {
+                ServedSource::Growing {
+                    rx,
+                    reader,
+                    store,
+                    digest,
+                } => {
                     let p = rx.borrow_and_update().clone();
                     match p {
                         Progress::Failed(e) => return Err(io::Error::other(e.message)),
@@ -327,7 +389,9 @@ impl<S: Store> StreamState<S> {
                     ServedSource::Growing { reader: None, .. } => {
                         // Not attached to the pending file: wait for Done.
                         if let ServedSource::Growing { rx, .. } = &mut self.source {
-                            rx.changed().await.map_err(|_| io::Error::other("download ended without result"))?;
+                            rx.changed()
+                                .await
+                                .map_err(|_| io::Error::other("download ended without result"))?;
                         }
                         continue;
                     }
@@ -339,7 +403,10 @@ impl<S: Store> StreamState<S> {
                 let mut buf = vec![0u8; want];
                 let n = reader.read(&mut buf).await?;
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "cached content ended early"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "cached content ended early",
+                    ));
                 }
                 buf.truncate(n);
                 self.pos += n as u64;
@@ -352,7 +419,9 @@ impl<S: Store> StreamState<S> {
                     if self.end.is_some_and(|e| self.pos >= e) {
                         return Ok(None);
                     }
-                    rx.changed().await.map_err(|_| io::Error::other("download ended without result"))?;
+                    rx.changed()
+                        .await
+                        .map_err(|_| io::Error::other("download ended without result"))?;
                 }
             }
         }

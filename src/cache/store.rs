@@ -55,13 +55,43 @@ pub trait Store: Send + Sync + 'static {
     fn begin(&self, d: &Digest) -> impl Future<Output = io::Result<(Self::Pending, PathBuf)>> + Send;
     /// Opens a download in progress for reading.
     fn open_pending(&self, id: &Path) -> impl Future<Output = io::Result<Self::Reader>> + Send;
-    fn commit(&self, pending: Self::Pending, id: &Path, d: &Digest, media_type: Option<&str>) -> impl Future<Output = io::Result<()>> + Send;
+    fn commit(
+        &self,
+        pending: Self::Pending,
+        id: &Path,
+        d: &Digest,
+        media_type: Option<&str>,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     fn abort(&self, pending: Self::Pending, id: &Path) -> impl Future<Output = ()> + Send;
     fn delete(&self, d: &Digest) -> impl Future<Output = io::Result<()>> + Send;
-    fn put_tag(&self, ns: &str, repo: &RepoName, tag: &Tag, accept_key: &str, rec: &TagRecord) -> impl Future<Output = io::Result<()>> + Send;
-    fn get_tag(&self, ns: &str, repo: &RepoName, tag: &Tag, accept_key: &str) -> impl Future<Output = io::Result<Option<TagRecord>>> + Send;
-    fn put_tag_list(&self, ns: &str, repo: &RepoName, key: &str, body: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
-    fn get_tag_list(&self, ns: &str, repo: &RepoName, key: &str) -> impl Future<Output = io::Result<Option<Vec<u8>>>> + Send;
+    fn put_tag(
+        &self,
+        ns: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        accept_key: &str,
+        rec: &TagRecord,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    fn get_tag(
+        &self,
+        ns: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        accept_key: &str,
+    ) -> impl Future<Output = io::Result<Option<TagRecord>>> + Send;
+    fn put_tag_list(
+        &self,
+        ns: &str,
+        repo: &RepoName,
+        key: &str,
+        body: &[u8],
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    fn get_tag_list(
+        &self,
+        ns: &str,
+        repo: &RepoName,
+        key: &str,
+    ) -> impl Future<Output = io::Result<Option<Vec<u8>>>> + Send;
     /// Repositories with at least one tag record, for `/v2/_catalog`.
     fn list_repositories(&self, ns: &str) -> impl Future<Output = io::Result<Vec<String>>> + Send;
 }
@@ -86,7 +116,10 @@ impl LocalStore {
         for d in [root.join("blobs/sha256"), root.join("tags"), tmp] {
             std::fs::create_dir_all(&d).map_err(|e| ctx(&d, e))?;
         }
-        Ok(LocalStore { root: root.to_path_buf(), counter: AtomicU64::new(0) })
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+            counter: AtomicU64::new(0),
+        })
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -94,7 +127,10 @@ impl LocalStore {
     }
 
     fn type_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("blobs/sha256").join(&d.hex()[..2]).join(format!("{}.type", d.hex()))
+        self.root
+            .join("blobs/sha256")
+            .join(&d.hex()[..2])
+            .join(format!("{}.type", d.hex()))
     }
 
     fn repo_dir(&self, ns: &str, repo: &RepoName) -> PathBuf {
@@ -106,7 +142,10 @@ impl LocalStore {
     }
 
     fn tag_path(&self, ns: &str, repo: &RepoName, tag: &Tag, accept_key: &str) -> PathBuf {
-        self.repo_dir(ns, repo).join("_tags").join(tag.as_str()).join(format!("{}.json", safe_key(accept_key)))
+        self.repo_dir(ns, repo)
+            .join("_tags")
+            .join(tag.as_str())
+            .join(format!("{}.json", safe_key(accept_key)))
     }
 
     async fn media_type(&self, d: &Digest) -> io::Result<Option<String>> {
@@ -127,7 +166,11 @@ async fn write_atomically(root: &Path, path: &Path, data: &[u8], counter: &Atomi
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).await?;
     }
-    let tmp = root.join("tmp").join(format!("meta.{}.{}", std::process::id(), counter.fetch_add(1, Ordering::Relaxed)));
+    let tmp = root.join("tmp").join(format!(
+        "meta.{}.{}",
+        std::process::id(),
+        counter.fetch_add(1, Ordering::Relaxed)
+    ));
     fs::write(&tmp, data).await?;
     fs::rename(&tmp, path).await
 }
@@ -149,19 +192,31 @@ impl Store for LocalStore {
             return Ok(None);
         };
         let size = file.metadata().await?.len();
-        Ok(Some((file, BlobInfo { size, media_type: self.media_type(d).await? })))
+        Ok(Some((
+            file,
+            BlobInfo {
+                size,
+                media_type: self.media_type(d).await?,
+            },
+        )))
     }
 
     async fn stat(&self, d: &Digest) -> io::Result<Option<BlobInfo>> {
         let Some(meta) = not_found_is_none(fs::metadata(self.blob_path(d)).await)? else {
             return Ok(None);
         };
-        Ok(Some(BlobInfo { size: meta.len(), media_type: self.media_type(d).await? }))
+        Ok(Some(BlobInfo {
+            size: meta.len(),
+            media_type: self.media_type(d).await?,
+        }))
     }
 
     async fn begin(&self, d: &Digest) -> io::Result<(fs::File, PathBuf)> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self.root.join("tmp").join(format!("{}.{}.{n}", d.hex(), std::process::id()));
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{}.{n}", d.hex(), std::process::id()));
         let file = fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
         Ok((file, path))
     }
@@ -199,7 +254,13 @@ impl Store for LocalStore {
 
     async fn put_tag(&self, ns: &str, repo: &RepoName, tag: &Tag, accept_key: &str, rec: &TagRecord) -> io::Result<()> {
         let data = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        write_atomically(&self.root, &self.tag_path(ns, repo, tag, accept_key), &data, &self.counter).await
+        write_atomically(
+            &self.root,
+            &self.tag_path(ns, repo, tag, accept_key),
+            &data,
+            &self.counter,
+        )
+        .await
     }
 
     async fn get_tag(&self, ns: &str, repo: &RepoName, tag: &Tag, accept_key: &str) -> io::Result<Option<TagRecord>> {
@@ -210,12 +271,18 @@ impl Store for LocalStore {
     }
 
     async fn put_tag_list(&self, ns: &str, repo: &RepoName, key: &str, body: &[u8]) -> io::Result<()> {
-        let path = self.repo_dir(ns, repo).join("_lists").join(format!("{}.json", safe_key(key)));
+        let path = self
+            .repo_dir(ns, repo)
+            .join("_lists")
+            .join(format!("{}.json", safe_key(key)));
         write_atomically(&self.root, &path, body, &self.counter).await
     }
 
     async fn get_tag_list(&self, ns: &str, repo: &RepoName, key: &str) -> io::Result<Option<Vec<u8>>> {
-        let path = self.repo_dir(ns, repo).join("_lists").join(format!("{}.json", safe_key(key)));
+        let path = self
+            .repo_dir(ns, repo)
+            .join("_lists")
+            .join(format!("{}.json", safe_key(key)));
         not_found_is_none(fs::read(path).await)
     }
 
@@ -232,7 +299,11 @@ impl Store for LocalStore {
                 if child == "_tags" {
                     out.push(name.clone());
                 } else if !child.starts_with('_') && e.file_type().await?.is_dir() {
-                    let n = if name.is_empty() { child } else { format!("{name}/{child}") };
+                    let n = if name.is_empty() {
+                        child
+                    } else {
+                        format!("{name}/{child}")
+                    };
                     stack.push((e.path(), n));
                 }
             }
@@ -257,7 +328,13 @@ mod tests {
         w.write_all(b"hello").await.unwrap();
         store.commit(w, &id, &d, Some("application/x")).await.unwrap();
         let (mut r, info) = store.open(&d).await.unwrap().unwrap();
-        assert_eq!(info, BlobInfo { size: 5, media_type: Some("application/x".into()) });
+        assert_eq!(
+            info,
+            BlobInfo {
+                size: 5,
+                media_type: Some("application/x".into())
+            }
+        );
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello");
@@ -276,14 +353,24 @@ mod tests {
         std::fs::write(dir.path().join("tmp/leftover"), b"x").unwrap();
         let store = LocalStore::open_dir(dir.path()).unwrap();
         assert!(!dir.path().join("tmp/leftover").exists());
-        let rec = TagRecord { digest: Digest::of(b"m").to_string(), media_type: "t".into(), size: 1 };
+        let rec = TagRecord {
+            digest: Digest::of(b"m").to_string(),
+            media_type: "t".into(),
+            size: 1,
+        };
         let repo = RepoName::parse("library/alpine").unwrap();
         let tag = Tag::parse("3").unwrap();
         store.put_tag("dockerhub", &repo, &tag, "k", &rec).await.unwrap();
-        store.put_tag("dockerhub", &RepoName::parse("org/app/x").unwrap(), &tag, "k", &rec).await.unwrap();
+        store
+            .put_tag("dockerhub", &RepoName::parse("org/app/x").unwrap(), &tag, "k", &rec)
+            .await
+            .unwrap();
         assert_eq!(store.get_tag("dockerhub", &repo, &tag, "k").await.unwrap(), Some(rec));
         assert_eq!(store.get_tag("dockerhub", &repo, &tag, "other").await.unwrap(), None);
-        assert_eq!(store.list_repositories("dockerhub").await.unwrap(), vec!["library/alpine", "org/app/x"]);
+        assert_eq!(
+            store.list_repositories("dockerhub").await.unwrap(),
+            vec!["library/alpine", "org/app/x"]
+        );
         assert!(store.list_repositories("quay").await.unwrap().is_empty());
     }
 }

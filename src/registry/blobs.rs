@@ -18,7 +18,13 @@ use crate::reference::Digest;
 use crate::route::RepoRequest;
 use crate::upstream::UpstreamRequest;
 
-pub async fn serve(app: &Arc<App>, r: &RepoRequest, d: &Digest, headers: &HeaderMap, head: bool) -> Result<Response<Body>, RegistryError> {
+pub async fn serve(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    d: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response<Body>, RegistryError> {
     if head {
         return head_blob(app, r, d).await;
     }
@@ -49,7 +55,11 @@ pub async fn serve(app: &Arc<App>, r: &RepoRequest, d: &Digest, headers: &Header
         (Some(size), Some(_)) => match parse_range(range, size) {
             ByteRange::Unsatisfiable => {
                 let mut resp = RegistryError::range_not_satisfiable(size).into_response();
-                resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).map_err(|e| RegistryError::internal(e.to_string()))?);
+                resp.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{size}"))
+                        .map_err(|e| RegistryError::internal(e.to_string()))?,
+                );
                 return Ok(resp);
             }
             ByteRange::Partial { first, last } => {
@@ -65,7 +75,10 @@ pub async fn serve(app: &Arc<App>, r: &RepoRequest, d: &Digest, headers: &Header
         (size, _) => full_response(served, size),
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert("docker-content-digest", value(&d.to_string()));
     h.insert(header::ETAG, value(&format!("\"{d}\"")));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -82,8 +95,15 @@ fn full_response(served: crate::cache::Served<crate::cache::LocalStore>, size: O
 
 async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Response<Body>, RegistryError> {
     let mut resp = Response::new(empty());
-    if let Some(info) = app.cache.store().stat(d).await.map_err(|e| RegistryError::internal(format!("cache store failure for {d}: {e}")))? {
-        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+    if let Some(info) = app
+        .cache
+        .store()
+        .stat(d)
+        .await
+        .map_err(|e| RegistryError::internal(format!("cache store failure for {d}: {e}")))?
+    {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
     } else {
         let client = app.upstream(r);
         let up = client.send(&blob_request(r, d, Method::HEAD)).await?;
@@ -93,7 +113,10 @@ async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Respon
         copy_header(up.headers(), resp.headers_mut(), header::CONTENT_LENGTH);
     }
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert("docker-content-digest", value(&d.to_string()));
     h.insert(header::ETAG, value(&format!("\"{d}\"")));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));

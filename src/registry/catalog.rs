@@ -11,7 +11,11 @@ use super::errors::RegistryError;
 use super::App;
 use crate::cache::Store;
 
-pub async fn list(app: &Arc<App>, upstream: Option<usize>, query: Option<&str>) -> Result<Response<Body>, RegistryError> {
+pub async fn list(
+    app: &Arc<App>,
+    upstream: Option<usize>,
+    query: Option<&str>,
+) -> Result<Response<Body>, RegistryError> {
     let store = app.cache.store();
     let mut repos = Vec::new();
     for (i, u) in app.settings.upstreams.iter().enumerate() {
@@ -23,7 +27,11 @@ pub async fn list(app: &Arc<App>, upstream: Option<usize>, query: Option<&str>) 
             .await
             .map_err(|e| RegistryError::internal(format!("listing the cache: {e}")))?;
         for n in names {
-            repos.push(if upstream.is_some() { n } else { format!("{}/{n}", u.namespace) });
+            repos.push(if upstream.is_some() {
+                n
+            } else {
+                format!("{}/{n}", u.namespace)
+            });
         }
     }
     repos.sort();
@@ -44,6 +52,7 @@ pub async fn list(app: &Arc<App>, upstream: Option<usize>, query: Option<&str>) 
     }
     let body = serde_json::json!({ "repositories": repos }).to_string();
     let mut resp = Response::new(full(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(resp)
 }

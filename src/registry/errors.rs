@@ -28,7 +28,13 @@ impl std::fmt::Display for RegistryError {
 
 impl RegistryError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        RegistryError { status, code: code.to_string(), message: message.into(), detail: None, retry_after: None }
+        RegistryError {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+            detail: None,
+            retry_after: None,
+        }
     }
 
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
@@ -41,7 +47,11 @@ impl RegistryError {
     }
 
     pub fn manifest_unknown(reference: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", format!("manifest unknown: {reference}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!("manifest unknown: {reference}"),
+        )
     }
 
     pub fn blob_unknown(digest: &str) -> Self {
@@ -49,18 +59,30 @@ impl RegistryError {
     }
 
     pub fn range_not_satisfiable(size: u64) -> Self {
-        let mut e = Self::new(StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID", format!("requested range not satisfiable (size {size})"));
+        let mut e = Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "RANGE_INVALID",
+            format!("requested range not satisfiable (size {size})"),
+        );
         e.detail = Some(serde_json::json!({ "size": size }));
         e
     }
 
     /// Upstream could not be reached or broke the protocol: a gateway error.
     pub fn upstream_unavailable(upstream: &str, why: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "UNAVAILABLE", format!("upstream {upstream} unavailable: {why}"))
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "UNAVAILABLE",
+            format!("upstream {upstream} unavailable: {why}"),
+        )
     }
 
     pub fn upstream_timeout(upstream: &str, why: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE", format!("upstream {upstream} timed out: {why}"))
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "UNAVAILABLE",
+            format!("upstream {upstream} timed out: {why}"),
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -88,7 +110,9 @@ impl RegistryError {
             message: Option<String>,
             detail: Option<serde_json::Value>,
         }
-        let parsed = serde_json::from_slice::<Errors>(body).ok().and_then(|e| e.errors.into_iter().next());
+        let parsed = serde_json::from_slice::<Errors>(body)
+            .ok()
+            .and_then(|e| e.errors.into_iter().next());
         let default_code = match status {
             StatusCode::NOT_FOUND => "NAME_UNKNOWN",
             StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
@@ -103,11 +127,25 @@ impl RegistryError {
                 e.message.unwrap_or_else(|| status.to_string()),
                 e.detail,
             ),
-            None => (default_code.to_string(), format!("upstream {upstream} answered {status}"), None),
+            None => (
+                default_code.to_string(),
+                format!("upstream {upstream} answered {status}"),
+                None,
+            ),
         };
         // A 5xx from upstream is a gateway problem for our client.
-        let status = if status.is_server_error() { StatusCode::BAD_GATEWAY } else { status };
-        RegistryError { status, code, message, detail, retry_after }
+        let status = if status.is_server_error() {
+            StatusCode::BAD_GATEWAY
+        } else {
+            status
+        };
+        RegistryError {
+            status,
+            code,
+            message,
+            detail,
+            retry_after,
+        }
     }
 
     pub fn is_upstream_failure(&self) -> bool {
@@ -123,7 +161,8 @@ impl RegistryError {
         let body = serde_json::json!({ "errors": [entry] }).to_string();
         let mut resp = Response::new(full(Bytes::from(body)));
         *resp.status_mut() = self.status;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(r) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, r);
         }
@@ -159,8 +198,16 @@ mod tests {
 
     #[test]
     fn upstream_errors_keep_their_code_and_become_gateway_errors() {
-        let e = RegistryError::from_upstream("q", StatusCode::FORBIDDEN, br#"{"errors":[{"code":"DENIED","message":"nope"}]}"#, None);
-        assert_eq!((e.status.as_u16(), e.code.as_str(), e.message.as_str()), (403, "DENIED", "nope"));
+        let e = RegistryError::from_upstream(
+            "q",
+            StatusCode::FORBIDDEN,
+            br#"{"errors":[{"code":"DENIED","message":"nope"}]}"#,
+            None,
+        );
+        assert_eq!(
+            (e.status.as_u16(), e.code.as_str(), e.message.as_str()),
+            (403, "DENIED", "nope")
+        );
         let e = RegistryError::from_upstream("q", StatusCode::SERVICE_UNAVAILABLE, b"<html>", None);
         assert_eq!((e.status.as_u16(), e.code.as_str()), (502, "UNAVAILABLE"));
         assert!(e.is_upstream_failure());

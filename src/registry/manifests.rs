@@ -30,7 +30,13 @@ application/vnd.docker.distribution.manifest.v2+json";
 /// Manifests are small; a bigger "manifest" is refused rather than buffered.
 const MAX_MANIFEST: usize = 4 << 20;
 
-pub async fn serve(app: &Arc<App>, r: &RepoRequest, reference: &Reference, headers: &HeaderMap, head: bool) -> Result<Response<Body>, RegistryError> {
+pub async fn serve(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    reference: &Reference,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response<Body>, RegistryError> {
     let accept = accept_of(headers);
     match reference {
         Reference::Digest(d) => by_digest(app, r, d, &accept, head).await,
@@ -79,12 +85,23 @@ fn manifest_request(r: &RepoRequest, reference: &str, method: Method, accept: &s
     }
 }
 
-async fn by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str, head: bool) -> Result<Response<Body>, RegistryError> {
+async fn by_digest(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    d: &Digest,
+    accept: &str,
+    head: bool,
+) -> Result<Response<Body>, RegistryError> {
     let served = fetch_by_digest(app, r, d, accept).await?;
     Ok(respond(d, served, head, None))
 }
 
-async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str) -> Result<Served<crate::cache::LocalStore>, RegistryError> {
+async fn fetch_by_digest(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    d: &Digest,
+    accept: &str,
+) -> Result<Served<crate::cache::LocalStore>, RegistryError> {
     let app2 = app.clone();
     let req = manifest_request(r, &d.to_string(), Method::GET, accept);
     let upstream = r.upstream;
@@ -96,13 +113,20 @@ async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &s
                 let resp = client.send(&req).await?;
                 if resp.status() == StatusCode::NOT_FOUND {
                     let e = upstream_error(&client.name, resp).await;
-                    return Err(RegistryError { code: "MANIFEST_UNKNOWN".into(), ..e }.with_detail(serde_json::json!({ "digest": digest.to_string() })));
+                    return Err(RegistryError {
+                        code: "MANIFEST_UNKNOWN".into(),
+                        ..e
+                    }
+                    .with_detail(serde_json::json!({ "digest": digest.to_string() })));
                 }
                 if resp.status() != StatusCode::OK {
                     return Err(upstream_error(&client.name, resp).await);
                 }
                 if resp.content_length().is_some_and(|l| l > MAX_MANIFEST as u64) {
-                    return Err(RegistryError::upstream_unavailable(&client.name, format!("manifest {digest} is larger than {MAX_MANIFEST} bytes")));
+                    return Err(RegistryError::upstream_unavailable(
+                        &client.name,
+                        format!("manifest {digest} is larger than {MAX_MANIFEST} bytes"),
+                    ));
                 }
                 Ok(source_from(resp))
             })
@@ -110,19 +134,31 @@ async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &s
         .await
 }
 
-async fn by_tag(app: &Arc<App>, r: &RepoRequest, tag: &Tag, accept: &str, head: bool) -> Result<Response<Body>, RegistryError> {
+async fn by_tag(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    tag: &Tag,
+    accept: &str,
+    head: bool,
+) -> Result<Response<Body>, RegistryError> {
     let client = app.upstream(r);
     let ns = app.namespace(r).to_string();
     let key = accept_key(accept);
     let store = app.cache.store().clone();
 
-    let asked = client.send(&manifest_request(r, tag.as_str(), Method::HEAD, accept)).await;
+    let asked = client
+        .send(&manifest_request(r, tag.as_str(), Method::HEAD, accept))
+        .await;
     let resp = match asked {
         Ok(resp) if resp.status() == StatusCode::OK => resp,
         Ok(resp) => {
             let e = upstream_error(&client.name, resp).await;
             let e = if e.status == StatusCode::NOT_FOUND {
-                RegistryError { code: "MANIFEST_UNKNOWN".into(), message: format!("manifest unknown: {}:{tag}", r.client_repo), ..e }
+                RegistryError {
+                    code: "MANIFEST_UNKNOWN".into(),
+                    message: format!("manifest unknown: {}:{tag}", r.client_repo),
+                    ..e
+                }
             } else {
                 e
             };
@@ -140,9 +176,18 @@ async fn by_tag(app: &Arc<App>, r: &RepoRequest, tag: &Tag, accept: &str, head: 
         // Upstream did not say which digest: one GET by tag, stored by the digest of its bytes.
         return by_tag_without_digest(app, r, tag, accept, &key, head).await;
     };
-    let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let media_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let size = resp.content_length().unwrap_or(0);
-    let record = TagRecord { digest: digest.to_string(), media_type, size };
+    let record = TagRecord {
+        digest: digest.to_string(),
+        media_type,
+        size,
+    };
     if let Err(e) = store.put_tag(&ns, &r.repo, tag, &key, &record).await {
         tracing::warn!(error = %e, "could not record tag");
     }
@@ -153,16 +198,27 @@ async fn by_tag(app: &Arc<App>, r: &RepoRequest, tag: &Tag, accept: &str, head: 
         for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::ETAG] {
             copy_header(resp.headers(), out.headers_mut(), name);
         }
-        out.headers_mut().insert("docker-content-digest", header_value(&digest.to_string()));
+        out.headers_mut()
+            .insert("docker-content-digest", header_value(&digest.to_string()));
         return Ok(out);
     }
     let served = fetch_by_digest(app, r, &digest, accept).await?;
     Ok(respond(&digest, served, head, None))
 }
 
-async fn by_tag_without_digest(app: &Arc<App>, r: &RepoRequest, tag: &Tag, accept: &str, key: &str, head: bool) -> Result<Response<Body>, RegistryError> {
+async fn by_tag_without_digest(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    tag: &Tag,
+    accept: &str,
+    key: &str,
+    head: bool,
+) -> Result<Response<Body>, RegistryError> {
     let client = app.upstream(r);
-    let resp = match client.send(&manifest_request(r, tag.as_str(), Method::GET, accept)).await {
+    let resp = match client
+        .send(&manifest_request(r, tag.as_str(), Method::GET, accept))
+        .await
+    {
         Ok(resp) if resp.status() == StatusCode::OK => resp,
         Ok(resp) => {
             let e = upstream_error(&client.name, resp).await;
@@ -170,12 +226,20 @@ async fn by_tag_without_digest(app: &Arc<App>, r: &RepoRequest, tag: &Tag, accep
         }
         Err(e) => return stale_or(app, r, tag, key, head, e).await,
     };
-    let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let media_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let bytes = read_limited(resp, MAX_MANIFEST)
         .await
         .map_err(|e| RegistryError::upstream_unavailable(&client.name, format!("manifest {}:{tag}: {e}", r.repo)))?;
     let digest = Digest::of(&bytes);
-    let record = TagRecord { digest: digest.to_string(), media_type: media_type.clone().unwrap_or_default(), size: bytes.len() as u64 };
+    let record = TagRecord {
+        digest: digest.to_string(),
+        media_type: media_type.clone().unwrap_or_default(),
+        size: bytes.len() as u64,
+    };
     let ns = app.namespace(r).to_string();
     if let Err(e) = app.cache.store().put_tag(&ns, &r.repo, tag, key, &record).await {
         tracing::warn!(error = %e, "could not record tag");
@@ -187,7 +251,11 @@ async fn by_tag_without_digest(app: &Arc<App>, r: &RepoRequest, tag: &Tag, accep
         .get_or_fetch(&digest, move || {
             Box::pin(async move {
                 let body = futures_util::stream::once(async move { Ok(body) });
-                Ok(Source { media_type, length, body: Box::pin(body) })
+                Ok(Source {
+                    media_type,
+                    length,
+                    body: Box::pin(body),
+                })
             })
         })
         .await?;
@@ -196,7 +264,14 @@ async fn by_tag_without_digest(app: &Arc<App>, r: &RepoRequest, tag: &Tag, accep
 
 /// Upstream failed on a tag: serve the last digest seen for it when the
 /// failure is upstream's (down, 5xx, 429); pass other answers (404, 401) on.
-async fn stale_or(app: &Arc<App>, r: &RepoRequest, tag: &Tag, key: &str, head: bool, err: RegistryError) -> Result<Response<Body>, RegistryError> {
+async fn stale_or(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    tag: &Tag,
+    key: &str,
+    head: bool,
+    err: RegistryError,
+) -> Result<Response<Body>, RegistryError> {
     if !err.is_upstream_failure() {
         return Err(err);
     }
@@ -224,8 +299,17 @@ fn header_value(s: &str) -> HeaderValue {
 
 /// The manifest response: stored bytes with their own media type, length,
 /// digest and ETag; never converted.
-fn respond(digest: &Digest, served: Served<crate::cache::LocalStore>, head: bool, warning: Option<String>) -> Response<Body> {
-    let media_type = served.info.media_type.clone().unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+fn respond(
+    digest: &Digest,
+    served: Served<crate::cache::LocalStore>,
+    head: bool,
+    warning: Option<String>,
+) -> Response<Body> {
+    let media_type = served
+        .info
+        .media_type
+        .clone()
+        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
     let size = served.info.size;
     let mut resp = if head {
         Response::new(super::body::empty())

@@ -76,8 +76,10 @@ pub async fn handle<B>(app: Arc<App>, conn: ConnInfo, req: Request<B>) -> Respon
             e.into_response()
         }
     };
-    resp.headers_mut()
-        .insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
     if method == Method::HEAD {
         *resp.body_mut() = empty();
     }
@@ -110,7 +112,12 @@ fn request_host<B>(req: &Request<B>, conn: &ConnInfo) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
-async fn dispatch<B>(app: &Arc<App>, conn: &ConnInfo, host: Option<&str>, req: &Request<B>) -> Result<Response<Body>, RegistryError> {
+async fn dispatch<B>(
+    app: &Arc<App>,
+    conn: &ConnInfo,
+    host: Option<&str>,
+    req: &Request<B>,
+) -> Result<Response<Body>, RegistryError> {
     if req.headers().get(VIA_HEADER).and_then(|v| v.to_str().ok()) == Some(app.via.as_str()) {
         return Err(RegistryError::loop_detected());
     }
@@ -118,9 +125,14 @@ async fn dispatch<B>(app: &Arc<App>, conn: &ConnInfo, host: Option<&str>, req: &
         // The handshake only succeeds for configured names; a Host header
         // naming something else on that connection is refused here.
         if let Some(h) = host {
-            let known = h == app.settings.server_name || app.routes.upstreams.iter().any(|u| u.hosts.iter().any(|x| x == h));
+            let known =
+                h == app.settings.server_name || app.routes.upstreams.iter().any(|u| u.hosts.iter().any(|x| x == h));
             if !known && h.parse::<std::net::IpAddr>().is_err() {
-                return Err(RegistryError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", format!("no upstream is configured for host {h:?}")));
+                return Err(RegistryError::new(
+                    StatusCode::NOT_FOUND,
+                    "NAME_UNKNOWN",
+                    format!("no upstream is configured for host {h:?}"),
+                ));
             }
         }
     }
@@ -143,7 +155,9 @@ async fn dispatch<B>(app: &Arc<App>, conn: &ConnInfo, host: Option<&str>, req: &
                     Kind::Manifest(reference) => manifests::serve(app, &r, reference, req.headers(), head).await,
                     Kind::Blob(digest) => blobs::serve(app, &r, digest, req.headers(), head).await,
                     Kind::TagsList => tags::list(app, &r, head).await,
-                    Kind::Upload => Err(RegistryError::unsupported("pushing is not supported: regmirror is a read-only pull-through cache")),
+                    Kind::Upload => Err(RegistryError::unsupported(
+                        "pushing is not supported: regmirror is a read-only pull-through cache",
+                    )),
                 }
             };
             work.instrument(span).await
@@ -155,8 +169,10 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>, content_type: &'stati
     let body = body.into();
     let mut r = Response::new(full(body.clone()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     r
 }
 
@@ -178,7 +194,11 @@ pub(crate) async fn upstream_error(upstream: &str, resp: reqwest::Response) -> R
 /// Reads a whole upstream body, refusing more than `limit` bytes.
 pub(crate) async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| crate::upstream::client::error_chain(&e))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| crate::upstream::client::error_chain(&e))?
+    {
         if out.len() + chunk.len() > limit {
             return Err(format!("body larger than {limit} bytes"));
         }
@@ -190,10 +210,18 @@ pub(crate) async fn read_limited(mut resp: reqwest::Response, limit: usize) -> R
 /// An upstream body as the cache's byte source.
 pub(crate) fn source_from(resp: reqwest::Response) -> crate::cache::Source {
     use futures_util::TryStreamExt;
-    let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let media_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let length = resp.content_length();
     let body = resp
         .bytes_stream()
         .map_err(|e| std::io::Error::other(crate::upstream::client::error_chain(&e)));
-    crate::cache::Source { media_type, length, body: Box::pin(body) }
+    crate::cache::Source {
+        media_type,
+        length,
+        body: Box::pin(body),
+    }
 }

@@ -15,11 +15,15 @@ pub enum ByteRange {
 /// ignored, as RFC 9110 allows, and the whole content is served.
 pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
     let Some(h) = header else { return ByteRange::Full };
-    let Some(spec) = h.trim().strip_prefix("bytes=") else { return ByteRange::Full };
+    let Some(spec) = h.trim().strip_prefix("bytes=") else {
+        return ByteRange::Full;
+    };
     if spec.contains(',') {
         return ByteRange::Full;
     }
-    let Some((a, b)) = spec.trim().split_once('-') else { return ByteRange::Full };
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return ByteRange::Full;
+    };
     let (a, b) = (a.trim(), b.trim());
     let num = |s: &str| -> Option<u64> {
         if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
@@ -34,7 +38,10 @@ pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
         if n == 0 || size == 0 {
             return ByteRange::Unsatisfiable;
         }
-        return ByteRange::Partial { first: size.saturating_sub(n), last: size - 1 };
+        return ByteRange::Partial {
+            first: size.saturating_sub(n),
+            last: size - 1,
+        };
     }
     let Some(first) = num(a) else { return ByteRange::Full };
     let last = if b.is_empty() {
@@ -48,7 +55,10 @@ pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
     if first >= size {
         return ByteRange::Unsatisfiable;
     }
-    ByteRange::Partial { first, last: last.unwrap_or(size - 1).min(size - 1) }
+    ByteRange::Partial {
+        first,
+        last: last.unwrap_or(size - 1).min(size - 1),
+    }
 }
 
 #[cfg(test)]

@@ -60,7 +60,11 @@ pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Respons
         }
     }
     if failure.status == StatusCode::NOT_FOUND {
-        return Err(RegistryError { code: "NAME_UNKNOWN".into(), message: format!("repository name not known to registry: {}", r.client_repo), ..failure });
+        return Err(RegistryError {
+            code: "NAME_UNKNOWN".into(),
+            message: format!("repository name not known to registry: {}", r.client_repo),
+            ..failure
+        });
     }
     Err(failure)
 }
@@ -68,7 +72,8 @@ pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Respons
 fn respond(body: Vec<u8>, head: bool) -> Response<Body> {
     let len = body.len();
     let mut out = Response::new(if head { super::body::empty() } else { full(body) });
-    out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    out.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     out.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     out
 }

@@ -11,17 +11,14 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, CidrSubnet, DistinguishedName, DnType,
-    GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, Certificate, CertificateParams, CidrSubnet, DistinguishedName, DnType, GeneralSubtree, IsCa,
+    KeyPair, KeyUsagePurpose, NameConstraints, PKCS_ECDSA_P256_SHA256,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("generating the CA: {0}")]
@@ -56,7 +53,10 @@ impl CertificateAuthority {
         if cert_path.exists() || key_path.exists() {
             return Self::load(dir, names);
         }
-        fs::create_dir_all(dir).map_err(|source| CaError::Io { path: dir.to_path_buf(), source })?;
+        fs::create_dir_all(dir).map_err(|source| CaError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let params = ca_params(names);
         let cert = params.self_signed(&key)?;
@@ -69,20 +69,34 @@ impl CertificateAuthority {
     fn load(dir: &Path, names: &[String]) -> Result<Self, CaError> {
         let cert_path = Self::cert_path(dir);
         let key_path = Self::key_path(dir);
-        let read = |p: &Path| fs::read_to_string(p).map_err(|source| CaError::Io { path: p.to_path_buf(), source });
+        let read = |p: &Path| {
+            fs::read_to_string(p).map_err(|source| CaError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
         let cert_pem = read(&cert_path)?;
         let key_pem = read(&key_path)?;
         let mode = fs::metadata(&key_path)
-            .map_err(|source| CaError::Io { path: key_path.clone(), source })?
+            .map_err(|source| CaError::Io {
+                path: key_path.clone(),
+                source,
+            })?
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
             return Err(CaError::Invalid {
                 path: key_path,
-                message: format!("mode {:o} lets others read the CA key; run chmod 600 on it", mode & 0o777),
+                message: format!(
+                    "mode {:o} lets others read the CA key; run chmod 600 on it",
+                    mode & 0o777
+                ),
             });
         }
-        let bad = |path: &Path, message: String| CaError::Invalid { path: path.to_path_buf(), message };
+        let bad = |path: &Path, message: String| CaError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, format!("not a private key: {e}")))?;
         let params = CertificateParams::from_ca_cert_pem(&cert_pem)
             .map_err(|e| bad(&cert_path, format!("not a CA certificate: {e}")))?;
@@ -111,14 +125,18 @@ impl CertificateAuthority {
         }
         let cert_der = pem_to_der(&cert_pem).ok_or_else(|| bad(&cert_path, "no certificate in file".into()))?;
         let signer = params.self_signed(&key)?;
-        Ok(CertificateAuthority { cert_pem, cert_der, signer, key, permitted })
+        Ok(CertificateAuthority {
+            cert_pem,
+            cert_der,
+            signer,
+            key,
+            permitted,
+        })
     }
 }
 
 fn permitted_by(permitted: &[String], name: &str) -> bool {
-    permitted
-        .iter()
-        .any(|p| name == p || name.ends_with(&format!(".{p}")))
+    permitted.iter().any(|p| name == p || name.ends_with(&format!(".{p}")))
 }
 
 fn ca_params(names: &[String]) -> CertificateParams {
@@ -147,7 +165,10 @@ fn ca_params(names: &[String]) -> CertificateParams {
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let io = |source| CaError::Io { path: path.to_path_buf(), source };
+    let io = |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -170,7 +191,11 @@ mod tests {
     use super::*;
 
     fn names() -> Vec<String> {
-        vec!["ghcr.io".into(), "registry-1.docker.io".into(), "regmirror.local".into()]
+        vec![
+            "ghcr.io".into(),
+            "registry-1.docker.io".into(),
+            "regmirror.local".into(),
+        ]
     }
 
     #[test]
@@ -200,7 +225,11 @@ mod tests {
             .collect();
         permitted.sort();
         assert_eq!(permitted, names());
-        assert_eq!(nc.excluded_subtrees.len(), 2, "all IPv4 and IPv6 addresses are excluded");
+        assert_eq!(
+            nc.excluded_subtrees.len(),
+            2,
+            "all IPv4 and IPv6 addresses are excluded"
+        );
         assert!(matches!(params.is_ca, IsCa::Ca(_)));
     }
 
@@ -210,7 +239,10 @@ mod tests {
         CertificateAuthority::load_or_create(dir.path(), &names()).unwrap();
         let mut more = names();
         more.push("quay.io".into());
-        let err = CertificateAuthority::load_or_create(dir.path(), &more).err().unwrap().to_string();
+        let err = CertificateAuthority::load_or_create(dir.path(), &more)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("quay.io"), "{err}");
     }
 
@@ -219,7 +251,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         CertificateAuthority::load_or_create(dir.path(), &names()).unwrap();
         fs::set_permissions(dir.path().join("ca.key"), fs::Permissions::from_mode(0o644)).unwrap();
-        let err = CertificateAuthority::load_or_create(dir.path(), &names()).err().unwrap().to_string();
+        let err = CertificateAuthority::load_or_create(dir.path(), &names())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("chmod 600"), "{err}");
     }
 }

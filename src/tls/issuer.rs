@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256};
+use rcgen::{
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -38,7 +40,12 @@ impl std::fmt::Debug for LeafIssuer {
 impl LeafIssuer {
     pub fn new(ca: CertificateAuthority, allowed: Vec<String>, default_name: String) -> Self {
         let cap = NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN);
-        LeafIssuer { ca, allowed, default_name, cache: Mutex::new(LruCache::new(cap)) }
+        LeafIssuer {
+            ca,
+            allowed,
+            default_name,
+            cache: Mutex::new(LruCache::new(cap)),
+        }
     }
 
     pub fn is_allowed(&self, name: &str) -> bool {
@@ -78,7 +85,9 @@ impl LeafIssuer {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.subject_alt_names = vec![SanType::DnsName(name.try_into().map_err(|e: rcgen::Error| e.to_string())?)];
+        params.subject_alt_names = vec![SanType::DnsName(
+            name.try_into().map_err(|e: rcgen::Error| e.to_string())?,
+        )];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let now = time::OffsetDateTime::now_utc();

@@ -15,7 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 use super::resolve::UpstreamResolver;
-use super::token::{parse_challenge, Challenge, TokenCache};
+use super::token::{parse_challenge, Challenge, TokenCache, TokenScope};
 use crate::config::{Credentials, Upstream};
 use crate::metrics::METRICS;
 use crate::registry::errors::RegistryError;
@@ -54,14 +54,21 @@ pub struct UpstreamRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
     #[error("upstream {upstream}: ca_file {path}: {message}")]
-    CaFile { upstream: String, path: String, message: String },
+    CaFile {
+        upstream: String,
+        path: String,
+        message: String,
+    },
     #[error("upstream {upstream}: {message}")]
     Build { upstream: String, message: String },
 }
 
 impl UpstreamClient {
     pub fn new(cfg: &Upstream, resolver: Arc<UpstreamResolver>, via: &str) -> Result<Self, ClientBuildError> {
-        let build_err = |message: String| ClientBuildError::Build { upstream: cfg.name.clone(), message };
+        let build_err = |message: String| ClientBuildError::Build {
+            upstream: cfg.name.clone(),
+            message,
+        };
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         for cert in native.certs {
@@ -76,7 +83,9 @@ impl UpstreamClient {
             let certs = CertificateDer::pem_file_iter(path).map_err(|e| ca_err(e.to_string()))?;
             let mut n = 0;
             for cert in certs {
-                roots.add(cert.map_err(|e| ca_err(e.to_string()))?).map_err(|e| ca_err(e.to_string()))?;
+                roots
+                    .add(cert.map_err(|e| ca_err(e.to_string()))?)
+                    .map_err(|e| ca_err(e.to_string()))?;
                 n += 1;
             }
             if n == 0 {
@@ -84,7 +93,9 @@ impl UpstreamClient {
             }
         }
         if roots.is_empty() {
-            return Err(build_err("no trusted root certificates (install ca-certificates or set ca_file)".into()));
+            return Err(build_err(
+                "no trusted root certificates (install ca-certificates or set ca_file)".into(),
+            ));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -160,7 +171,17 @@ impl UpstreamClient {
             Challenge::Bearer { realm, service, .. } => {
                 let t = self
                     .tokens
-                    .token(&self.http, &self.name, realm, service.as_deref(), scope, self.credentials.as_ref(), refresh)
+                    .token(
+                        &self.http,
+                        &self.name,
+                        &TokenScope {
+                            realm,
+                            service: service.as_deref(),
+                            scope,
+                        },
+                        self.credentials.as_ref(),
+                        refresh,
+                    )
                     .await?;
                 Ok(Some(format!("Bearer {t}")))
             }
@@ -171,7 +192,10 @@ impl UpstreamClient {
         let mut url = self.base.clone();
         url.set_path(&req.path);
         url.set_query(req.query.as_deref());
-        let mut builder = self.http.request(req.method.clone(), url.clone()).headers(req.headers.clone());
+        let mut builder = self
+            .http
+            .request(req.method.clone(), url.clone())
+            .headers(req.headers.clone());
         builder = builder.header(VIA_HEADER, self.via.clone());
         if let Some(a) = auth {
             builder = builder.header(header::AUTHORIZATION, a);
@@ -179,7 +203,10 @@ impl UpstreamClient {
         METRICS.upstream_requests.inc();
         tracing::debug!(upstream = %self.name, method = %req.method, %url, "upstream request");
         match tokio::time::timeout(HEADERS_TIMEOUT, builder.send()).await {
-            Err(_) => Err(RegistryError::upstream_timeout(&self.name, format!("no response headers within {HEADERS_TIMEOUT:?}"))),
+            Err(_) => Err(RegistryError::upstream_timeout(
+                &self.name,
+                format!("no response headers within {HEADERS_TIMEOUT:?}"),
+            )),
             Ok(Err(e)) if e.is_timeout() => Err(RegistryError::upstream_timeout(&self.name, error_chain(&e))),
             Ok(Err(e)) => Err(RegistryError::upstream_unavailable(&self.name, error_chain(&e))),
             Ok(Ok(resp)) => Ok(resp),

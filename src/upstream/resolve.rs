@@ -25,7 +25,10 @@ impl UpstreamResolver {
             (ResolverConfig::new(), ResolverOpts::default())
         });
         opts.use_hosts_file = false;
-        UpstreamResolver { overrides, dns: Arc::new(TokioAsyncResolver::tokio(config, opts)) }
+        UpstreamResolver {
+            overrides,
+            dns: Arc::new(TokioAsyncResolver::tokio(config, opts)),
+        }
     }
 }
 

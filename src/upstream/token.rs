@@ -22,7 +22,11 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
-    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
     Basic,
 }
 
@@ -37,8 +41,17 @@ pub fn parse_challenge(value: &str) -> Option<Challenge> {
         return None;
     }
     let params = parse_params(rest);
-    let get = |k: &str| params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
-    Some(Challenge::Bearer { realm: get("realm")?, service: get("service"), scope: get("scope") })
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
+    Some(Challenge::Bearer {
+        realm: get("realm")?,
+        service: get("service"),
+        scope: get("scope"),
+    })
 }
 
 fn parse_params(s: &str) -> Vec<(String, String)> {
@@ -67,10 +80,21 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
                 }
             }
         } else {
-            val = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect::<String>().trim().to_string();
+            val = std::iter::from_fn(|| chars.next_if(|c| *c != ','))
+                .collect::<String>()
+                .trim()
+                .to_string();
         }
         out.push((key.trim().to_string(), val));
     }
+}
+
+/// Which token: the realm and service of upstream's challenge, and the scope.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenScope<'a> {
+    pub realm: &'a str,
+    pub service: Option<&'a str>,
+    pub scope: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -116,12 +140,11 @@ impl TokenCache {
         &self,
         http: &reqwest::Client,
         upstream: &str,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
+        want: &TokenScope<'_>,
         creds: Option<&Credentials>,
         refresh: bool,
     ) -> Result<String, RegistryError> {
+        let TokenScope { realm, service, scope } = *want;
         let key = TokenKey {
             realm: realm.to_string(),
             service: service.unwrap_or("").to_string(),
@@ -141,7 +164,10 @@ impl TokenCache {
         let (token, lifetime) = fetch(http, upstream, realm, service, scope, creds).await?;
         // Renew a little before upstream's expiry.
         let margin = (lifetime / 10).max(Duration::from_secs(5)).min(lifetime / 2);
-        *guard = Some(CachedToken { token: token.clone(), valid_until: Instant::now() + lifetime - margin });
+        *guard = Some(CachedToken {
+            token: token.clone(),
+            valid_until: Instant::now() + lifetime - margin,
+        });
         Ok(token)
     }
 }
@@ -154,9 +180,13 @@ async fn fetch(
     scope: &str,
     creds: Option<&Credentials>,
 ) -> Result<(String, Duration), RegistryError> {
-    let url = url::Url::parse(realm).map_err(|e| RegistryError::upstream_unavailable(upstream, format!("bad token realm {realm:?}: {e}")))?;
+    let url = url::Url::parse(realm)
+        .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("bad token realm {realm:?}: {e}")))?;
     if !matches!(url.scheme(), "https" | "http") {
-        return Err(RegistryError::upstream_unavailable(upstream, format!("token realm {realm:?} is not http(s)")));
+        return Err(RegistryError::upstream_unavailable(
+            upstream,
+            format!("token realm {realm:?} is not http(s)"),
+        ));
     }
     let mut get_url = url.clone();
     {
@@ -171,10 +201,16 @@ async fn fetch(
         req = req.basic_auth(&c.username, Some(&c.password));
     }
     crate::metrics::METRICS.upstream_requests.inc();
-    let resp = req.send().await.map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token request to {realm}: {e}")))?;
-    let resp = if !resp.status().is_success() && creds.is_some() && resp.status() != StatusCode::UNAUTHORIZED {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token request to {realm}: {e}")))?;
+    let post_with = match creds {
+        Some(c) if !resp.status().is_success() && resp.status() != StatusCode::UNAUTHORIZED => Some(c),
+        _ => None,
+    };
+    let resp = if let Some(c) = post_with {
         // OAuth2 password grant, for registries that only take POST.
-        let c = creds.unwrap_or_else(|| unreachable!());
         let form = {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", "password")
@@ -198,11 +234,18 @@ async fn fetch(
         resp
     };
     let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token response: {e}")))?;
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token response: {e}")))?;
     if !status.is_success() {
         let mut e = RegistryError::from_upstream(upstream, status, &body, None);
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            e = RegistryError::new(StatusCode::FORBIDDEN, "DENIED", format!("upstream {upstream} refused a token for {scope}: {}", e.message));
+            e = RegistryError::new(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!("upstream {upstream} refused a token for {scope}: {}", e.message),
+            );
         }
         return Err(e);
     }
@@ -213,7 +256,11 @@ async fn fetch(
         .or(parsed.access_token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| RegistryError::upstream_unavailable(upstream, "token response carries no token"))?;
-    let lifetime = parsed.expires_in.filter(|s| *s > 0).map(Duration::from_secs).unwrap_or(DEFAULT_LIFETIME);
+    let lifetime = parsed
+        .expires_in
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_LIFETIME);
     Ok((token, lifetime))
 }
 
@@ -232,7 +279,10 @@ mod tests {
                 scope: Some("repository:library/alpine:pull".into()),
             }
         );
-        let c = parse_challenge(r#"Bearer realm="https://ghcr.io/token", service="ghcr.io",scope="repository:a/b:pull,push""#).unwrap();
+        let c = parse_challenge(
+            r#"Bearer realm="https://ghcr.io/token", service="ghcr.io",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
         match c {
             Challenge::Bearer { scope, service, .. } => {
                 assert_eq!(scope.as_deref(), Some("repository:a/b:pull,push"));
@@ -241,7 +291,11 @@ mod tests {
             _ => panic!(),
         }
         assert_eq!(parse_challenge(r#"Basic realm="x""#), Some(Challenge::Basic));
-        assert_eq!(parse_challenge("Bearer service=x"), None, "a Bearer challenge needs a realm");
+        assert_eq!(
+            parse_challenge("Bearer service=x"),
+            None,
+            "a Bearer challenge needs a realm"
+        );
         assert_eq!(parse_challenge("Negotiate"), None);
     }
 }

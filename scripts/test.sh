@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every regmirror test: installs the real clients and the real upstream
+# registry the end-to-end tests drive, then cargo's tests, fmt and clippy.
+# Needs root (the e2e tests use private mount namespaces and port 443 on
+# loopback addresses). A missing tool is an error, never a skipped test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(docker-registry skopeo podman containerd docker.io)
+tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "scripts/test.sh: missing packages ${missing[*]} and not root to install them" >&2
+    exit 1
+  fi
+  echo "==> installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+for t in "${tools[@]}"; do
+  command -v "$t" >/dev/null || { echo "scripts/test.sh: $t not found after install" >&2; exit 1; }
+done
+if [[ $(id -u) -ne 0 ]]; then
+  echo "scripts/test.sh: the end-to-end tests need root (unshare --mount, port 443)" >&2
+  exit 1
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
