@@ -1,0 +1,63 @@
+//! The command line as an operator uses it: check, ca export, setup.
+
+use std::process::Command;
+
+fn regmirror(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_regmirror"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_default_config_and_names_the_bad_key() {
+    let (ok, out, _) = regmirror(&["check"]);
+    assert!(ok);
+    assert!(out.contains("3 upstream(s)"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let text = include_str!("../config.toml").replace("max_size", "max_sizee");
+    std::fs::write(&path, text).unwrap();
+    let (ok, _, err) = regmirror(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("max_sizee"), "{err}");
+
+    let text = include_str!("../config.toml").replace("\"https://quay.io\"", "\"quay.io\"");
+    std::fs::write(&path, text).unwrap();
+    let (ok, _, err) = regmirror(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("upstream[2].url"), "{err}");
+}
+
+#[test]
+fn ca_export_prints_the_same_root_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let text =
+        include_str!("../config.toml").replace("dir = \"certs\"", &format!("dir = \"{}/certs\"", dir.path().display()));
+    std::fs::write(&path, text).unwrap();
+    let (ok, first, err) = regmirror(&["ca", "export", "--config", path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(first.starts_with("-----BEGIN CERTIFICATE-----"));
+    let (_, second, _) = regmirror(&["ca", "export", "--config", path.to_str().unwrap()]);
+    assert_eq!(first, second);
+    assert!(!first.contains("PRIVATE KEY"));
+}
+
+#[test]
+fn setup_writes_client_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (ok, _, err) = regmirror(&["setup", "containerd", "--proxy", "10.9.8.7", "--write", out]);
+    assert!(ok, "{err}");
+    let toml = std::fs::read_to_string(dir.path().join("etc/containerd/certs.d/quay.io/hosts.toml")).unwrap();
+    assert!(toml.contains("http://10.9.8.7:5000"), "{toml}");
+    let (ok, _, err) = regmirror(&["setup", "hosts"]);
+    assert!(!ok && err.contains("--proxy"), "{err}");
+}
