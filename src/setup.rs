@@ -94,9 +94,9 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
                 .iter()
                 .map(|u| {
                     let mut content = format!(
-                        "# regmirror mirror for {name}\nserver = \"{url}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                        "# regmirror mirror for {name}\nserver = \"https://{host}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
                         name = u.name,
-                        url = u.url.as_str().trim_end_matches('/'),
+                        host = u.hosts[0],
                     );
                     if opts.tls {
                         content.push_str(&format!("  ca = \"{}\"\n", ca_path.display()));

@@ -1,0 +1,286 @@
+//! Spawns the regmirror binary under test with a generated config and stops
+//! it (SIGTERM, then SIGKILL) on Drop.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// One `[[upstream]]` entry.
+#[derive(Clone, Debug)]
+pub struct UpstreamEntry {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub url: String,
+    pub namespace: String,
+    pub ca_file: Option<PathBuf>,
+    /// `(username, password)`; the password is written to a file.
+    pub credentials: Option<(String, String)>,
+}
+
+impl UpstreamEntry {
+    pub fn new(name: &str, hosts: &[&str], url: &str, namespace: &str) -> UpstreamEntry {
+        UpstreamEntry {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            url: url.into(),
+            namespace: namespace.into(),
+            ca_file: None,
+            credentials: None,
+        }
+    }
+    pub fn ca_file(mut self, path: &Path) -> Self {
+        self.ca_file = Some(path.to_path_buf());
+        self
+    }
+    pub fn credentials(mut self, user: &str, password: &str) -> Self {
+        self.credentials = Some((user.into(), password.into()));
+        self
+    }
+}
+
+/// regmirror's config, built in code and rendered to TOML.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub https: SocketAddr,
+    pub http: SocketAddr,
+    pub name: String,
+    pub max_size: String,
+    /// `[resolver] overrides`: host name → IP.
+    pub overrides: Vec<(String, IpAddr)>,
+    pub upstreams: Vec<UpstreamEntry>,
+    /// Raw TOML appended verbatim (for keys this builder doesn't know yet).
+    pub extra_toml: String,
+}
+
+/// Hostnames of the three standard upstreams.
+pub const DOCKER_HOSTS: &[&str] = &["registry-1.docker.io", "docker.io", "index.docker.io"];
+pub const GHCR_HOSTS: &[&str] = &["ghcr.io"];
+pub const QUAY_HOSTS: &[&str] = &["quay.io"];
+
+impl Config {
+    /// Listeners on `ip:443` and `ip:5000`, name `regmirror.test`, no upstreams.
+    pub fn new(ip: IpAddr) -> Config {
+        Config {
+            https: SocketAddr::new(ip, 443),
+            http: SocketAddr::new(ip, 5000),
+            name: "regmirror.test".into(),
+            max_size: "1GiB".into(),
+            overrides: Vec::new(),
+            upstreams: Vec::new(),
+            extra_toml: String::new(),
+        }
+    }
+
+    /// docker.io, ghcr.io and quay.io all served by `url` (e.g.
+    /// `https://upstream.test`), trusting `ca_file`, with `upstream.test`
+    /// resolved to `upstream_ip`.
+    pub fn with_standard_upstreams(mut self, upstream_host: &str, upstream_ip: IpAddr, ca_file: &Path) -> Config {
+        self.overrides.push((upstream_host.into(), upstream_ip));
+        let url = format!("https://{upstream_host}");
+        self.upstreams
+            .push(UpstreamEntry::new("docker.io", DOCKER_HOSTS, &url, "dockerhub").ca_file(ca_file));
+        self.upstreams
+            .push(UpstreamEntry::new("ghcr.io", GHCR_HOSTS, &url, "ghcr").ca_file(ca_file));
+        self.upstreams
+            .push(UpstreamEntry::new("quay.io", QUAY_HOSTS, &url, "quay").ca_file(ca_file));
+        self
+    }
+
+    /// Sets credentials on the upstream called `name`.
+    pub fn with_credentials(mut self, name: &str, user: &str, password: &str) -> Config {
+        let up = self
+            .upstreams
+            .iter_mut()
+            .find(|u| u.name == name)
+            .unwrap_or_else(|| panic!("no upstream {name}"));
+        up.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    pub fn with_upstream(mut self, entry: UpstreamEntry) -> Config {
+        self.upstreams.push(entry);
+        self
+    }
+
+    pub fn with_override(mut self, host: &str, ip: IpAddr) -> Config {
+        self.overrides.push((host.into(), ip));
+        self
+    }
+
+    /// All hostnames a client should map to the proxy (upstream hosts and the proxy's name).
+    pub fn client_hostnames(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.upstreams.iter().flat_map(|u| u.hosts.clone()).collect();
+        names.push(self.name.clone());
+        names.dedup();
+        names
+    }
+
+    /// Renders the TOML; password files are written under `dir`.
+    pub fn render(&self, dir: &Path) -> String {
+        let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let p = |p: &Path| q(&p.display().to_string());
+        let mut t = String::new();
+        t += &format!(
+            "[server]\nhttps = {}\nhttp = {}\nname = {}\n\n",
+            q(&self.https.to_string()),
+            q(&self.http.to_string()),
+            q(&self.name)
+        );
+        t += &format!("[ca]\ndir = {}\n\n", p(&dir.join("certs")));
+        t += &format!(
+            "[cache]\ndir = {}\nmax_size = {}\n\n",
+            p(&dir.join("data")),
+            q(&self.max_size)
+        );
+        if !self.overrides.is_empty() {
+            let items: Vec<String> = self
+                .overrides
+                .iter()
+                .map(|(h, ip)| format!("{} = {}", q(h), q(&ip.to_string())))
+                .collect();
+            t += &format!("[resolver]\noverrides = {{ {} }}\n\n", items.join(", "));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let hosts: Vec<String> = u.hosts.iter().map(|h| q(h)).collect();
+            t += &format!(
+                "[[upstream]]\nname = {}\nhosts = [{}]\nurl = {}\nnamespace = {}\n",
+                q(&u.name),
+                hosts.join(", "),
+                q(&u.url),
+                q(&u.namespace)
+            );
+            if let Some(ca) = &u.ca_file {
+                t += &format!("ca_file = {}\n", p(ca));
+            }
+            if let Some((user, password)) = &u.credentials {
+                let pw = dir.join(format!("password-{i}"));
+                std::fs::write(&pw, password).expect("write password file");
+                t += &format!("username = {}\npassword_file = {}\n", q(user), p(&pw));
+            }
+            t += "\n";
+        }
+        t += &self.extra_toml;
+        t
+    }
+}
+
+/// The binary under test: `REGMIRROR_BIN` if set (e.g. a release build),
+/// else the one cargo built for this test run.
+pub fn binary() -> PathBuf {
+    std::env::var_os("REGMIRROR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_regmirror")))
+}
+
+/// A running regmirror.
+pub struct Regmirror {
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    /// `<ca.dir>/ca.pem`, the root clients must trust.
+    pub ca_pem: PathBuf,
+    pub cache_dir: PathBuf,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Regmirror {
+    /// Writes the config, starts `regmirror serve --config`, waits for the
+    /// plain listener to answer `GET /v2/` and for `ca.pem` to exist.
+    pub fn start(config: Config) -> Regmirror {
+        let dir = super::tempdir("regmirror-");
+        let toml = config.render(dir.path());
+        let config_path = dir.path().join("regmirror.toml");
+        std::fs::write(&config_path, &toml).expect("write config");
+        let log_path = dir.path().join("regmirror.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "regmirror=debug".into()),
+            )
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn regmirror");
+        let mut rm = Regmirror {
+            ca_pem: dir.path().join("certs").join("ca.pem"),
+            cache_dir: dir.path().join("data"),
+            config,
+            config_path,
+            log_path,
+            child,
+            dir,
+        };
+        rm.wait_ready();
+        rm
+    }
+
+    fn wait_ready(&mut self) {
+        let url = format!("http://{}/v2/", self.config.http);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("client");
+        let ok = super::wait_until(Duration::from_secs(15), || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "regmirror exited during start-up ({status}); config:\n{}\nlog:\n{}",
+                    std::fs::read_to_string(&self.config_path).unwrap_or_default(),
+                    self.log()
+                );
+            }
+            self.ca_pem.exists()
+                && super::block_on(async { client.get(&url).send().await }).is_ok()
+                && std::net::TcpStream::connect_timeout(&self.config.https, Duration::from_secs(1)).is_ok()
+        });
+        assert!(
+            ok,
+            "regmirror not ready within 15 s ({url}, {}); config:\n{}\nlog:\n{}",
+            self.ca_pem.display(),
+            std::fs::read_to_string(&self.config_path).unwrap_or_default(),
+            self.log()
+        );
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.config.https.ip()
+    }
+
+    /// `http://IP:5000`
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.config.http)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the process (SIGTERM, 10 s grace) and returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        super::terminate(&mut self.child, Duration::from_secs(10));
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Regmirror {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "[harness] regmirror {} log tail:\n{}",
+                self.config.https,
+                super::tail_file(&self.log_path, 12000)
+            );
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Transparent mode end to end: real clients keep their image names
+//! (`docker.io/library/x`, `ghcr.io/org/x`, `quay.io/org/x`), a private
+//! /etc/hosts points those names at regmirror, and they trust regmirror's CA.
+//! Upstream is a real distribution over TLS behind token auth (anonymous
+//! pull allowed); its access log is the ground truth of what reached it.
+
+mod common;
+
+use common::clients::Sandbox;
+use common::images::{self, Format, Image, MultiImage};
+use common::regmirror::{Config, Regmirror};
+use common::upstream::{blob_fetch_counts, AccessEntry, Upstream};
+use common::{alloc_ip, UpstreamEnv, UpstreamEnvOpts, PUSH_PASSWORD, PUSH_USER, UPSTREAM_HOST};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+/// regmirror in front of distribution; regmirror is declared first so it
+/// stops before its upstream.
+struct Stack {
+    rm: Regmirror,
+    env: UpstreamEnv,
+}
+
+impl Stack {
+    /// docker.io, ghcr.io and quay.io all map to one distribution instance;
+    /// with `creds`, regmirror logs in to the docker.io upstream.
+    fn start(creds: bool) -> Stack {
+        let env = UpstreamEnv::start(UpstreamEnvOpts::default());
+        let mut cfg = Config::new(alloc_ip()).with_standard_upstreams(UPSTREAM_HOST, env.upstream.ip, &env.ca_file);
+        if creds {
+            cfg = cfg.with_credentials("docker.io", PUSH_USER, PUSH_PASSWORD);
+        }
+        let rm = Regmirror::start(cfg);
+        Stack { rm, env }
+    }
+
+    /// A fresh client environment pointed at regmirror.
+    fn client(&self) -> Sandbox {
+        Sandbox::new(self.rm.ip(), &self.rm.config.client_hostnames(), &self.rm.ca_pem)
+    }
+
+    fn up(&self) -> &Upstream {
+        &self.env.upstream
+    }
+}
+
+/// Asserts that since `mark` upstream served no blob and no manifest GET and
+/// that every manifest request was a HEAD of a tag (one per pulled repo at least).
+#[track_caller]
+fn assert_only_tag_heads_since(up: &Upstream, mark: usize, repos: &[&str]) {
+    let entries = up.entries_since(mark);
+    let blobs: Vec<&AccessEntry> = entries.iter().filter(|e| e.blob_digest().is_some()).collect();
+    assert!(blobs.is_empty(), "warm pull reached upstream for blobs: {blobs:#?}");
+    let manifests: Vec<&AccessEntry> = entries.iter().filter(|e| e.manifest_ref().is_some()).collect();
+    let bad: Vec<&&AccessEntry> = manifests
+        .iter()
+        .filter(|e| e.method != "HEAD" || e.manifest_ref().is_some_and(|r| r.starts_with("sha256:")))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "warm pull made manifest requests other than HEAD of a tag: {bad:#?}"
+    );
+    for repo in repos {
+        assert!(
+            manifests.iter().any(|e| e.repo() == Some(*repo)),
+            "no HEAD of the tag of {repo} reached upstream (tags are mutable, regmirror must ask): {entries:#?}"
+        );
+    }
+}
+
+/// Asserts that no blob or manifest of `image` was requested among `entries`.
+#[track_caller]
+fn assert_untouched(entries: &[AccessEntry], image: &Image, what: &str) {
+    let blobs = image.blob_digests();
+    let hit: Vec<&AccessEntry> = entries
+        .iter()
+        .filter(|e| {
+            e.blob_digest().is_some_and(|d| blobs.iter().any(|b| b == d))
+                || e.manifest_ref() == Some(image.manifest_digest.as_str())
+        })
+        .collect();
+    assert!(hit.is_empty(), "{what} content was fetched from upstream: {hit:#?}");
+}
+
+/// Cold pulls with skopeo through all three intercepted registries, then the
+/// same images with podman from the warm cache: digests match what was
+/// pushed, and the warm pulls only ask upstream for the tags.
+#[test]
+fn pulls_through_docker_ghcr_and_quay_with_unchanged_names() {
+    let s = Stack::start(true);
+    let alpha = images::build_image(Format::Docker, "amd64", &[256 * KIB, 512 * KIB, MIB]);
+    let ghapp = images::build_image(Format::Oci, "amd64", &[300 * KIB, 200 * KIB]);
+    let quayapp = images::build_image(Format::Docker, "amd64", &[400 * KIB, 700 * KIB]);
+    s.env.pusher.push_image("library/alpha", "1", &alpha);
+    s.env.pusher.push_image("org/ghapp", "1", &ghapp);
+    s.env.pusher.push_image("org/quayapp", "1", &quayapp);
+    let pulls: [(&str, &str, &Image); 3] = [
+        ("docker.io/library/alpha:1", "library/alpha", &alpha),
+        ("ghcr.io/org/ghapp:1", "org/ghapp", &ghapp),
+        ("quay.io/org/quayapp:1", "org/quayapp", &quayapp),
+    ];
+
+    // Cold, skopeo.
+    let token = s.env.token.as_ref().expect("token server");
+    let tokens_before = token.served();
+    let mark = s.up().mark();
+    let sk = s.client();
+    for (name, _, image) in pulls {
+        let (out, digest) = sk.skopeo_copy(name, None);
+        out.assert_ok();
+        assert_eq!(
+            digest.as_deref(),
+            Some(image.manifest_digest.as_str()),
+            "skopeo digest of {name}"
+        );
+        assert_eq!(
+            sk.skopeo_digest(name).as_deref(),
+            Some(image.manifest_digest.as_str()),
+            "inspect {name}"
+        );
+    }
+    let cold = s.up().entries_since(mark);
+    let counts = blob_fetch_counts(&cold);
+    for (name, _, image) in pulls {
+        for d in image.blob_digests() {
+            assert_eq!(counts.get(&d).copied(), Some(1), "{name}: upstream GETs of blob {d}");
+        }
+    }
+    let authed = token
+        .requests_since(tokens_before)
+        .into_iter()
+        .filter(|r| r.user.as_deref() == Some(PUSH_USER) && r.status == 200)
+        .count();
+    assert!(
+        authed > 0,
+        "regmirror never used its docker.io credentials at the token server"
+    );
+
+    // Warm, podman (another client, another process, other connections).
+    let mark = s.up().mark();
+    let pm = s.client();
+    for (name, _, image) in pulls {
+        let (out, digest) = pm.podman_pull(name, None);
+        out.assert_ok();
+        assert_eq!(
+            digest.as_deref(),
+            Some(image.manifest_digest.as_str()),
+            "podman digest of {name}"
+        );
+    }
+    let repos: Vec<&str> = pulls.iter().map(|(_, r, _)| *r).collect();
+    assert_only_tag_heads_since(s.up(), mark, &repos);
+}
+
+/// The other way round: podman pulls cold (it checks diff_ids as it stores
+/// layers), skopeo pulls warm without any upstream content GET.
+#[test]
+fn podman_cold_then_skopeo_warm() {
+    let s = Stack::start(false);
+    let beta = images::build_image(Format::Oci, "amd64", &[MIB, 300 * KIB]);
+    s.env.pusher.push_image("library/beta", "1", &beta);
+
+    let mark = s.up().mark();
+    let (out, digest) = s.client().podman_pull("docker.io/library/beta:1", None);
+    out.assert_ok();
+    assert_eq!(digest.as_deref(), Some(beta.manifest_digest.as_str()));
+    let counts = blob_fetch_counts(&s.up().entries_since(mark));
+    for d in beta.blob_digests() {
+        assert_eq!(counts.get(&d).copied(), Some(1), "upstream GETs of blob {d}");
+    }
+
+    let mark = s.up().mark();
+    let (out, digest) = s.client().skopeo_copy("docker.io/library/beta:1", None);
+    out.assert_ok();
+    assert_eq!(digest.as_deref(), Some(beta.manifest_digest.as_str()));
+    assert_only_tag_heads_since(s.up(), mark, &["library/beta"]);
+}
+
+/// Pulling only linux/arm64 of a multi-platform index fetches the index and
+/// the arm64 manifest, config and layers, and nothing of amd64.
+#[test]
+fn arm64_only_pulls_fetch_no_amd64_content() {
+    let s = Stack::start(false);
+    let docker: MultiImage = images::build_index(Format::Docker, &["amd64", "arm64"], &[300 * KIB, 600 * KIB]);
+    let oci: MultiImage = images::build_index(Format::Oci, &["amd64", "arm64"], &[500 * KIB, 200 * KIB]);
+    s.env.pusher.push_index("library/multi", "1", &docker);
+    s.env.pusher.push_index("org/multi", "1", &oci);
+
+    // skopeo, Docker manifest list via docker.io.
+    let mark = s.up().mark();
+    let sk = s.client();
+    let (out, digest) = sk.skopeo_copy("docker.io/library/multi:1", Some("arm64"));
+    out.assert_ok();
+    let arm = docker.platform("arm64");
+    assert_eq!(
+        digest.as_deref(),
+        Some(arm.manifest_digest.as_str()),
+        "skopeo copied the arm64 manifest"
+    );
+    assert_eq!(
+        sk.skopeo_digest("docker.io/library/multi:1").as_deref(),
+        Some(docker.index_digest.as_str())
+    );
+    let entries = s.up().entries_since(mark);
+    assert_untouched(&entries, docker.platform("amd64"), "amd64");
+    let counts = blob_fetch_counts(&entries);
+    for d in arm.blob_digests() {
+        assert_eq!(counts.get(&d).copied(), Some(1), "upstream GETs of arm64 blob {d}");
+    }
+
+    // podman, OCI index via quay.io.
+    let mark = s.up().mark();
+    let pm = s.client();
+    let (out, digest) = pm.podman_pull("quay.io/org/multi:1", Some("arm64"));
+    out.assert_ok();
+    let arm = oci.platform("arm64");
+    // podman 4.3 reports the index digest for an image pulled from an index.
+    assert!(
+        digest.as_deref() == Some(oci.index_digest.as_str()) || digest.as_deref() == Some(arm.manifest_digest.as_str()),
+        "podman digest {digest:?}, index {}, arm64 {}",
+        oci.index_digest,
+        arm.manifest_digest
+    );
+    assert_eq!(
+        pm.podman_inspect("quay.io/org/multi:1", "{{.Architecture}}").as_deref(),
+        Some("arm64")
+    );
+    let entries = s.up().entries_since(mark);
+    assert_untouched(&entries, oci.platform("amd64"), "amd64");
+    let counts = blob_fetch_counts(&entries);
+    for d in arm.blob_digests() {
+        assert_eq!(counts.get(&d).copied(), Some(1), "upstream GETs of arm64 blob {d}");
+    }
+}
+
+/// Eight clients pull one image at once from a cold cache: upstream serves
+/// each blob exactly once, every client gets the right image, and a later
+/// pull reuses regmirror's cached upstream token.
+#[test]
+fn concurrent_cold_pulls_fetch_each_blob_once() {
+    const CLIENTS: usize = 8;
+    let s = Stack::start(true);
+    let big = images::build_image(Format::Docker, "amd64", &[2 * MIB, 2 * MIB, MIB]);
+    s.env.pusher.push_image("library/big", "1", &big);
+    let sandboxes: Vec<Sandbox> = (0..CLIENTS).map(|_| s.client()).collect();
+
+    let mark = s.up().mark();
+    let barrier = std::sync::Barrier::new(CLIENTS);
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sandboxes
+            .iter()
+            .map(|sb| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    sb.skopeo_copy("docker.io/library/big:1", None)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+    });
+    for (out, digest) in &results {
+        out.assert_ok();
+        assert_eq!(digest.as_deref(), Some(big.manifest_digest.as_str()));
+    }
+    let entries = s.up().entries_since(mark);
+    let counts = blob_fetch_counts(&entries);
+    for d in big.blob_digests() {
+        assert_eq!(
+            counts.get(&d).copied(),
+            Some(1),
+            "upstream GETs of blob {d} (single flight)"
+        );
+    }
+    assert_eq!(
+        counts.len(),
+        big.blob_digests().len(),
+        "unexpected blob GETs: {counts:?}"
+    );
+    let manifest_gets = entries
+        .iter()
+        .filter(|e| e.method == "GET" && e.manifest_ref() == Some(big.manifest_digest.as_str()))
+        .count();
+    assert!(manifest_gets <= 1, "manifest fetched {manifest_gets} times by digest");
+
+    // Token caching: another pull asks upstream for the tag, with the token
+    // regmirror already holds for (realm, service, scope, credential).
+    let token = s.env.token.as_ref().expect("token server");
+    let before = token.served();
+    let mark = s.up().mark();
+    let (out, digest) = s.client().skopeo_copy("docker.io/library/big:1", None);
+    out.assert_ok();
+    assert_eq!(digest.as_deref(), Some(big.manifest_digest.as_str()));
+    assert_only_tag_heads_since(s.up(), mark, &["library/big"]);
+    let authed: Vec<_> = token
+        .requests_since(before)
+        .into_iter()
+        .filter(|r| r.user.as_deref() == Some(PUSH_USER))
+        .collect();
+    assert!(
+        authed.is_empty(),
+        "regmirror fetched a new upstream token instead of reusing it: {authed:#?}"
+    );
+}
