@@ -121,6 +121,7 @@ fn pulls_through_docker_ghcr_and_quay_with_unchanged_names() {
         );
     }
     let cold = s.up().entries_since(mark);
+    eprintln!("upstream requests, cold pull of 3 images: {}", summarize(&cold));
     let counts = blob_fetch_counts(&cold);
     for (name, _, image) in pulls {
         for d in image.blob_digests() {
@@ -149,8 +150,26 @@ fn pulls_through_docker_ghcr_and_quay_with_unchanged_names() {
             "podman digest of {name}"
         );
     }
+    eprintln!(
+        "upstream requests, warm pull of 3 images: {}",
+        summarize(&s.up().entries_since(mark))
+    );
     let repos: Vec<&str> = pulls.iter().map(|(_, r, _)| *r).collect();
     assert_only_tag_heads_since(s.up(), mark, &repos);
+}
+
+/// "GET blobs 200 x7, HEAD manifests 200 x3": what upstream served, for the log.
+fn summarize(entries: &[AccessEntry]) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for e in entries {
+        let kind = ["blobs", "manifests", "tags"]
+            .into_iter()
+            .find(|k| e.path.contains(&format!("/{k}/")))
+            .unwrap_or("other");
+        *counts.entry(format!("{} {kind} {}", e.method, e.status)).or_insert(0) += 1;
+    }
+    let parts: Vec<String> = counts.into_iter().map(|(k, n)| format!("{k} x{n}")).collect();
+    parts.join(", ")
 }
 
 /// The other way round: podman pulls cold (it checks diff_ids as it stores
