@@ -51,6 +51,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamEntry>,
     /// Raw TOML appended verbatim (for keys this builder doesn't know yet).
     pub extra_toml: String,
+    /// Extra environment for the regmirror process (e.g. `HTTPS_PROXY`).
+    pub env: Vec<(String, String)>,
 }
 
 /// Hostnames of the three standard upstreams.
@@ -69,6 +71,7 @@ impl Config {
             overrides: Vec::new(),
             upstreams: Vec::new(),
             extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -203,6 +206,7 @@ impl Regmirror {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "regmirror=debug".into()),
             )
             .env("RUST_BACKTRACE", "1")
+            .envs(config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
