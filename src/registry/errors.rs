@@ -133,8 +133,10 @@ impl RegistryError {
                 None,
             ),
         };
-        // A 5xx from upstream is a gateway problem for our client.
-        let status = if status.is_server_error() {
+        // A 5xx from upstream is a gateway problem for our client, except a
+        // 508: that is our own loop detection answering through the loop,
+        // and the client should see it as such.
+        let status = if status.is_server_error() && status != StatusCode::LOOP_DETECTED {
             StatusCode::BAD_GATEWAY
         } else {
             status

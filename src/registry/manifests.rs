@@ -182,7 +182,13 @@ async fn by_tag(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let size = resp.content_length().unwrap_or(0);
+    // A HEAD response has no body: read the announced length, not the received one.
+    let size = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let record = TagRecord {
         digest: digest.to_string(),
         media_type,

@@ -1,0 +1,495 @@
+//! An in-process fake upstream registry for fault-injection tests.
+//!
+//! A hyper 1 (HTTP/1.1) server on a loopback address that serves a set of
+//! resources by exact path, counts every request per (method, path), and can
+//! be told at runtime to misbehave on a given path: corrupt or cut bodies,
+//! error statuses, redirects, or a body that stalls half-way until the test
+//! opens a gate. It can also demand a Bearer token, issued by its own
+//! `/token` endpoint, the way Docker Hub does.
+//!
+//! Dropping a [`FakeUpstream`] stops its accept loop and every connection it
+//! has open.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type FakeBody = BoxBody<Bytes, BoxError>;
+
+/// `sha256:<hex>` of `data`.
+pub fn digest_of(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Deterministic, seed-specific filler bytes (distinct seeds give distinct digests).
+pub fn bytes_for(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut block = Sha256::digest(seed.as_bytes());
+    while out.len() < len {
+        out.extend_from_slice(&block);
+        block = Sha256::digest(block);
+    }
+    out.truncate(len);
+    out
+}
+
+/// How the fake answers requests for one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Serve the resource as stored.
+    Normal,
+    /// Same length, different bytes.
+    Corrupt,
+    /// `Content-Length` announces the full size, half the bytes are sent,
+    /// then the connection is closed.
+    Truncate,
+    /// No `Content-Length` (chunked); half the bytes, then the connection is
+    /// cut without the terminating chunk.
+    DropMidBody,
+    /// No `Content-Length` (chunked); half the bytes, then a clean end.
+    ShortChunked,
+    /// Answer with this status and an OCI error body (GET and HEAD).
+    Status(u16),
+    /// 429 with `Retry-After: <secs>` (GET and HEAD).
+    TooMany { retry_after: u64 },
+    /// 307 to this absolute URL (GET and HEAD).
+    Redirect(String),
+}
+
+/// What is stored under one path.
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub body: Bytes,
+    pub content_type: String,
+    /// Sent as `Docker-Content-Digest` when set.
+    pub digest: Option<String>,
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub authorization: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct Inner {
+    resources: HashMap<String, Resource>,
+    faults: HashMap<String, Fault>,
+    seen: Vec<Seen>,
+    /// Paths whose bodies stop half-way until the gate opens.
+    gated: HashSet<String>,
+    /// When set, `/v2/...` needs `Authorization: Bearer <token>` for the
+    /// repository the token was issued for.
+    require_bearer: bool,
+    /// token → scope it was issued for
+    tokens: HashMap<String, String>,
+    /// scopes asked of `/token`, in order
+    token_requests: Vec<String>,
+}
+
+struct Shared {
+    addr: SocketAddr,
+    inner: Mutex<Inner>,
+    gate: watch::Sender<bool>,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        // The accept loop owns the listener and the JoinSet of connections:
+        // aborting it drops both, which aborts every connection task.
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl FakeUpstream {
+    /// Starts a fake on `bind` (e.g. `"127.0.3.201:0"`).
+    pub async fn start(bind: &str) -> FakeUpstream {
+        let listener = TcpListener::bind(bind)
+            .await
+            .unwrap_or_else(|e| panic!("fake upstream cannot bind {bind}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let (gate, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            addr,
+            inner: Mutex::new(Inner::default()),
+            gate,
+        });
+        let s = shared.clone();
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => {
+                        drop(listener);
+                        conns.shutdown().await;
+                        return;
+                    }
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let s = s.clone();
+                        conns.spawn(async move {
+                            let svc = service_fn(move |req| {
+                                let s = s.clone();
+                                async move { Ok::<_, Infallible>(answer(&s, req).await) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        FakeUpstream {
+            addr,
+            shared,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the fake and returns once its listener is closed and every
+    /// connection it had is gone: from here on it is unreachable.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn put(&self, path: &str, res: Resource) {
+        self.inner().resources.insert(path.to_string(), res);
+    }
+
+    /// Stores a blob of `repo` (upstream name, e.g. `library/x`); returns
+    /// (digest, path).
+    pub fn add_blob(&self, repo: &str, data: &[u8]) -> (String, String) {
+        let d = digest_of(data);
+        let path = format!("/v2/{repo}/blobs/{d}");
+        self.put(
+            &path,
+            Resource {
+                body: Bytes::copy_from_slice(data),
+                content_type: "application/octet-stream".into(),
+                digest: Some(d.clone()),
+            },
+        );
+        (d, path)
+    }
+
+    /// Stores a manifest under its digest and, when given, a tag; returns the digest.
+    pub fn add_manifest(&self, repo: &str, tag: Option<&str>, media_type: &str, body: &[u8]) -> String {
+        let d = digest_of(body);
+        let res = Resource {
+            body: Bytes::copy_from_slice(body),
+            content_type: media_type.into(),
+            digest: Some(d.clone()),
+        };
+        self.put(&format!("/v2/{repo}/manifests/{d}"), res.clone());
+        if let Some(t) = tag {
+            self.put(&format!("/v2/{repo}/manifests/{t}"), res);
+        }
+        d
+    }
+
+    pub fn set_fault(&self, path: &str, fault: Fault) {
+        self.inner().faults.insert(path.to_string(), fault);
+    }
+
+    pub fn clear_fault(&self, path: &str) {
+        self.inner().faults.remove(path);
+    }
+
+    /// Bodies of `path` stop half-way until [`open_gate`](Self::open_gate).
+    pub fn gate(&self, path: &str) {
+        self.inner().gated.insert(path.to_string());
+    }
+
+    pub fn open_gate(&self) {
+        self.shared.gate.send_replace(true);
+    }
+
+    pub fn require_bearer(&self, on: bool) {
+        self.inner().require_bearer = on;
+    }
+
+    /// Requests seen for (method, path), whatever their outcome.
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.inner()
+            .seen
+            .iter()
+            .filter(|s| s.method.as_str() == method && s.path == path)
+            .count()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.inner().seen.clone()
+    }
+
+    /// Scopes asked of the token endpoint, one entry per token request.
+    pub fn token_requests(&self) -> Vec<String> {
+        self.inner().token_requests.clone()
+    }
+}
+
+fn full(data: impl Into<Bytes>) -> FakeBody {
+    Full::new(data.into()).map_err(|never| match never {}).boxed()
+}
+
+fn json_error(status: u16, code: &str) -> Response<FakeBody> {
+    let body = format!(r#"{{"errors":[{{"code":"{code}","message":"fake upstream says {status}","detail":null}}]}}"#);
+    let mut r = Response::new(full(body));
+    *r.status_mut() = StatusCode::from_u16(status).expect("status");
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `/v2/<repo>/(manifests|blobs|tags)/...` → `<repo>`.
+fn repo_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    ["/manifests/", "/blobs/", "/tags/"]
+        .iter()
+        .filter_map(|k| rest.rfind(k).map(|i| &rest[..i]))
+        .next()
+}
+
+async fn answer(s: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<FakeBody> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let resp = respond(s, &method, &path, query.as_deref(), authorization.as_deref());
+    let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
+    inner.seen.push(Seen {
+        method,
+        path,
+        query,
+        authorization,
+        status: resp.status().as_u16(),
+    });
+    resp
+}
+
+fn respond(
+    s: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    auth: Option<&str>,
+) -> Response<FakeBody> {
+    let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
+
+    if path == "/token" {
+        let mut scope = String::new();
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            if k == "scope" {
+                scope = v.into_owned();
+            }
+        }
+        inner.token_requests.push(scope.clone());
+        let token = format!("tok-{}", inner.token_requests.len());
+        inner.tokens.insert(token.clone(), scope);
+        let mut r = Response::new(full(format!(r#"{{"token":"{token}","expires_in":300}}"#)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return r;
+    }
+
+    if inner.require_bearer && path.starts_with("/v2/") {
+        let repo = repo_of(path).unwrap_or("");
+        let want = format!("repository:{repo}:pull");
+        let ok = auth
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .and_then(|t| inner.tokens.get(t))
+            .is_some_and(|scope| *scope == want);
+        if !ok {
+            let mut r = json_error(401, "UNAUTHORIZED");
+            let challenge = format!(
+                r#"Bearer realm="http://{}/token",service="fake-registry",scope="{want}""#,
+                s.addr
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_str(&challenge).expect("challenge"),
+            );
+            return r;
+        }
+    }
+
+    let fault = inner.faults.get(path).cloned().unwrap_or(Fault::Normal);
+    match &fault {
+        Fault::Status(code) => {
+            let code_name = if *code == 404 { "MANIFEST_UNKNOWN" } else { "UNKNOWN" };
+            return json_error(*code, code_name);
+        }
+        Fault::TooMany { retry_after } => {
+            let mut r = json_error(429, "TOOMANYREQUESTS");
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            return r;
+        }
+        Fault::Redirect(to) => {
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            r.headers_mut()
+                .insert(header::LOCATION, HeaderValue::from_str(to).expect("location"));
+            return r;
+        }
+        _ => {}
+    }
+
+    let Some(res) = inner.resources.get(path).cloned() else {
+        let code = if path.contains("/blobs/") {
+            "BLOB_UNKNOWN"
+        } else {
+            "MANIFEST_UNKNOWN"
+        };
+        return json_error(404, code);
+    };
+    let gated = inner.gated.contains(path);
+    drop(inner);
+
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&res.content_type).expect("content type"),
+    );
+    if let Some(d) = &res.digest {
+        headers.insert("docker-content-digest", HeaderValue::from_str(d).expect("digest"));
+    }
+    let len = res.body.len();
+    if *method == Method::HEAD {
+        let mut r = Response::new(full(Bytes::new()));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        *r.headers_mut() = headers;
+        return r;
+    }
+
+    let half = len / 2;
+    let (body, announce_length) = match fault {
+        Fault::Corrupt => {
+            let mut bad = res.body.to_vec();
+            for b in bad.iter_mut() {
+                *b ^= 0x5a;
+            }
+            (staged(s, gated, Bytes::from(bad), End::Clean), true)
+        }
+        Fault::Truncate => (staged(s, gated, res.body.slice(..half), End::Clean), true),
+        Fault::DropMidBody => (staged(s, gated, res.body.slice(..half), End::Cut), false),
+        Fault::ShortChunked => (staged(s, gated, res.body.slice(..half), End::Clean), false),
+        _ => (staged(s, gated, res.body.clone(), End::Clean), true),
+    };
+    if announce_length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let mut r = Response::new(body);
+    *r.headers_mut() = headers;
+    r
+}
+
+#[derive(Clone, Copy)]
+enum End {
+    Clean,
+    /// Error the body stream: hyper aborts the connection.
+    Cut,
+}
+
+/// A streamed body: the first half of `data`, then (when gated) a wait for
+/// the gate, then the rest, then a clean end or a cut connection.
+fn staged(s: &Arc<Shared>, gated: bool, data: Bytes, end: End) -> FakeBody {
+    let half = data.len() / 2;
+    let mut parts: Vec<Bytes> = Vec::new();
+    if half > 0 {
+        parts.push(data.slice(..half));
+    }
+    if data.len() > half {
+        parts.push(data.slice(half..));
+    }
+    let gate = s.gate.subscribe();
+    struct St {
+        parts: std::vec::IntoIter<Bytes>,
+        sent: usize,
+        gate: watch::Receiver<bool>,
+        gated: bool,
+        end: End,
+        done: bool,
+    }
+    let st = St {
+        parts: parts.into_iter(),
+        sent: 0,
+        gate,
+        gated,
+        end,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if st.sent == 1 && st.gated {
+            let _ = st.gate.wait_for(|open| *open).await;
+        }
+        match st.parts.next() {
+            Some(p) => {
+                st.sent += 1;
+                Some((Ok::<_, BoxError>(Frame::data(p)), st))
+            }
+            None => {
+                st.done = true;
+                match st.end {
+                    End::Clean => None,
+                    End::Cut => Some((
+                        Err::<Frame<Bytes>, BoxError>("fake upstream cuts the connection".into()),
+                        st,
+                    )),
+                }
+            }
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}

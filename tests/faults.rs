@@ -1,0 +1,1122 @@
+//! Fault-injection and protocol tests: regmirror in-process in front of a
+//! fake upstream that misbehaves on demand (see `fake_upstream`).
+//!
+//! Each test runs its own regmirror on `127.0.3.<n>:5000` (distinct `n` per
+//! test) with its own cache directory, and its fakes on `127.0.3.<100+n>:0`
+//! and `127.0.3.<150+n>:0`. Everything a test starts stops when the test's
+//! runtime is dropped, and explicitly on drop of the handles.
+
+#[path = "fake_upstream/mod.rs"]
+mod fake_upstream;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault, Resource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+// ---------------------------------------------------------------- harness
+
+struct Mirror {
+    ip: String,
+    base: String,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), regmirror::StartError>>,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.abort();
+    }
+}
+
+impl Mirror {
+    /// Starts regmirror on `127.0.3.<n>:5000` with one upstream (docker.io,
+    /// namespace `dockerhub`) at `upstream_url`, and waits until it answers.
+    async fn start(n: u8, upstream_url: &str) -> Mirror {
+        let ip = format!("127.0.3.{n}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().display().to_string();
+        let toml = format!(
+            r#"
+[server]
+http = "{ip}:5000"
+name = "regmirror.test"
+[ca]
+dir = '{root}/certs'
+[cache]
+dir = '{root}/data'
+max_size = "1GiB"
+[[upstream]]
+name = "docker.io"
+hosts = ["registry-1.docker.io", "docker.io"]
+url = "{upstream_url}"
+namespace = "dockerhub"
+"#
+        );
+        let settings = regmirror::config::Settings::from_toml(&toml, "faults test").expect("test config is valid");
+        let (tx, rx) = oneshot::channel();
+        let mut task = tokio::spawn(regmirror::serve(settings, async move {
+            let _ = rx.await;
+        }));
+        let base = format!("http://{ip}:5000");
+        let c = client();
+        for _ in 0..500 {
+            if task.is_finished() {
+                let r = (&mut task).await;
+                panic!("regmirror on {ip} stopped during start-up: {r:?}");
+            }
+            if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
+                if r.status() == 200 {
+                    return Mirror {
+                        ip,
+                        base,
+                        dir,
+                        stop: Some(tx),
+                        task,
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("regmirror on {ip} never became ready");
+    }
+
+    /// URL of `/v2/dockerhub/library/<repo>/<rest>` (explicit prefix mode).
+    fn url(&self, repo: &str, rest: &str) -> String {
+        format!("{}/v2/dockerhub/library/{repo}/{rest}", self.base)
+    }
+
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.dir.path().join("data/blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    fn stored(&self, digest: &str) -> bool {
+        self.blob_file(digest).exists()
+    }
+
+    fn tmp_files(&self) -> Vec<String> {
+        match std::fs::read_dir(self.dir.path().join("data/tmp")) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        // A safety net so a hang fails the test instead of stalling it; no
+        // assertion depends on it.
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn assert_api_version(r: &reqwest::Response) {
+    assert_eq!(
+        header(r, "docker-distribution-api-version"),
+        Some("registry/2.0"),
+        "{} {} lacks Docker-Distribution-API-Version",
+        r.status(),
+        r.url()
+    );
+}
+
+/// Reads an error response: (status, errors[0].code), checking it is OCI error JSON.
+async fn oci_error(r: reqwest::Response) -> (u16, String) {
+    assert_api_version(&r);
+    let status = r.status().as_u16();
+    let url = r.url().to_string();
+    let body = r.bytes().await.expect("error body");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "{status} from {url} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    let code = v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no errors[0].code in {v}"))
+        .to_string();
+    assert!(v["errors"][0]["message"].is_string(), "no errors[0].message in {v}");
+    (status, code)
+}
+
+/// How a GET ended from the client's point of view.
+#[derive(Debug)]
+enum Outcome {
+    /// The response arrived whole (its framing says so).
+    Complete { status: u16, body: Vec<u8> },
+    /// The transfer broke: before the headers (`status` None) or in the body.
+    Broken { status: Option<u16>, received: usize },
+}
+
+async fn outcome(rb: reqwest::RequestBuilder) -> Outcome {
+    let mut resp = match rb.send().await {
+        Ok(r) => r,
+        Err(_) => {
+            return Outcome::Broken {
+                status: None,
+                received: 0,
+            }
+        }
+    };
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => body.extend_from_slice(&c),
+            Ok(None) => return Outcome::Complete { status, body },
+            Err(_) => {
+                return Outcome::Broken {
+                    status: Some(status),
+                    received: body.len(),
+                }
+            }
+        }
+    }
+}
+
+/// A bad download must reach the client as an error: a broken transfer, or a
+/// complete 5xx OCI error; never a complete 2xx.
+fn assert_not_served(o: &Outcome, what: &str, full_len: usize) {
+    match o {
+        Outcome::Complete { status, body } => {
+            assert!(
+                (500..600).contains(status),
+                "{what}: client got a complete {status} ({} bytes) for bad upstream content",
+                body.len()
+            );
+            let v: serde_json::Value =
+                serde_json::from_slice(body).unwrap_or_else(|_| panic!("{what}: {status} body is not OCI error JSON"));
+            assert!(v["errors"][0]["code"].is_string(), "{what}: {v}");
+        }
+        Outcome::Broken { status, received } => {
+            assert!(
+                *received < full_len,
+                "{what}: all {full_len} bytes were delivered (status {status:?}) before the error"
+            );
+        }
+    }
+}
+
+async fn get_ok(c: &reqwest::Client, url: &str) -> (reqwest::header::HeaderMap, Vec<u8>) {
+    let r = c.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(r.status(), 200, "GET {url}");
+    assert_api_version(&r);
+    let h = r.headers().clone();
+    let b = r
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url} body: {e}"))
+        .to_vec();
+    (h, b)
+}
+
+fn manifest_bytes(seed: &str) -> Vec<u8> {
+    let config = digest_of(seed.as_bytes());
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{}}},"layers":[]}}"#,
+        seed.len()
+    )
+    .into_bytes()
+}
+
+// ---------------------------------------------------------------- 1, 2: bad bodies
+
+/// Rule 6: a corrupt download is never served complete, never stored, and a
+/// later request (upstream fixed) fetches again and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_is_never_served_or_stored() {
+    let up = FakeUpstream::start("127.0.3.110:0").await;
+    let m = Mirror::start(10, &up.url()).await;
+    let c = client();
+    let data = bytes_for("corrupt", 200_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.set_fault(&path, Fault::Corrupt);
+
+    let url = m.url("app", &format!("blobs/{d}"));
+    let o = outcome(c.get(&url)).await;
+    assert_not_served(&o, "corrupt blob", data.len());
+    assert!(
+        !m.stored(&d),
+        "corrupt content was committed to {}",
+        m.blob_file(&d).display()
+    );
+    assert!(m.tmp_files().is_empty(), "temp file left behind: {:?}", m.tmp_files());
+    assert_eq!(up.count("GET", &path), 1);
+
+    // Upstream fixed: a new fetch, the right bytes, stored.
+    up.clear_fault(&path);
+    let (h, body) = get_ok(&c, &url).await;
+    assert_eq!(
+        up.count("GET", &path),
+        2,
+        "the failed download was remembered instead of retried"
+    );
+    assert_eq!(digest_of(&body), d);
+    assert_eq!(h.get("docker-content-digest").unwrap(), d.as_str());
+    assert!(m.stored(&d));
+    assert_eq!(std::fs::read(m.blob_file(&d)).unwrap(), data);
+}
+
+/// Rule 6: short bodies (announced length not reached, chunked body cut,
+/// chunked body that ends early) are errors, not stored, and retried later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_or_dropped_blob_is_never_served_or_stored() {
+    let up = FakeUpstream::start("127.0.3.111:0").await;
+    let m = Mirror::start(11, &up.url()).await;
+    let c = client();
+    for (i, fault) in [Fault::Truncate, Fault::DropMidBody, Fault::ShortChunked]
+        .into_iter()
+        .enumerate()
+    {
+        let data = bytes_for(&format!("short-{i}"), 150_000 + i);
+        let (d, path) = up.add_blob("library/app", &data);
+        up.set_fault(&path, fault.clone());
+        let url = m.url("app", &format!("blobs/{d}"));
+
+        let o = outcome(c.get(&url)).await;
+        assert_not_served(&o, &format!("{fault:?}"), data.len());
+        assert!(!m.stored(&d), "{fault:?}: short content was committed");
+        assert!(m.tmp_files().is_empty(), "{fault:?}: temp file left behind");
+
+        up.clear_fault(&path);
+        let (_, body) = get_ok(&c, &url).await;
+        assert_eq!(body, data, "{fault:?}: wrong bytes after upstream recovered");
+        assert_eq!(up.count("GET", &path), 2, "{fault:?}");
+        assert!(m.stored(&d), "{fault:?}");
+    }
+}
+
+/// Rule 6, the case that matters most: a client already receiving a 200
+/// when the download breaks sees a broken transfer, never a complete body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_download_reaches_an_attached_client_as_a_broken_transfer() {
+    let up = FakeUpstream::start("127.0.3.112:0").await;
+    let m = Mirror::start(12, &up.url()).await;
+    let c = client();
+    let mut blobs = Vec::new();
+    for (i, fault) in [Fault::DropMidBody, Fault::Corrupt, Fault::Truncate]
+        .into_iter()
+        .enumerate()
+    {
+        let data = bytes_for(&format!("attached-{i}"), 300_000);
+        let (d, path) = up.add_blob("library/app", &data);
+        up.set_fault(&path, fault.clone());
+        up.gate(&path);
+        blobs.push((fault, data, d, path));
+    }
+    // Every client has its 200 headers while the downloads are stalled half-way.
+    let mut responses = Vec::new();
+    for (fault, data, d, _) in &blobs {
+        let r = c
+            .get(m.url("app", &format!("blobs/{d}")))
+            .send()
+            .await
+            .expect("headers");
+        assert_eq!(r.status(), 200, "{fault:?}: headers are sent while the download grows");
+        if *fault != Fault::DropMidBody {
+            // Upstream announced the length, so regmirror does too.
+            assert_eq!(
+                header(&r, "content-length"),
+                Some(data.len().to_string().as_str()),
+                "{fault:?}"
+            );
+        }
+        responses.push(r);
+    }
+    up.open_gate();
+    for ((fault, data, d, _), mut r) in blobs.iter().zip(responses) {
+        let mut got = 0usize;
+        let err = loop {
+            match r.chunk().await {
+                Ok(Some(ch)) => got += ch.len(),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        assert!(err.is_some(), "{fault:?}: the client saw a complete 200 of {got} bytes");
+        assert!(got < data.len(), "{fault:?}");
+        assert!(!m.stored(d), "{fault:?}");
+    }
+}
+
+// ---------------------------------------------------------------- 3, 4: tags
+
+/// Rule 2: upstream 500, 429 or unreachable on a tag seen before → the last
+/// digest with `Warning: 110`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_upstream_failure_serves_the_last_digest_with_a_warning() {
+    let up = FakeUpstream::start("127.0.3.113:0").await;
+    let m = Mirror::start(13, &up.url()).await;
+    let c = client();
+    let manifest = manifest_bytes("stale");
+    let d = up.add_manifest("library/app", Some("v1"), OCI_MANIFEST, &manifest);
+    let tag_path = "/v2/library/app/manifests/v1";
+    let url = m.url("app", "manifests/v1");
+    let get = || c.get(&url).header("accept", OCI_MANIFEST);
+
+    let r = get().send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("warning").is_none(), "fresh answer carries a Warning");
+    assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()));
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+
+    let check_stale = |r: reqwest::Response, why: &'static str| {
+        let d = d.clone();
+        let manifest = manifest.clone();
+        async move {
+            assert_eq!(r.status(), 200, "{why}: stale tag not served");
+            assert_api_version(&r);
+            let w = header(&r, "warning").unwrap_or_else(|| panic!("{why}: no Warning header"));
+            assert!(w.starts_with("110 "), "{why}: Warning {w:?}");
+            assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()), "{why}");
+            assert_eq!(header(&r, "content-type"), Some(OCI_MANIFEST), "{why}");
+            assert_eq!(r.bytes().await.unwrap(), manifest, "{why}");
+        }
+    };
+
+    up.set_fault(tag_path, Fault::Status(500));
+    check_stale(get().send().await.unwrap(), "500").await;
+    let r = c.head(&url).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 200, "HEAD on a stale tag");
+    assert!(header(&r, "warning").is_some_and(|w| w.starts_with("110 ")));
+    assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()));
+
+    up.set_fault(tag_path, Fault::TooMany { retry_after: 7 });
+    check_stale(get().send().await.unwrap(), "429").await;
+
+    up.set_fault(tag_path, Fault::Status(503));
+    check_stale(get().send().await.unwrap(), "503").await;
+
+    // Not an upstream failure: a 404 means the tag is gone, and says so.
+    up.set_fault(tag_path, Fault::Status(404));
+    let (status, code) = oci_error(get().send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+
+    // Upstream gone altogether.
+    up.clear_fault(tag_path);
+    let digest_gets = up.count("GET", &format!("/v2/library/app/manifests/{d}"));
+    assert_eq!(digest_gets, 1, "the digest was fetched once");
+    up.stop().await;
+    check_stale(get().send().await.unwrap(), "unreachable").await;
+}
+
+/// Rule 2, second half: never seen → an OCI error with a gateway status (or
+/// 429 with Retry-After), not a panic and not a stale answer for another Accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_upstream_failure_without_history_is_an_oci_error() {
+    let up = FakeUpstream::start("127.0.3.114:0").await;
+    let m = Mirror::start(14, &up.url()).await;
+    let c = client();
+    up.add_manifest("library/app", Some("v1"), OCI_MANIFEST, &manifest_bytes("never"));
+    let tag_path = "/v2/library/app/manifests/v1";
+    let url = m.url("app", "manifests/v1");
+
+    up.set_fault(tag_path, Fault::Status(500));
+    let (status, code) = oci_error(c.get(&url).send().await.unwrap()).await;
+    assert!((500..600).contains(&status), "500 upstream → {status}");
+    assert_eq!(code, "UNAVAILABLE");
+
+    up.set_fault(tag_path, Fault::TooMany { retry_after: 7 });
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(header(&r, "retry-after"), Some("7"), "Retry-After is passed on");
+    let (status, code) = oci_error(r).await;
+    assert_eq!((status, code.as_str()), (429, "TOOMANYREQUESTS"));
+
+    // Seen for one Accept, failing for another: not served across Accept values.
+    up.clear_fault(tag_path);
+    let r = c.get(&url).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    up.set_fault(tag_path, Fault::Status(500));
+    let r = c
+        .get(&url)
+        .header("accept", "application/vnd.docker.distribution.manifest.v2+json")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers().get("warning").is_none(),
+        "served a stale answer recorded for another Accept"
+    );
+    let (status, _) = oci_error(r).await;
+    assert!((500..600).contains(&status));
+
+    // Unreachable upstream, tag never seen.
+    up.stop().await;
+    let (status, code) = oci_error(c.get(m.url("other", "manifests/v1")).send().await.unwrap()).await;
+    assert!((500..600).contains(&status), "unreachable upstream → {status}");
+    assert_eq!(code, "UNAVAILABLE");
+}
+
+/// Rule 1: a tag whose digest is cached costs upstream one HEAD, no GET; in
+/// transparent mode (Host header) and for the short Docker Hub name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_tag_costs_upstream_only_a_head() {
+    let up = FakeUpstream::start("127.0.3.115:0").await;
+    let m = Mirror::start(15, &up.url()).await;
+    let c = client();
+    let manifest = manifest_bytes("head-only");
+    let d = up.add_manifest("library/app", Some("v1"), OCI_MANIFEST, &manifest);
+    let tag_path = "/v2/library/app/manifests/v1";
+    let digest_path = format!("/v2/library/app/manifests/{d}");
+    let transparent = |path: &str| {
+        c.get(format!("{}{path}", m.base))
+            .header("host", "registry-1.docker.io")
+            .header("accept", OCI_MANIFEST)
+    };
+
+    let r = transparent("/v2/library/app/manifests/v1").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+    assert_eq!(
+        (
+            up.count("HEAD", tag_path),
+            up.count("GET", tag_path),
+            up.count("GET", &digest_path)
+        ),
+        (1, 0, 1)
+    );
+
+    for path in ["/v2/library/app/manifests/v1", "/v2/app/manifests/v1"] {
+        let r = transparent(path).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_api_version(&r);
+        assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()));
+        assert_eq!(header(&r, "content-type"), Some(OCI_MANIFEST));
+        assert_eq!(r.bytes().await.unwrap(), manifest, "{path}");
+    }
+    let r = c
+        .head(format!("{}/v2/library/app/manifests/v1", m.base))
+        .header("host", "registry-1.docker.io")
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), Some(manifest.len().to_string().as_str()));
+
+    assert_eq!(up.count("HEAD", tag_path), 4, "one HEAD per tag request");
+    assert_eq!(up.count("GET", tag_path), 0, "a cached tag cost a GET by tag");
+    assert_eq!(up.count("GET", &digest_path), 1, "a cached manifest was fetched again");
+
+    // By digest: no upstream request at all.
+    let before = up.seen().len();
+    let (h, body) = get_ok(&c, &m.url("app", &format!("manifests/{d}"))).await;
+    assert_eq!(body, manifest);
+    assert_eq!(h.get("content-type").unwrap(), OCI_MANIFEST);
+    assert_eq!(up.seen().len(), before, "a cached digest manifest asked upstream");
+}
+
+// ---------------------------------------------------------------- 5: single flight
+
+/// Rule 5: eight clients on one cold blob → one upstream GET; all eight get
+/// the right bytes, all of them attached while the download was in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_make_one_upstream_fetch() {
+    let up = FakeUpstream::start("127.0.3.116:0").await;
+    let m = Mirror::start(16, &up.url()).await;
+    let c = client();
+    let data = bytes_for("single-flight", 512 * 1024);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.gate(&path);
+    let url = m.url("app", &format!("blobs/{d}"));
+
+    let (tx, mut rx) = mpsc::channel(8);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, url, tx) = (c.clone(), url.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c.get(&url).send().await.expect("headers");
+            let status = r.status().as_u16();
+            tx.send(()).await.expect("signal");
+            let body = r.bytes().await.map(|b| b.to_vec());
+            (status, body)
+        }));
+    }
+    drop(tx);
+    // All eight have their headers while upstream is stalled half-way.
+    for _ in 0..8 {
+        rx.recv().await.expect("a client failed before its headers");
+    }
+    up.open_gate();
+    for t in tasks {
+        let (status, body) = t.await.expect("client task");
+        assert_eq!(status, 200);
+        let body = body.expect("body");
+        assert_eq!(body.len(), data.len());
+        assert_eq!(digest_of(&body), d);
+    }
+    assert_eq!(
+        up.count("GET", &path),
+        1,
+        "concurrent misses made more than one upstream GET"
+    );
+    assert!(m.stored(&d));
+}
+
+/// Rule 5: the download goes on when its only client leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_goes_on_when_the_client_leaves() {
+    let up = FakeUpstream::start("127.0.3.117:0").await;
+    let m = Mirror::start(17, &up.url()).await;
+    let c = client();
+    let data = bytes_for("client-leaves", 400_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.gate(&path);
+    let url = m.url("app", &format!("blobs/{d}"));
+
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    drop(r); // the client hangs up mid-download
+    up.open_gate();
+
+    let (_, body) = get_ok(&c, &url).await;
+    assert_eq!(body, data);
+    assert_eq!(up.count("GET", &path), 1, "the abandoned download was restarted");
+    assert!(m.stored(&d));
+}
+
+// ---------------------------------------------------------------- 6, 7: Range and HEAD
+
+/// Rule 7: single ranges (closed, open-ended, suffix) → 206 + Content-Range,
+/// on a hit and on a miss; unsatisfiable → 416 with `bytes */SIZE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_requests_on_hit_and_miss() {
+    let up = FakeUpstream::start("127.0.3.118:0").await;
+    let m = Mirror::start(18, &up.url()).await;
+    let c = client();
+    const SIZE: usize = 100;
+    let cases: [(&str, usize, usize); 4] = [
+        ("bytes=0-9", 0, 9),
+        ("bytes=10-", 10, 99),
+        ("bytes=-5", 95, 99),
+        ("bytes=90-1000", 90, 99),
+    ];
+
+    let check = |r: reqwest::Response,
+                 data: Vec<u8>,
+                 spec: &'static str,
+                 first: usize,
+                 last: usize,
+                 what: &'static str| async move {
+        assert_eq!(r.status(), 206, "{what} {spec}");
+        assert_api_version(&r);
+        assert_eq!(
+            header(&r, "content-range"),
+            Some(format!("bytes {first}-{last}/{SIZE}").as_str()),
+            "{what} {spec}"
+        );
+        assert_eq!(
+            header(&r, "content-length"),
+            Some((last + 1 - first).to_string().as_str()),
+            "{what} {spec}"
+        );
+        assert_eq!(r.bytes().await.unwrap(), data[first..=last], "{what} {spec}");
+    };
+
+    // Hit: a stored blob.
+    let hit = bytes_for("range-hit", SIZE);
+    let (hd, hpath) = up.add_blob("library/app", &hit);
+    let hurl = m.url("app", &format!("blobs/{hd}"));
+    get_ok(&c, &hurl).await;
+    for (spec, first, last) in cases {
+        check(
+            c.get(&hurl).header("range", spec).send().await.unwrap(),
+            hit.clone(),
+            spec,
+            first,
+            last,
+            "hit",
+        )
+        .await;
+    }
+    for spec in ["bytes=100-", "bytes=-0", "bytes=5000-6000"] {
+        let r = c.get(&hurl).header("range", spec).send().await.unwrap();
+        assert_eq!(header(&r, "content-range"), Some("bytes */100"), "hit {spec}");
+        let (status, _) = oci_error(r).await;
+        assert_eq!(status, 416, "hit {spec}");
+    }
+    assert_eq!(up.count("GET", &hpath), 1);
+
+    // Miss: each range the first request for its own cold blob.
+    for (i, (spec, first, last)) in cases.into_iter().enumerate() {
+        let data = bytes_for(&format!("range-miss-{i}"), SIZE);
+        let (d, path) = up.add_blob("library/app", &data);
+        let url = m.url("app", &format!("blobs/{d}"));
+        check(
+            c.get(&url).header("range", spec).send().await.unwrap(),
+            data.clone(),
+            spec,
+            first,
+            last,
+            "miss",
+        )
+        .await;
+        // The range was cut from the one download, which completed.
+        let (_, body) = get_ok(&c, &url).await;
+        assert_eq!(body, data);
+        assert_eq!(up.count("GET", &path), 1, "miss {spec}: the range cost a second fetch");
+    }
+    let data = bytes_for("range-miss-416", SIZE);
+    let (d, _) = up.add_blob("library/app", &data);
+    let r = c
+        .get(m.url("app", &format!("blobs/{d}")))
+        .header("range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "content-range"), Some("bytes */100"), "miss 416");
+    let (status, _) = oci_error(r).await;
+    assert_eq!(status, 416);
+}
+
+/// Rule 4: HEAD on a blob miss answers from an upstream HEAD (no GET, no
+/// 404); HEAD on a hit asks nobody; a tag HEAD miss costs no GET either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_on_a_miss_asks_upstream_with_head() {
+    let up = FakeUpstream::start("127.0.3.119:0").await;
+    let m = Mirror::start(19, &up.url()).await;
+    let c = client();
+    let data = bytes_for("head-miss", 12_345);
+    let (d, path) = up.add_blob("library/app", &data);
+    let url = m.url("app", &format!("blobs/{d}"));
+
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "HEAD on a blob miss");
+    assert_api_version(&r);
+    assert_eq!(header(&r, "content-length"), Some("12345"));
+    assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()));
+    assert_eq!((up.count("HEAD", &path), up.count("GET", &path)), (1, 0));
+    assert!(!m.stored(&d));
+
+    // A blob upstream does not have: 404 (HEAD has no body to carry JSON).
+    let missing = digest_of(b"nowhere");
+    let r = c.head(m.url("app", &format!("blobs/{missing}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_api_version(&r);
+
+    // Cached: HEAD asks nobody and gives the same headers as GET.
+    let (gh, _) = get_ok(&c, &url).await;
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    for h in ["content-length", "docker-content-digest", "content-type", "etag"] {
+        assert_eq!(r.headers().get(h), gh.get(h), "HEAD and GET differ in {h}");
+    }
+    assert_eq!((up.count("HEAD", &path), up.count("GET", &path)), (1, 1));
+
+    // Tag manifest HEAD miss: digest and length from upstream's HEAD, no GET.
+    let manifest = manifest_bytes("head-tag");
+    let md = up.add_manifest("library/app", Some("v2"), OCI_MANIFEST, &manifest);
+    let r = c
+        .head(m.url("app", "manifests/v2"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "docker-content-digest"), Some(md.as_str()));
+    assert_eq!(header(&r, "content-length"), Some(manifest.len().to_string().as_str()));
+    assert_eq!(up.count("GET", "/v2/library/app/manifests/v2"), 0);
+    assert_eq!(up.count("GET", &format!("/v2/library/app/manifests/{md}")), 0);
+}
+
+// ---------------------------------------------------------------- 8, 9: redirects, tokens
+
+/// Rule 8: a 307 to a CDN is followed inside regmirror; the token sent to
+/// the registry is not sent to the CDN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_followed_without_leaking_authorization() {
+    let up = FakeUpstream::start("127.0.3.120:0").await;
+    let cdn = FakeUpstream::start("127.0.3.170:0").await;
+    let m = Mirror::start(20, &up.url()).await;
+    let c = client();
+    up.require_bearer(true);
+
+    let data = bytes_for("via-cdn", 70_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    let cdn_path = "/cdn/layer-1?sig=abc";
+    cdn.put(
+        "/cdn/layer-1",
+        Resource {
+            body: data.clone().into(),
+            content_type: "application/octet-stream".into(),
+            digest: None,
+        },
+    );
+    up.set_fault(&path, Fault::Redirect(format!("{}{cdn_path}", cdn.url())));
+    let url = m.url("app", &format!("blobs/{d}"));
+
+    let (_, body) = get_ok(&c, &url).await;
+    assert_eq!(body, data);
+    assert_eq!(cdn.count("GET", "/cdn/layer-1"), 1);
+    let authorized = up.seen().iter().any(|s| {
+        s.path == path && s.status == 307 && s.authorization.as_deref().is_some_and(|a| a.starts_with("Bearer "))
+    });
+    assert!(authorized, "the registry never saw the token: the test proves nothing");
+    for s in cdn.seen() {
+        assert_eq!(
+            s.authorization, None,
+            "the CDN received Authorization on {} {}",
+            s.method, s.path
+        );
+    }
+
+    // Cached now: neither the registry nor the CDN is asked again.
+    let (reg_before, cdn_before) = (up.count("GET", &path), cdn.seen().len());
+    let (_, body) = get_ok(&c, &url).await;
+    assert_eq!(body, data);
+    assert_eq!((up.count("GET", &path), cdn.seen().len()), (reg_before, cdn_before));
+
+    // HEAD on a miss follows the redirect too.
+    let data2 = bytes_for("via-cdn-head", 4_321);
+    let (d2, path2) = up.add_blob("library/app", &data2);
+    cdn.put(
+        "/cdn/layer-2",
+        Resource {
+            body: data2.into(),
+            content_type: "application/octet-stream".into(),
+            digest: None,
+        },
+    );
+    up.set_fault(&path2, Fault::Redirect(format!("{}/cdn/layer-2", cdn.url())));
+    let r = c.head(m.url("app", &format!("blobs/{d2}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), Some("4321"));
+    assert_eq!(cdn.count("HEAD", "/cdn/layer-2"), 1);
+    for s in cdn.seen() {
+        assert_eq!(
+            s.authorization, None,
+            "the CDN received Authorization on {} {}",
+            s.method, s.path
+        );
+    }
+}
+
+/// Rule 9: Bearer challenge → one token per scope, reused for later requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_are_fetched_once_per_scope() {
+    let up = FakeUpstream::start("127.0.3.121:0").await;
+    let m = Mirror::start(21, &up.url()).await;
+    let c = client();
+    up.require_bearer(true);
+
+    let b1 = bytes_for("tok-b1", 1000);
+    let b2 = bytes_for("tok-b2", 2000);
+    let b3 = bytes_for("tok-b3", 3000);
+    let (d1, _) = up.add_blob("library/app", &b1);
+    let (d2, _) = up.add_blob("library/app", &b2);
+    let (d3, _) = up.add_blob("library/app", &b3);
+    let manifest = manifest_bytes("tok-manifest");
+    up.add_manifest("library/app", Some("v1"), OCI_MANIFEST, &manifest);
+
+    assert_eq!(get_ok(&c, &m.url("app", &format!("blobs/{d1}"))).await.1, b1);
+    assert_eq!(get_ok(&c, &m.url("app", &format!("blobs/{d2}"))).await.1, b2);
+    let r = c
+        .get(m.url("app", "manifests/v1"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+    let r = c.head(m.url("app", &format!("blobs/{d3}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.token_requests(),
+        vec!["repository:library/app:pull".to_string()],
+        "one token for one scope"
+    );
+
+    // Another repository is another scope: one more token, and its own.
+    let other = bytes_for("tok-other", 500);
+    let (od, _) = up.add_blob("library/other", &other);
+    assert_eq!(get_ok(&c, &m.url("other", &format!("blobs/{od}"))).await.1, other);
+    let b4 = bytes_for("tok-b4", 4000);
+    let (d4, _) = up.add_blob("library/app", &b4);
+    assert_eq!(get_ok(&c, &m.url("app", &format!("blobs/{d4}"))).await.1, b4);
+    assert_eq!(
+        up.token_requests(),
+        vec![
+            "repository:library/app:pull".to_string(),
+            "repository:library/other:pull".to_string()
+        ]
+    );
+
+    // Every request upstream answered with content carried a token.
+    for s in up.seen() {
+        if s.path.starts_with("/v2/") && s.status == 200 {
+            assert!(
+                s.authorization.as_deref().is_some_and(|a| a.starts_with("Bearer tok-")),
+                "{} {} without a token",
+                s.method,
+                s.path
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- 10, 11: bad input, loops
+
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request with the path exactly as given (reqwest would
+/// normalise `..` away) and reads the whole response.
+async fn raw_request(addr: &str, method: &str, target: &str) -> RawResponse {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req =
+        format!("{method} {target} HTTP/1.1\r\nHost: regmirror.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+            rest = &rest[eol + 2 + n + 2..];
+        }
+        body = out;
+    }
+    RawResponse { status, headers, body }
+}
+
+/// Rules 12, 13 and the security section: malformed names, digests, paths,
+/// unknown `ns` and pushes are refused with an OCI error, before anything
+/// reaches upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_oci_errors() {
+    let up = FakeUpstream::start("127.0.3.122:0").await;
+    let m = Mirror::start(22, &up.url()).await;
+    let addr = format!("{}:5000", m.ip);
+    let good = digest_of(b"x");
+    let cases: Vec<(&str, String, &[u16])> = vec![
+        ("GET", "/v2/../../etc/passwd".into(), &[400, 404]),
+        (
+            "GET",
+            "/v2/dockerhub/library/x/../../../../etc/passwd/manifests/1".into(),
+            &[400, 404],
+        ),
+        ("GET", "/v2/dockerhub/library/x/blobs/sha256:zz".into(), &[400]),
+        (
+            "GET",
+            "/v2/dockerhub/library/x/blobs/sha256:../../../../etc/passwd".into(),
+            &[400, 404],
+        ),
+        ("GET", "/v2/dockerhub/library/x/blobs/md5:00".into(), &[400]),
+        ("GET", "/v2/dockerhub/library/x/blobs/sha256:00".into(), &[400]),
+        ("GET", "/v2/dockerhub/Library/X/manifests/1".into(), &[400]),
+        ("GET", "/v2/dockerhub/library/x/manifests/-bad".into(), &[400]),
+        ("GET", "/v2/library/x/manifests/1?ns=evil.example".into(), &[400, 404]),
+        ("GET", "/v2/dockerhub%2flibrary%2fx/manifests/1".into(), &[400, 404]),
+        ("GET", "/v2/dockerhub/library/x/%2e%2e/manifests/1".into(), &[400, 404]),
+        ("GET", "/v2//library/x/manifests/1".into(), &[400, 404]),
+        ("GET", "/etc/passwd".into(), &[404]),
+        ("POST", "/v2/dockerhub/library/x/blobs/uploads/".into(), &[405]),
+        ("PUT", "/v2/dockerhub/library/x/manifests/1".into(), &[405]),
+        ("DELETE", format!("/v2/dockerhub/library/x/blobs/{good}"), &[405]),
+        ("PATCH", "/v2/dockerhub/library/x/blobs/uploads/abc".into(), &[405]),
+    ];
+    for (method, target, allowed) in &cases {
+        let r = raw_request(&addr, method, target).await;
+        assert!(
+            allowed.contains(&r.status),
+            "{method} {target} → {} (want one of {allowed:?})",
+            r.status
+        );
+        assert_eq!(
+            r.header("docker-distribution-api-version"),
+            Some("registry/2.0"),
+            "{method} {target}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| {
+            panic!(
+                "{method} {target}: body is not JSON: {}",
+                String::from_utf8_lossy(&r.body)
+            )
+        });
+        assert!(
+            v["errors"][0]["code"].as_str().is_some_and(|c| !c.is_empty()),
+            "{method} {target}: {v}"
+        );
+    }
+    assert!(up.seen().is_empty(), "bad input reached upstream: {:?}", up.seen());
+
+    // Successful answers carry the header too.
+    let r = raw_request(&addr, "GET", "/v2/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("docker-distribution-api-version"), Some("registry/2.0"));
+}
+
+/// Rule 15: an upstream that resolves to regmirror itself is answered 508,
+/// once, instead of looping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_back_to_regmirror_is_answered_508() {
+    let m = Mirror::start(23, "http://127.0.3.23:5000").await;
+    let c = client();
+    let d = digest_of(b"loop");
+    for (what, rb) in [
+        ("blob GET", c.get(m.url("app", &format!("blobs/{d}")))),
+        ("tag GET", c.get(m.url("app", "manifests/v1"))),
+        ("digest manifest GET", c.get(m.url("app", &format!("manifests/{d}")))),
+        ("tags/list", c.get(m.url("app", "tags/list"))),
+    ] {
+        let r = rb.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (status, _) = oci_error(r).await;
+        assert_eq!(status, 508, "{what}");
+    }
+    let r = c.head(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 508, "blob HEAD");
+}
+
+// ---------------------------------------------------------------- 12: tags/list
+
+/// Rule 2 for tag lists: the last answer is served with a Warning when
+/// upstream fails; never answered before → an OCI error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_list_is_served_stale_when_upstream_fails() {
+    let up = FakeUpstream::start("127.0.3.124:0").await;
+    let m = Mirror::start(24, &up.url()).await;
+    let c = client();
+    let list_path = "/v2/library/app/tags/list";
+    up.put(
+        list_path,
+        Resource {
+            body: r#"{"name":"library/app","tags":["1","2","latest"]}"#.into(),
+            content_type: "application/json".into(),
+            digest: None,
+        },
+    );
+    let url = m.url("app", "tags/list");
+
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("warning").is_none());
+    let fresh: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(fresh["name"], "dockerhub/library/app", "name is the client's");
+    assert_eq!(fresh["tags"], serde_json::json!(["1", "2", "latest"]));
+
+    for fault in [Fault::Status(500), Fault::TooMany { retry_after: 3 }] {
+        up.set_fault(list_path, fault.clone());
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{fault:?}");
+        assert_api_version(&r);
+        assert!(
+            header(&r, "warning").is_some_and(|w| w.starts_with("110 ")),
+            "{fault:?}: no Warning: 110"
+        );
+        let stale: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(stale, fresh, "{fault:?}");
+    }
+    assert_eq!(
+        up.count("GET", list_path),
+        3,
+        "tags/list is always asked of upstream first"
+    );
+
+    // Another query is another answer: never seen, so an error.
+    let r = c.get(format!("{url}?n=1")).send().await.unwrap();
+    let (status, code) = oci_error(r).await;
+    assert!(status == 429 || (500..600).contains(&status), "{status}");
+    assert!(!code.is_empty());
+
+    // Never answered: an OCI error.
+    up.set_fault("/v2/library/other/tags/list", Fault::Status(500));
+    let (status, code) = oci_error(c.get(m.url("other", "tags/list")).send().await.unwrap()).await;
+    assert!((500..600).contains(&status), "{status}");
+    assert!(!code.is_empty());
+}
+
+/// Rule 1, fallback: when upstream's HEAD names no digest, one GET by tag,
+/// served and stored under the digest of its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_head_without_digest_falls_back_to_one_get() {
+    let up = FakeUpstream::start("127.0.3.125:0").await;
+    let m = Mirror::start(25, &up.url()).await;
+    let c = client();
+    let manifest = manifest_bytes("no-digest-header");
+    let d = digest_of(&manifest);
+    let tag_path = "/v2/library/app/manifests/v1";
+    up.put(
+        tag_path,
+        Resource {
+            body: manifest.clone().into(),
+            content_type: OCI_MANIFEST.into(),
+            digest: None,
+        },
+    );
+
+    let r = c
+        .get(m.url("app", "manifests/v1"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()));
+    assert_eq!(header(&r, "content-type"), Some(OCI_MANIFEST));
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+    assert_eq!((up.count("HEAD", tag_path), up.count("GET", tag_path)), (1, 1));
+    assert!(
+        m.stored(&d),
+        "the manifest fetched by tag was not stored under its digest"
+    );
+
+    // Now reachable by digest without asking upstream.
+    let before = up.seen().len();
+    let (_, body) = get_ok(&c, &m.url("app", &format!("manifests/{d}"))).await;
+    assert_eq!(body, manifest);
+    assert_eq!(up.seen().len(), before);
+}
