@@ -120,6 +120,23 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// Replaces the sandbox's /etc/hosts (e.g. with `regmirror setup hosts` output).
+    pub fn set_hosts(&self, content: &str) {
+        std::fs::write(self.dir.path().join("hosts"), content).expect("write sandbox hosts");
+    }
+
+    /// Replaces the registries.conf podman and skopeo read, e.g. with
+    /// `regmirror setup podman` output: podman's `CONTAINERS_REGISTRIES_CONF`
+    /// and the per-user `$HOME/.config/containers/registries.conf` (skopeo
+    /// does not read that variable).
+    pub fn set_registries_conf(&self, content: &str) {
+        let d = self.dir.path();
+        std::fs::write(d.join("registries.conf"), content).expect("write registries.conf");
+        let user = d.join("home/.config/containers");
+        std::fs::create_dir_all(&user).expect("user containers dir");
+        std::fs::write(user.join("registries.conf"), content).expect("write user registries.conf");
+    }
+
     /// Runs `args` (program first) inside the namespace, time-bound.
     pub fn run(&self, args: &[&str]) -> Output {
         let d = self.dir.path();
@@ -165,6 +182,11 @@ impl Sandbox {
     /// `skopeo copy [--override-arch ARCH] docker://IMAGE dir:OUT`; returns the
     /// output and, on success, the sha256 digest of `OUT/manifest.json`.
     pub fn skopeo_copy(&self, image: &str, arch: Option<&str>) -> (Output, Option<String>) {
+        self.skopeo_copy_opts(image, arch, &[])
+    }
+
+    /// [`Sandbox::skopeo_copy`] with extra `copy` flags (e.g. `--src-tls-verify=false`).
+    pub fn skopeo_copy_opts(&self, image: &str, arch: Option<&str>, flags: &[&str]) -> (Output, Option<String>) {
         let out_dir = self.next_out_dir("skopeo");
         let policy = self.policy();
         let src = format!("docker://{image}");
@@ -173,7 +195,9 @@ impl Sandbox {
         if let Some(a) = arch {
             args.extend(["--override-arch", a, "--override-os", "linux"]);
         }
-        args.extend(["copy", "--retry-times", "0", &src, &dst]);
+        args.extend(["copy", "--retry-times", "0"]);
+        args.extend_from_slice(flags);
+        args.extend([src.as_str(), dst.as_str()]);
         let out = self.run(&args);
         let digest = out
             .success()
@@ -227,8 +251,14 @@ impl Sandbox {
     /// `podman pull [--arch ARCH] IMAGE`; returns the output and, on success,
     /// `podman image inspect --format {{.Digest}}`.
     pub fn podman_pull(&self, image: &str, arch: Option<&str>) -> (Output, Option<String>) {
+        self.podman_pull_opts(image, arch, &[])
+    }
+
+    /// [`Sandbox::podman_pull`] with extra `pull` flags (e.g. `--tls-verify=false`).
+    pub fn podman_pull_opts(&self, image: &str, arch: Option<&str>, flags: &[&str]) -> (Output, Option<String>) {
         let mut args = self.podman_args();
         args.extend(["pull".into(), "--signature-policy".into(), self.policy()]);
+        args.extend(flags.iter().map(|f| f.to_string()));
         if let Some(a) = arch {
             args.extend(["--arch".into(), a.into(), "--os".into(), "linux".into()]);
         }

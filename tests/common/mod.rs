@@ -13,7 +13,9 @@
 
 pub mod certs;
 pub mod clients;
+pub mod daemons;
 pub mod images;
+pub mod matrix;
 pub mod regmirror;
 pub mod token_server;
 pub mod upstream;

@@ -269,6 +269,33 @@ impl Regmirror {
         self.dir.path()
     }
 
+    /// Runs `regmirror setup TARGET --config CFG ARGS --write DIR` with this
+    /// instance's config and returns the files it wrote (it prints one path
+    /// per line). Panics if the command fails.
+    pub fn setup(&self, target: &str, args: &[&str], dir: &Path) -> Vec<PathBuf> {
+        let out = Command::new(binary())
+            .args(["setup", target, "--config"])
+            .arg(&self.config_path)
+            .args(args)
+            .arg("--write")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run regmirror setup");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "regmirror setup {target} {args:?} failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(PathBuf::from)
+            .collect()
+    }
+
     /// Stops the process (SIGTERM, 10 s grace) and returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         super::terminate(&mut self.child, Duration::from_secs(10));
