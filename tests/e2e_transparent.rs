@@ -8,6 +8,7 @@ mod common;
 
 use common::clients::Sandbox;
 use common::images::{self, Format, Image, MultiImage};
+use common::matrix::summarize;
 use common::regmirror::{Config, Regmirror};
 use common::upstream::{blob_fetch_counts, AccessEntry, Upstream};
 use common::{alloc_ip, UpstreamEnv, UpstreamEnvOpts, PUSH_PASSWORD, PUSH_USER, UPSTREAM_HOST};
@@ -156,20 +157,6 @@ fn pulls_through_docker_ghcr_and_quay_with_unchanged_names() {
     );
     let repos: Vec<&str> = pulls.iter().map(|(_, r, _)| *r).collect();
     assert_only_tag_heads_since(s.up(), mark, &repos);
-}
-
-/// "GET blobs 200 x7, HEAD manifests 200 x3": what upstream served, for the log.
-fn summarize(entries: &[AccessEntry]) -> String {
-    let mut counts = std::collections::BTreeMap::new();
-    for e in entries {
-        let kind = ["blobs", "manifests", "tags"]
-            .into_iter()
-            .find(|k| e.path.contains(&format!("/{k}/")))
-            .unwrap_or("other");
-        *counts.entry(format!("{} {kind} {}", e.method, e.status)).or_insert(0) += 1;
-    }
-    let parts: Vec<String> = counts.into_iter().map(|(k, n)| format!("{k} x{n}")).collect();
-    parts.join(", ")
 }
 
 /// The other way round: podman pulls cold (it checks diff_ids as it stores

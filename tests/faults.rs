@@ -1120,3 +1120,50 @@ async fn tag_head_without_digest_falls_back_to_one_get() {
     assert_eq!(body, manifest);
     assert_eq!(up.seen().len(), before);
 }
+
+// ---------------------------------------------------------------- graceful shutdown
+
+/// After the shutdown signal no new connection is accepted, and a download
+/// already streaming to a client finishes intact before `serve` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_streaming_download_finish_and_refuses_new_connections() {
+    let up = FakeUpstream::start("127.0.3.126:0").await;
+    let mut m = Mirror::start(26, &up.url()).await;
+    let c = client();
+    let data = bytes_for("shutdown", 2_000_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.gate(&path);
+
+    let mut resp = c.get(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = resp
+        .chunk()
+        .await
+        .unwrap()
+        .expect("first bytes before the gate")
+        .to_vec();
+
+    m.stop.take().expect("running").send(()).unwrap();
+    // The listener closes promptly; poll rather than guess how promptly.
+    let addr = format!("{}:5000", m.ip);
+    let mut refused = false;
+    for _ in 0..250 {
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "new connections must be refused after the shutdown signal");
+
+    up.open_gate();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, data, "the in-flight download must complete intact");
+    let served = tokio::time::timeout(Duration::from_secs(30), &mut m.task).await;
+    assert!(
+        matches!(served, Ok(Ok(Ok(())))),
+        "serve returns once open connections are done: {served:?}"
+    );
+}
