@@ -309,3 +309,25 @@ fn concurrent_cold_pulls_fetch_each_blob_once() {
         "regmirror fetched a new upstream token instead of reusing it: {authed:#?}"
     );
 }
+
+/// A plain HTTP client (curl, scripts) sends `Accept: */*`, which names no
+/// manifest type; distribution refuses OCI manifests to such a request, so
+/// regmirror must ask upstream for every manifest type instead.
+#[test]
+fn wildcard_accept_still_gets_the_manifest() {
+    let s = Stack::start(false);
+    let image = images::build_image(Format::Oci, "amd64", &[64 * KIB]);
+    s.env.pusher.push_image("library/curl", "1", &image);
+    let url = format!("{}/v2/dockerhub/library/curl/manifests/1", s.rm.http_url());
+    let (status, body) = common::block_on(async {
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .header("accept", "*/*")
+            .send()
+            .await
+            .expect("regmirror answers");
+        (resp.status(), resp.bytes().await.unwrap_or_default())
+    });
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(common::sha256_digest(&body), image.manifest_digest);
+}

@@ -1167,3 +1167,45 @@ async fn shutdown_lets_a_streaming_download_finish_and_refuses_new_connections()
         "serve returns once open connections are done: {served:?}"
     );
 }
+
+// ---------------------------------------------------------------- catalog
+
+/// `/v2/_catalog` lists what regmirror holds: through the upstream's host in
+/// upstream names, on the proxy's own address with the namespace prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_lists_cached_repositories() {
+    let up = FakeUpstream::start("127.0.3.127:0").await;
+    let m = Mirror::start(27, &up.url()).await;
+    let c = client();
+    let manifest = manifest_bytes("catalog");
+    up.add_manifest("library/app", Some("v1"), OCI_MANIFEST, &manifest);
+    up.add_manifest("org/tool", Some("2"), OCI_MANIFEST, &manifest);
+
+    let catalog = |host: Option<&'static str>| {
+        let mut req = c.get(format!("{}/v2/_catalog", m.base));
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        async move {
+            let body = req.send().await.unwrap().bytes().await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            v["repositories"].clone()
+        }
+    };
+    assert_eq!(catalog(None).await, serde_json::json!([]));
+
+    for path in ["library/app/manifests/v1", "org/tool/manifests/2"] {
+        let url = format!("{}/v2/dockerhub/{path}", m.base);
+        let r = c.get(&url).header("accept", "*/*").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        assert_eq!(r.bytes().await.unwrap(), manifest);
+    }
+    assert_eq!(
+        catalog(None).await,
+        serde_json::json!(["dockerhub/library/app", "dockerhub/org/tool"])
+    );
+    assert_eq!(
+        catalog(Some("registry-1.docker.io")).await,
+        serde_json::json!(["library/app", "org/tool"])
+    );
+}

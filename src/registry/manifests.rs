@@ -20,8 +20,8 @@ use crate::reference::{Digest, Reference, Tag};
 use crate::route::RepoRequest;
 use crate::upstream::UpstreamRequest;
 
-/// Sent upstream when the client names no manifest type, so upstream never
-/// falls back to a legacy format.
+/// Sent upstream when the client names no manifest type (no Accept, or only
+/// `*/*`), so upstream never refuses a modern manifest or converts it.
 const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
@@ -52,10 +52,12 @@ fn accept_of(headers: &HeaderMap) -> String {
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
         .join(", ");
-    if joined.trim().is_empty() {
-        DEFAULT_ACCEPT.to_string()
-    } else {
+    // `*/*` (curl, plain HTTP libraries) names no manifest type; upstream
+    // would then refuse OCI manifests or fall back to a legacy format.
+    if joined.contains("vnd.") {
         joined
+    } else {
+        DEFAULT_ACCEPT.to_string()
     }
 }
 
@@ -338,6 +340,23 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_without_manifest_types_asks_for_all_of_them() {
+        let mut h = HeaderMap::new();
+        assert_eq!(accept_of(&h), DEFAULT_ACCEPT);
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert_eq!(accept_of(&h), DEFAULT_ACCEPT);
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        assert_eq!(
+            accept_of(&h),
+            "*/*, application/vnd.oci.image.index.v1+json",
+            "every Accept line is kept"
+        );
+    }
 
     #[test]
     fn accept_key_ignores_order_spacing_and_params() {

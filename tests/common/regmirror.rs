@@ -53,6 +53,9 @@ pub struct Config {
     pub extra_toml: String,
     /// Extra environment for the regmirror process (e.g. `HTTPS_PROXY`).
     pub env: Vec<(String, String)>,
+    /// Run regmirror in its own mount namespace with these `/etc/hosts` and
+    /// `/etc/resolv.conf` contents (to prove what it does and does not read).
+    pub private_etc: Option<(String, String)>,
 }
 
 /// Hostnames of the three standard upstreams.
@@ -72,6 +75,7 @@ impl Config {
             upstreams: Vec::new(),
             extra_toml: String::new(),
             env: Vec::new(),
+            private_etc: None,
         }
     }
 
@@ -198,9 +202,30 @@ impl Regmirror {
         std::fs::write(&config_path, &toml).expect("write config");
         let log_path = dir.path().join("regmirror.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(binary())
-            .args(["serve", "--config"])
-            .arg(&config_path)
+        let mut cmd = match &config.private_etc {
+            None => {
+                let mut c = Command::new(binary());
+                c.args(["serve", "--config"]).arg(&config_path);
+                c
+            }
+            Some((hosts, resolv)) => {
+                let hosts_path = dir.path().join("etc-hosts");
+                let resolv_path = dir.path().join("etc-resolv.conf");
+                std::fs::write(&hosts_path, hosts).expect("write private hosts");
+                std::fs::write(&resolv_path, resolv).expect("write private resolv.conf");
+                let script = format!(
+                    "mount --bind '{}' /etc/hosts && mount --bind '{}' /etc/resolv.conf && exec '{}' serve --config '{}'",
+                    hosts_path.display(),
+                    resolv_path.display(),
+                    binary().display(),
+                    config_path.display()
+                );
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c", &script]);
+                c
+            }
+        };
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "regmirror=debug".into()),
