@@ -189,9 +189,15 @@ where
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_buf_size(64 * 1024)
+        // Generous transport limits; the handler enforces the real one
+        // (`MAX_HEADER_BYTES`) so that clients get an OCI error body.
+        .max_buf_size(256 * 1024)
+        .max_headers(200)
         .header_read_timeout(Duration::from_secs(30));
-    builder.http2().max_concurrent_streams(256);
+    builder
+        .http2()
+        .max_concurrent_streams(256)
+        .max_header_list_size(256 * 1024);
     if let Err(e) = watcher.watch(builder.serve_connection(io, service)).await {
         tracing::debug!(peer = ?peer, error = %e, "connection ended with an error");
     }

@@ -1209,3 +1209,25 @@ async fn catalog_lists_cached_repositories() {
         serde_json::json!(["library/app", "org/tool"])
     );
 }
+
+/// Oversized request headers get an OCI error (431), not a bare status or a
+/// dropped connection, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_an_oci_error() {
+    let up = FakeUpstream::start("127.0.3.128:0").await;
+    let m = Mirror::start(28, &up.url()).await;
+    let c = client();
+    let r = c
+        .get(format!("{}/v2/", m.base))
+        .header("x-filler", "a".repeat(40 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
+    let body = r.bytes().await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["errors"][0]["message"].as_str().unwrap().contains("limit"), "{v}");
+    assert_eq!(c.get(format!("{}/v2/", m.base)).send().await.unwrap().status(), 200);
+    assert!(up.seen().is_empty(), "nothing reached upstream");
+}

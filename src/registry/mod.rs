@@ -30,6 +30,10 @@ use crate::upstream::UpstreamClient;
 use body::{empty, full, Body};
 use errors::RegistryError;
 
+/// The most request-line and header bytes regmirror accepts; registry
+/// clients send a few KiB at most (a Bearer token is the largest part).
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 /// Everything a request handler needs; shared by all connections.
 pub struct App {
     pub settings: Settings,
@@ -118,6 +122,19 @@ async fn dispatch<B>(
     host: Option<&str>,
     req: &Request<B>,
 ) -> Result<Response<Body>, RegistryError> {
+    let header_bytes: usize = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(RegistryError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "UNSUPPORTED",
+            format!("request line and headers are {header_bytes} bytes; the limit is {MAX_HEADER_BYTES}"),
+        ));
+    }
     if req.headers().get(VIA_HEADER).and_then(|v| v.to_str().ok()) == Some(app.via.as_str()) {
         return Err(RegistryError::loop_detected());
     }
