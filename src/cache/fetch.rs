@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -27,7 +27,9 @@ use crate::metrics::METRICS;
 use crate::reference::Digest;
 use crate::registry::errors::RegistryError;
 
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
+/// Largest piece the leader buffers before writing it to the pending file.
+const WRITE_CHUNK: usize = 1024 * 1024;
 
 /// An upstream body as the cache sees it: bytes and what upstream said of them.
 pub struct Source {
@@ -269,24 +271,38 @@ async fn write_verified<W: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<u64, RegistryError> {
     let mut hasher = Sha256::new();
     let mut written: u64 = 0;
+    let mut buf = BytesMut::new();
     let broken = |why: String| {
         METRICS.verify_failures.inc();
         RegistryError::new(http::StatusCode::BAD_GATEWAY, "UNAVAILABLE", why)
     };
-    while let Some(chunk) = body.next().await {
+    loop {
+        // Write in large pieces while upstream is fast; as soon as it makes
+        // us wait, write what we have so waiting clients get it now.
+        let next = match body.next().now_or_never() {
+            Some(item) => item,
+            None => {
+                written += flush_to(pending, &mut buf, digest).await?;
+                inflight.progress.send_replace(Progress::Growing { written });
+                body.next().await
+            }
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| broken(format!("download of {digest} broke after {written} bytes: {e}")))?;
         hasher.update(&chunk);
-        pending.write_all(&chunk).await.map_err(|e| store_error(digest, e))?;
-        pending.flush().await.map_err(|e| store_error(digest, e))?;
-        written += chunk.len() as u64;
-        if length.is_some_and(|l| written > l) {
+        buf.extend_from_slice(&chunk);
+        if length.is_some_and(|l| written + buf.len() as u64 > l) {
             return Err(broken(format!(
                 "upstream sent more than the announced {} bytes of {digest}",
                 length.unwrap_or(0)
             )));
         }
-        inflight.progress.send_replace(Progress::Growing { written });
+        if buf.len() >= WRITE_CHUNK {
+            written += flush_to(pending, &mut buf, digest).await?;
+            inflight.progress.send_replace(Progress::Growing { written });
+        }
     }
+    written += flush_to(pending, &mut buf, digest).await?;
     if let Some(l) = length {
         if written != l {
             return Err(broken(format!("upstream sent {written} of {l} bytes of {digest}")));
@@ -299,6 +315,22 @@ async fn write_verified<W: tokio::io::AsyncWrite + Unpin>(
         )));
     }
     Ok(written)
+}
+
+/// Writes and flushes `buf` (so readers of the pending file see it), returning its length.
+async fn flush_to<W: tokio::io::AsyncWrite + Unpin>(
+    pending: &mut W,
+    buf: &mut BytesMut,
+    digest: &Digest,
+) -> Result<u64, RegistryError> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    pending.write_all(buf).await.map_err(|e| store_error(digest, e))?;
+    pending.flush().await.map_err(|e| store_error(digest, e))?;
+    let n = buf.len() as u64;
+    buf.clear();
+    Ok(n)
 }
 
 impl<S: Store> Served<S> {
