@@ -142,20 +142,14 @@ impl<S: Store> Cache<S> {
             let opener = open();
             let inflight = inflight.clone();
             tokio::spawn(async move {
+                let mut guard = LeaderGuard {
+                    cache: &cache,
+                    digest: &digest,
+                    inflight: &inflight,
+                    done: false,
+                };
                 let result = cache.download(&digest, &inflight, opener).await;
-                if let Ok(mut map) = cache.inflight.lock() {
-                    map.remove(&digest);
-                }
-                match result {
-                    Ok(size) => {
-                        tracing::debug!(%digest, size, "download verified and stored");
-                        inflight.progress.send_replace(Progress::Done { size });
-                    }
-                    Err(e) => {
-                        tracing::warn!(%digest, error = %e, "download failed; nothing was stored");
-                        inflight.progress.send_replace(Progress::Failed(e));
-                    }
-                }
+                guard.finish(result);
             });
         } else {
             METRICS.cache_joins.inc();
@@ -256,6 +250,48 @@ impl<S: Store> Cache<S> {
                 self.store.abort(pending, &id).await;
                 Err(e)
             }
+        }
+    }
+}
+
+/// Ends a download exactly once: unregisters it, then tells every waiter
+/// the outcome. Dropped without `finish` (the task panicked or the runtime
+/// is shutting down), it fails the download so no waiter hangs on it.
+struct LeaderGuard<'a, S: Store> {
+    cache: &'a Cache<S>,
+    digest: &'a Digest,
+    inflight: &'a Inflight,
+    done: bool,
+}
+
+impl<S: Store> LeaderGuard<'_, S> {
+    fn finish(&mut self, result: Result<u64, RegistryError>) {
+        self.done = true;
+        match self.cache.inflight.lock() {
+            Ok(mut map) => map.remove(self.digest),
+            Err(poisoned) => poisoned.into_inner().remove(self.digest),
+        };
+        let digest = self.digest;
+        match result {
+            Ok(size) => {
+                tracing::debug!(%digest, size, "download verified and stored");
+                self.inflight.progress.send_replace(Progress::Done { size });
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "download failed; nothing was stored");
+                self.inflight.progress.send_replace(Progress::Failed(e));
+            }
+        }
+    }
+}
+
+impl<S: Store> Drop for LeaderGuard<'_, S> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(Err(RegistryError::internal(format!(
+                "download of {} was aborted",
+                self.digest
+            ))));
         }
     }
 }
@@ -463,4 +499,94 @@ impl<S: Store> StreamState<S> {
 fn store_error(digest: &Digest, e: io::Error) -> RegistryError {
     tracing::error!(%digest, error = %e, "cache store failure");
     RegistryError::internal(format!("cache store failure for {digest}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::LocalStore;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn cache() -> (tempfile::TempDir, Arc<Cache<LocalStore>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_dir(dir.path()).unwrap();
+        (dir, Arc::new(Cache::new(Arc::new(store))))
+    }
+
+    fn source(data: Vec<u8>) -> OpenFuture {
+        Box::pin(async move {
+            let len = data.len() as u64;
+            let chunks: Vec<io::Result<Bytes>> = data.chunks(1000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+            Ok(Source {
+                media_type: None,
+                length: Some(len),
+                body: Box::pin(futures_util::stream::iter(chunks)),
+            })
+        })
+    }
+
+    async fn read_all(s: Served<LocalStore>) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut st = Box::pin(s.into_stream(0, None));
+        while let Some(c) = st.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_open_upstream_once() {
+        let (_dir, cache) = cache();
+        let data: Vec<u8> = (0..50_000u32).map(|i| i as u8).collect();
+        let d = Digest::of(&data);
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (cache, d, data, opened) = (cache.clone(), d.clone(), data.clone(), opened.clone());
+            tasks.push(tokio::spawn(async move {
+                let served = cache
+                    .get_or_fetch(&d, move || {
+                        opened.fetch_add(1, Ordering::SeqCst);
+                        source(data)
+                    })
+                    .await
+                    .unwrap();
+                read_all(served).await.unwrap()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), data);
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        assert!(cache.store().stat(&d).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn bytes_that_do_not_match_the_digest_are_never_stored_or_completed() {
+        let (_dir, cache) = cache();
+        let d = Digest::of(b"the real content");
+        let served = cache.get_or_fetch(&d, || source(b"something else!!".to_vec())).await;
+        // Either the fetch already failed, or the stream breaks before its end.
+        if let Ok(s) = served {
+            assert!(read_all(s).await.is_err(), "a corrupt download must not complete");
+        }
+        assert!(cache.store().stat(&d).await.unwrap().is_none());
+        let ok = cache
+            .get_or_fetch(&d, || source(b"the real content".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(read_all(ok).await.unwrap(), b"the real content");
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_dies_fails_its_waiters_instead_of_hanging_them() {
+        let (_dir, cache) = cache();
+        let d = Digest::of(b"x");
+        let r = cache
+            .get_or_fetch(&d, || Box::pin(async { panic!("upstream client bug") }))
+            .await;
+        assert!(r.is_err());
+        let ok = cache.get_or_fetch(&d, || source(b"x".to_vec())).await.unwrap();
+        assert_eq!(read_all(ok).await.unwrap(), b"x");
+    }
 }
