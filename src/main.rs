@@ -94,6 +94,10 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Check { config } => {
             let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            // An existing CA must still cover every configured hostname.
+            if CertificateAuthority::cert_path(&s.ca_dir).exists() {
+                CertificateAuthority::load_or_create(&s.ca_dir, &s.tls_names()).map_err(|e| format!("ca.dir: {e}"))?;
+            }
             println!(
                 "config OK: {} upstream(s) ({}), https {}, http {}, cache {} (max {} bytes), CA in {}",
                 s.upstreams.len(),

@@ -61,3 +61,22 @@ fn setup_writes_client_files() {
     let (ok, _, err) = regmirror(&["setup", "hosts"]);
     assert!(!ok && err.contains("--proxy"), "{err}");
 }
+
+#[test]
+fn check_reports_a_ca_that_no_longer_covers_the_configured_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let base =
+        include_str!("../config.toml").replace("dir = \"certs\"", &format!("dir = \"{}/certs\"", dir.path().display()));
+    std::fs::write(&path, &base).unwrap();
+    let (ok, _, err) = regmirror(&["ca", "export", "--config", path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let grown = base.replace(
+        "hosts = [\"quay.io\"]",
+        "hosts = [\"quay.io\", \"registry.example.org\"]",
+    );
+    std::fs::write(&path, grown).unwrap();
+    let (ok, _, err) = regmirror(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("registry.example.org"), "{err}");
+}
