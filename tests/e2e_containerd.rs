@@ -12,7 +12,7 @@ mod common;
 
 use common::daemons::Containerd;
 use common::images::Format;
-use common::matrix::{assert_cold, assert_one_platform, assert_pulled, assert_warm, summarize, Stack};
+use common::matrix::{assert_cold, assert_one_platform, assert_pulled, assert_warm, cold_then_warm, summarize, Stack};
 
 #[test]
 fn containerd_transparent_and_hosts_toml() {
@@ -34,13 +34,14 @@ fn transparent(s: &Stack, ctrd: &Containerd) {
         ("quay.io/org/ct-quay:1", "org/ct-quay", Format::Docker),
     ] {
         let img = s.image(repo, format);
-        let mark = s.up().mark();
-        assert_pulled(name, &ctrd.pull(&sb, name, None, None), &img.manifest_digest);
-        assert_cold(s.up(), mark, &img, name);
-        // Warm, another client.
-        let mark = s.up().mark();
-        assert_pulled(name, &other.skopeo_copy(name, None), &img.manifest_digest);
-        assert_warm(s.up(), mark, repo, name);
+        cold_then_warm(
+            s.up(),
+            name,
+            repo,
+            &img,
+            || ctrd.pull(&sb, name, None, None),
+            || other.skopeo_copy(name, None),
+        );
     }
 
     // ctr as the warm client: skopeo fills the cache first.

@@ -20,7 +20,8 @@ mod common;
 use common::daemons::{Dockerd, DockerdOpts};
 use common::images::Format;
 use common::matrix::{
-    assert_cold, assert_one_platform, assert_pulled, assert_registry_error, assert_warm, summarize, Stack,
+    assert_cold, assert_one_platform, assert_pulled, assert_registry_error, assert_warm, cold_then_warm, summarize,
+    Stack,
 };
 
 /// Transparent mode: the daemon's /etc/hosts is `regmirror setup hosts`'s
@@ -67,12 +68,14 @@ fn docker_transparent() {
         ("quay.io/org/dt-quay:1", "org/dt-quay", Format::Docker),
     ] {
         let img = s.image(repo, format);
-        let mark = s.up().mark();
-        assert_pulled(name, &dockerd.pull(name, None), &img.manifest_digest);
-        assert_cold(s.up(), mark, &img, name);
-        let mark = s.up().mark();
-        assert_pulled(name, &other.podman_pull(name, None), &img.manifest_digest);
-        assert_warm(s.up(), mark, repo, name);
+        cold_then_warm(
+            s.up(),
+            name,
+            repo,
+            &img,
+            || dockerd.pull(name, None),
+            || other.podman_pull(name, None),
+        );
     }
 
     // One platform of an index.
@@ -173,12 +176,14 @@ fn docker_registry_mirrors_and_explicit_prefix() {
         (tls.as_str(), "org/dm-tls", "ghcr.io/org/dm-tls:1"),
     ] {
         let img = s.image(repo, Format::Docker);
-        let mark = s.up().mark();
-        assert_pulled(name, &dockerd.pull(name, None), &img.manifest_digest);
-        assert_cold(s.up(), mark, &img, name);
-        let mark = s.up().mark();
-        assert_pulled(name, &other.skopeo_copy(upstream_name, None), &img.manifest_digest);
-        assert_warm(s.up(), mark, repo, name);
+        cold_then_warm(
+            s.up(),
+            name,
+            repo,
+            &img,
+            || dockerd.pull(name, None),
+            || other.skopeo_copy(upstream_name, None),
+        );
     }
 
     // Errors: the registry's OCI error text reaches the user.

@@ -8,7 +8,9 @@
 mod common;
 
 use common::images::Format;
-use common::matrix::{assert_cold, assert_one_platform, assert_pulled, assert_registry_error, assert_warm, Stack};
+use common::matrix::{
+    assert_cold, assert_one_platform, assert_pulled, assert_registry_error, assert_warm, cold_then_warm, Stack,
+};
 
 /// podman, names unchanged: `docker.io/library/x`, `x:1`, `org/x:1`,
 /// `ghcr.io/org/x`, `quay.io/org/x`, `--arch arm64` of an index.
@@ -45,12 +47,14 @@ fn podman_transparent() {
         ),
     ] {
         let img = s.image(repo, format);
-        let mark = s.up().mark();
-        assert_pulled(name, &pm.podman_pull(name, None), &img.manifest_digest);
-        assert_cold(s.up(), mark, &img, name);
-        let mark = s.up().mark();
-        assert_pulled(name, &other.skopeo_copy(warm_name, None), &img.manifest_digest);
-        assert_warm(s.up(), mark, repo, name);
+        cold_then_warm(
+            s.up(),
+            name,
+            repo,
+            &img,
+            || pm.podman_pull(name, None),
+            || other.skopeo_copy(warm_name, None),
+        );
     }
 
     let idx = s.index("org/pt-multi", Format::Oci);
@@ -217,12 +221,14 @@ fn skopeo_and_podman_explicit_prefix() {
     ];
     for (name, repo, upstream_name, pull) in cases {
         let img = s.image(repo, Format::Oci);
-        let mark = s.up().mark();
-        assert_pulled(&name, &pull(&name), &img.manifest_digest);
-        assert_cold(s.up(), mark, &img, &name);
-        let mark = s.up().mark();
-        assert_pulled(&name, &warm.skopeo_copy(upstream_name, None), &img.manifest_digest);
-        assert_warm(s.up(), mark, repo, &name);
+        cold_then_warm(
+            s.up(),
+            &name,
+            repo,
+            &img,
+            || pull(&name),
+            || warm.skopeo_copy(upstream_name, None),
+        );
     }
 
     assert_registry_error(

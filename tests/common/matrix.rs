@@ -228,6 +228,25 @@ pub fn assert_registry_error(out: &Output, text: &str) {
     }
 }
 
+/// A cold pull by one client, then a warm pull of the same image by another:
+/// both report upstream's digest, the cold pull fetched every blob once, the
+/// warm one cost upstream only a HEAD of the tag.
+pub fn cold_then_warm(
+    up: &Upstream,
+    name: &str,
+    repo: &str,
+    image: &Image,
+    cold: impl FnOnce() -> (Output, Option<String>),
+    warm: impl FnOnce() -> (Output, Option<String>),
+) {
+    let mark = up.mark();
+    assert_pulled(name, &cold(), &image.manifest_digest);
+    assert_cold(up, mark, image, name);
+    let mark = up.mark();
+    assert_pulled(name, &warm(), &image.manifest_digest);
+    assert_warm(up, mark, repo, name);
+}
+
 /// "GET blobs 200 x2, HEAD manifests 200 x1": what upstream served.
 pub fn summarize(entries: &[AccessEntry]) -> String {
     let mut counts = std::collections::BTreeMap::new();
