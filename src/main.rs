@@ -1,5 +1,8 @@
 //! The `regmirror` command line: parse, load the config, hand off to the library.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
