@@ -331,3 +331,26 @@ fn wildcard_accept_still_gets_the_manifest() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(common::sha256_digest(&body), image.manifest_digest);
 }
+
+/// A repository upstream refuses to regmirror (anonymous, private repo)
+/// fails for the client with the registry's own error, not a TLS or parse
+/// error, and nothing of it is cached.
+#[test]
+fn upstream_refusal_reaches_the_client_as_the_registry_error() {
+    let mut opts = UpstreamEnvOpts::default();
+    opts.policy.private_prefixes = vec!["private/".into()];
+    let env = UpstreamEnv::start(opts);
+    let image = images::build_image(Format::Docker, "amd64", &[64 * KIB]);
+    env.pusher.push_image("private/secret", "1", &image);
+    let rm =
+        Regmirror::start(Config::new(alloc_ip()).with_standard_upstreams(UPSTREAM_HOST, env.upstream.ip, &env.ca_file));
+    let client = Sandbox::new(rm.ip(), &rm.config.client_hostnames(), &rm.ca_pem);
+    let (out, _) = client.skopeo_copy("docker.io/private/secret:1", None);
+    common::matrix::assert_registry_error(&out, "authentication required");
+    let (out, _) = client.podman_pull("docker.io/private/secret:1", None);
+    common::matrix::assert_registry_error(&out, "authentication required");
+    let blobs = std::fs::read_dir(rm.cache_dir.join("blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "nothing of a refused repository is cached");
+}

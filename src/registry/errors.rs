@@ -127,11 +127,22 @@ impl RegistryError {
                 e.message.unwrap_or_else(|| status.to_string()),
                 e.detail,
             ),
-            None => (
-                default_code.to_string(),
-                format!("upstream {upstream} answered {status}"),
-                None,
-            ),
+            // No body (a HEAD, or a terse upstream): say it in the words
+            // registries use, so clients print a familiar error.
+            None => {
+                let what = match status {
+                    StatusCode::UNAUTHORIZED => "authentication required",
+                    StatusCode::FORBIDDEN => "requested access to the resource is denied",
+                    StatusCode::NOT_FOUND => "not found",
+                    StatusCode::TOO_MANY_REQUESTS => "too many requests",
+                    _ => "request failed",
+                };
+                (
+                    default_code.to_string(),
+                    format!("{what} (upstream {upstream} answered {status})"),
+                    None,
+                )
+            }
         };
         // A 5xx from upstream is a gateway problem for our client, except a
         // 508: that is our own loop detection answering through the loop,
