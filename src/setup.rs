@@ -28,6 +28,8 @@ pub enum Target {
 pub struct SetupFile {
     pub path: PathBuf,
     pub content: String,
+    /// What to run once the file is in place, if anything.
+    pub then: Option<&'static str>,
 }
 
 pub struct SetupOptions {
@@ -56,17 +58,19 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
             Ok(vec![SetupFile {
                 path: "/etc/hosts".into(),
                 content: format!("# regmirror: intercept registry hostnames (append to /etc/hosts)\n{ip} {names}\n"),
+                then: None,
             }])
         }
-        Target::Ca => Ok(vec![SetupFile {
-            path: "/usr/local/share/ca-certificates/regmirror.crt".into(),
-            content: format!(
-                "# Copy {ca} here, then run update-ca-certificates (Debian/Ubuntu).\n\
-                 # Fedora/RHEL: /etc/pki/ca-trust/source/anchors/regmirror.crt, then update-ca-trust.\n\
-                 # docker: also /etc/docker/certs.d/<host>/ca.crt for hosts not in the system store.\n",
-                ca = ca_path.display()
-            ),
-        }]),
+        Target::Ca => {
+            // The root itself, ready for the system store (Debian's path; on
+            // Fedora/RHEL use /etc/pki/ca-trust/source/anchors/ and update-ca-trust).
+            let ca = CertificateAuthority::load_or_create(&s.ca_dir, &s.tls_names()).map_err(|e| e.to_string())?;
+            Ok(vec![SetupFile {
+                path: "/usr/local/share/ca-certificates/regmirror.crt".into(),
+                content: ca.cert_pem,
+                then: Some("update-ca-certificates (then restart dockerd/containerd so they reload trust)"),
+            }])
+        }
         Target::Docker => {
             let proxy = plain_proxy(s, opts)?;
             let json = serde_json::json!({
@@ -76,6 +80,7 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
             Ok(vec![SetupFile {
                 path: "/etc/docker/daemon.json".into(),
                 content: serde_json::to_string_pretty(&json).map_err(|e| e.to_string())? + "\n",
+                then: Some("systemctl restart docker"),
             }])
         }
         Target::Containerd => {
@@ -101,7 +106,11 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
                     if opts.tls {
                         content.push_str(&format!("  ca = \"{}\"\n", ca_path.display()));
                     }
-                    SetupFile { path: PathBuf::from("/etc/containerd/certs.d").join(&u.name).join("hosts.toml"), content }
+                    SetupFile {
+                        path: PathBuf::from("/etc/containerd/certs.d").join(&u.name).join("hosts.toml"),
+                        content,
+                        then: None,
+                    }
                 })
                 .collect())
         }
@@ -122,6 +131,7 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
             Ok(vec![SetupFile {
                 path: "/etc/containers/registries.conf.d/regmirror.conf".into(),
                 content,
+                then: None,
             }])
         }
     }
@@ -159,6 +169,9 @@ pub fn emit(files: &[SetupFile], write_to: Option<&Path>) -> std::io::Result<()>
             for f in files {
                 println!("# ==> {} <==", f.path.display());
                 print!("{}", f.content);
+                if let Some(then) = f.then {
+                    println!("# then run: {then}");
+                }
             }
         }
         Some(dir) => {
@@ -170,6 +183,9 @@ pub fn emit(files: &[SetupFile], write_to: Option<&Path>) -> std::io::Result<()>
                 }
                 std::fs::write(&dest, &f.content)?;
                 println!("{}", dest.display());
+                if let Some(then) = f.then {
+                    eprintln!("then run: {then}");
+                }
             }
         }
     }
@@ -222,6 +238,30 @@ mod tests {
         )
         .unwrap();
         assert!(t[1].content.contains("[host.\"https://regmirror.local\"]") && t[1].content.contains("ca = "));
+    }
+
+    #[test]
+    fn ca_setup_installs_the_root_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let text =
+            crate::config::DEFAULT_CONFIG.replace("dir = \"certs\"", &format!("dir = \"{}\"", dir.path().display()));
+        let s = Settings::from_toml(&text, "t").unwrap();
+        let f = files(
+            &s,
+            Target::Ca,
+            &SetupOptions {
+                proxy: None,
+                tls: false,
+            },
+        )
+        .unwrap();
+        assert!(
+            f[0].content.starts_with("-----BEGIN CERTIFICATE-----"),
+            "{}",
+            f[0].content
+        );
+        assert!(f[0].path.to_str().unwrap().ends_with(".crt"));
+        assert!(!f[0].content.contains("PRIVATE"));
     }
 
     #[test]
