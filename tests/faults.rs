@@ -1231,3 +1231,29 @@ async fn oversized_headers_get_an_oci_error() {
     assert_eq!(c.get(format!("{}/v2/", m.base)).send().await.unwrap().status(), 200);
     assert!(up.seen().is_empty(), "nothing reached upstream");
 }
+
+/// Rule 14: blobs go out with identity encoding whatever the client asks
+/// for; the digest covers the raw bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_served_with_identity_encoding() {
+    let up = FakeUpstream::start("127.0.3.129:0").await;
+    let m = Mirror::start(29, &up.url()).await;
+    let c = client();
+    let data = bytes_for("identity", 300_000);
+    let (d, _) = up.add_blob("library/app", &data);
+    for round in ["miss", "hit"] {
+        let r = c
+            .get(m.url("app", &format!("blobs/{d}")))
+            .header("accept-encoding", "gzip, br, zstd")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{round}");
+        assert!(
+            r.headers().get("content-encoding").is_none(),
+            "{round}: {:?}",
+            r.headers()
+        );
+        assert_eq!(r.bytes().await.unwrap(), data, "{round}");
+    }
+}
