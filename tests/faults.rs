@@ -1257,3 +1257,18 @@ async fn blobs_are_served_with_identity_encoding() {
         assert_eq!(r.bytes().await.unwrap(), data, "{round}");
     }
 }
+
+/// The plain listener speaks HTTP/2 with prior knowledge (h2c) as well as
+/// HTTP/1.1, and serves blobs over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_listener_speaks_h2c() {
+    let up = FakeUpstream::start("127.0.3.130:0").await;
+    let m = Mirror::start(30, &up.url()).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let data = bytes_for("h2c", 100_000);
+    let (d, _) = up.add_blob("library/app", &data);
+    let r = h2.get(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+}
