@@ -1272,3 +1272,24 @@ async fn plain_listener_speaks_h2c() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
 }
+
+/// Rule 5: a client that stops reading slows neither the download nor the
+/// other clients of the same blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_does_not_hold_up_the_download_or_others() {
+    let up = FakeUpstream::start("127.0.3.131:0").await;
+    let m = Mirror::start(31, &up.url()).await;
+    let data = bytes_for("stalled-reader", 8_000_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    let url = m.url("app", &format!("blobs/{d}"));
+
+    // Reads the headers, then nothing: its socket buffers fill up.
+    let stalled = client().get(&url).send().await.unwrap();
+    assert_eq!(stalled.status(), 200);
+
+    let (_, body) = get_ok(&client(), &url).await;
+    assert_eq!(body, data);
+    assert!(m.stored(&d), "the download completed while one client was not reading");
+    assert_eq!(up.count("GET", &path), 1);
+    drop(stalled);
+}
