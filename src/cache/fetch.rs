@@ -496,7 +496,8 @@ impl<S: Store> StreamState<S> {
     }
 }
 
-fn store_error(digest: &Digest, e: io::Error) -> RegistryError {
+/// A store failure as the client sees it (500), logged once here.
+pub(crate) fn store_error(digest: &Digest, e: io::Error) -> RegistryError {
     tracing::error!(%digest, error = %e, "cache store failure");
     RegistryError::internal(format!("cache store failure for {digest}: {e}"))
 }

@@ -12,7 +12,8 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use super::body::{empty, stream, Body};
 use super::errors::RegistryError;
 use super::range::{parse_range, ByteRange};
-use super::{copy_header, source_from, upstream_error, App};
+use super::{copy_header, header_value, source_from, upstream_error, App};
+use crate::cache::fetch::store_error;
 use crate::cache::Store;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
@@ -55,11 +56,8 @@ pub async fn serve(
         (Some(size), Some(_)) => match parse_range(range, size) {
             ByteRange::Unsatisfiable => {
                 let mut resp = RegistryError::range_not_satisfiable(size).into_response();
-                resp.headers_mut().insert(
-                    header::CONTENT_RANGE,
-                    HeaderValue::from_str(&format!("bytes */{size}"))
-                        .map_err(|e| RegistryError::internal(e.to_string()))?,
-                );
+                resp.headers_mut()
+                    .insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
                 return Ok(resp);
             }
             ByteRange::Partial { first, last } => {
@@ -67,21 +65,17 @@ pub async fn serve(
                 *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
                 let h = resp.headers_mut();
                 h.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - first));
-                h.insert(header::CONTENT_RANGE, value(&format!("bytes {first}-{last}/{size}")));
+                h.insert(
+                    header::CONTENT_RANGE,
+                    header_value(&format!("bytes {first}-{last}/{size}")),
+                );
                 resp
             }
             ByteRange::Full => full_response(served, Some(size)),
         },
         (size, _) => full_response(served, size),
     };
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert("docker-content-digest", value(&d.to_string()));
-    h.insert(header::ETAG, value(&format!("\"{d}\"")));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    identify(resp.headers_mut(), d);
     Ok(resp)
 }
 
@@ -95,13 +89,7 @@ fn full_response(served: crate::cache::Served<crate::cache::LocalStore>, size: O
 
 async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Response<Body>, RegistryError> {
     let mut resp = Response::new(empty());
-    if let Some(info) = app
-        .cache
-        .store()
-        .stat(d)
-        .await
-        .map_err(|e| RegistryError::internal(format!("cache store failure for {d}: {e}")))?
-    {
+    if let Some(info) = app.cache.store().stat(d).await.map_err(|e| store_error(d, e))? {
         resp.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
     } else {
@@ -112,14 +100,7 @@ async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Respon
         }
         copy_header(up.headers(), resp.headers_mut(), header::CONTENT_LENGTH);
     }
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert("docker-content-digest", value(&d.to_string()));
-    h.insert(header::ETAG, value(&format!("\"{d}\"")));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    identify(resp.headers_mut(), d);
     Ok(resp)
 }
 
@@ -141,6 +122,13 @@ fn blob_error(e: RegistryError, d: &Digest) -> RegistryError {
     }
 }
 
-fn value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+/// The headers GET and HEAD of a blob share (rule 4: HEAD answers like GET).
+fn identify(h: &mut HeaderMap, d: &Digest) {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert("docker-content-digest", header_value(&d.to_string()));
+    h.insert(header::ETAG, header_value(&format!("\"{d}\"")));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }

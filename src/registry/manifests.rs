@@ -13,7 +13,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::body::{stream, Body};
 use super::errors::RegistryError;
-use super::{copy_header, read_limited, source_from, upstream_error, App};
+use super::{copy_header, header_str, header_value, read_limited, source_from, upstream_error, App};
 use crate::cache::{Served, Source, Store, TagRecord};
 use crate::metrics::METRICS;
 use crate::reference::{Digest, Reference, Tag};
@@ -178,17 +178,11 @@ async fn by_tag(
         // Upstream did not say which digest: one GET by tag, stored by the digest of its bytes.
         return by_tag_without_digest(app, r, tag, accept, &key, head).await;
     };
-    let media_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+    let media_type = header_str(resp.headers(), header::CONTENT_TYPE)
         .unwrap_or("")
         .to_string();
     // A HEAD response has no body: read the announced length, not the received one.
-    let size = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
+    let size = header_str(resp.headers(), header::CONTENT_LENGTH)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let record = TagRecord {
@@ -234,11 +228,7 @@ async fn by_tag_without_digest(
         }
         Err(e) => return stale_or(app, r, tag, key, head, e).await,
     };
-    let media_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let media_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
     let bytes = read_limited(resp, MAX_MANIFEST)
         .await
         .map_err(|e| RegistryError::upstream_unavailable(&client.name, format!("manifest {}:{tag}: {e}", r.repo)))?;
@@ -299,10 +289,6 @@ async fn stale_or(
     let served = Served::stored(reader, info);
     let warning = format!("110 regmirror \"Response is Stale: upstream {}\"", app.upstream(r).name);
     Ok(respond(&digest, served, head, Some(warning)))
-}
-
-fn header_value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// The manifest response: stored bytes with their own media type, length,

@@ -200,6 +200,16 @@ pub(crate) fn copy_header(from: &HeaderMap, to: &mut HeaderMap, name: header::He
     }
 }
 
+/// A header value from text we built (digests, ranges, media types).
+pub(crate) fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// A header as text, when present and printable.
+pub(crate) fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
 /// Reads an upstream error body (bounded) and turns it into our error.
 pub(crate) async fn upstream_error(upstream: &str, resp: reqwest::Response) -> RegistryError {
     let status = resp.status();
@@ -227,11 +237,7 @@ pub(crate) async fn read_limited(mut resp: reqwest::Response, limit: usize) -> R
 /// An upstream body as the cache's byte source.
 pub(crate) fn source_from(resp: reqwest::Response) -> crate::cache::Source {
     use futures_util::TryStreamExt;
-    let media_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let media_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
     let length = resp.content_length();
     let body = resp
         .bytes_stream()
