@@ -48,26 +48,28 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         settings.tls_names(),
         settings.server_name.clone(),
     ));
-    let store = cache::LocalStore::open_dir(&settings.cache_dir).map_err(|source| StartError::Store {
-        path: settings.cache_dir.display().to_string(),
-        source,
-    })?;
+    let namespace_moves: Vec<(String, String)> = settings
+        .upstreams
+        .iter()
+        .map(|u| (u.namespace.clone(), u.name.clone()))
+        .collect();
+    let cache =
+        cache::Cache::open_local(&settings.cache_dir, &namespace_moves).map_err(|source| StartError::Store {
+            path: settings.cache_dir.display().to_string(),
+            source,
+        })?;
     let via = instance_id();
     let resolver = Arc::new(upstream::resolve::UpstreamResolver::new(
         settings.resolver_overrides.clone(),
     ));
-    let upstreams = settings
-        .upstreams
-        .iter()
-        .map(|u| upstream::UpstreamClient::new(u, resolver.clone(), &via))
-        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams = upstream::UpstreamTable::build(&settings.upstreams, resolver, &via)?;
     let listeners = server::Listeners::bind(settings.https, settings.http)
         .await
         .map_err(StartError::Listen)?;
     let app = Arc::new(registry::App {
         routes: route::RouteTable::from_settings(&settings),
         upstreams,
-        cache: Arc::new(cache::Cache::new(Arc::new(store))),
+        cache: Arc::new(cache),
         via,
         settings,
     });

@@ -9,6 +9,7 @@
 
 use crate::config::Settings;
 use crate::reference::{Digest, Reference, RepoName};
+use crate::upstream::UpstreamId;
 
 /// What the routing table needs to know of one upstream.
 #[derive(Debug, Clone)]
@@ -40,6 +41,11 @@ impl RouteTable {
                 .collect(),
             default_upstream: s.default_upstream(),
         }
+    }
+
+    /// True when `host` is one of the intercepted upstream hostnames.
+    pub fn knows_host(&self, host: &str) -> bool {
+        self.by_host(host).is_some()
     }
 
     fn by_host(&self, host: &str) -> Option<usize> {
@@ -78,7 +84,7 @@ pub enum Kind {
 
 #[derive(Debug, Clone)]
 pub struct RepoRequest {
-    pub upstream: usize,
+    pub upstream: UpstreamId,
     pub mode: Mode,
     /// The name as the client wrote it (with the namespace prefix, if any).
     pub client_repo: String,
@@ -95,7 +101,7 @@ pub enum Endpoint {
     Ping,
     /// `GET /v2/_catalog`: one upstream's repositories, or all (namespaced).
     Catalog {
-        upstream: Option<usize>,
+        upstream: Option<UpstreamId>,
     },
     Repo(RepoRequest),
     Health,
@@ -156,7 +162,7 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     }
     if rest == "_catalog" {
         return Ok(Endpoint::Catalog {
-            upstream: from_ns.or(from_host),
+            upstream: from_ns.or(from_host).map(UpstreamId::from_config_index),
         });
     }
 
@@ -187,7 +193,7 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
         )
     };
     Ok(Endpoint::Repo(RepoRequest {
-        upstream,
+        upstream: UpstreamId::from_config_index(upstream),
         mode,
         client_repo: client_repo.as_str().to_string(),
         repo,
@@ -238,6 +244,10 @@ mod tests {
         }
     }
 
+    fn id(i: usize) -> UpstreamId {
+        UpstreamId::from_config_index(i)
+    }
+
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     #[test]
@@ -249,16 +259,16 @@ mod tests {
         );
         assert_eq!(
             (r.upstream, r.mode, r.repo.as_str()),
-            (0, Mode::Transparent, "library/debian")
+            (id(0), Mode::Transparent, "library/debian")
         );
         assert!(matches!(r.kind, Kind::Manifest(Reference::Tag(_))));
         let r = repo(Some("ghcr.io"), &format!("/v2/org/app/blobs/{D}"), None);
-        assert_eq!((r.upstream, r.repo.as_str()), (1, "org/app"));
+        assert_eq!((r.upstream, r.repo.as_str()), (id(1), "org/app"));
         assert!(matches!(r.kind, Kind::Blob(_)));
         let r = repo(Some("quay.io"), "/v2/prometheus/node-exporter/tags/list", Some("n=10"));
         assert_eq!(
             (r.upstream, r.kind.clone(), r.forward_query.as_deref()),
-            (2, Kind::TagsList, Some("n=10"))
+            (id(2), Kind::TagsList, Some("n=10"))
         );
     }
 
@@ -276,11 +286,11 @@ mod tests {
         let r = repo(Some("regmirror.local"), "/v2/dockerhub/library/nginx/manifests/1", None);
         assert_eq!(
             (r.upstream, r.mode, r.repo.as_str()),
-            (0, Mode::Prefix, "library/nginx")
+            (id(0), Mode::Prefix, "library/nginx")
         );
         assert_eq!(r.client_repo, "dockerhub/library/nginx");
         let r = repo(Some("10.0.0.5"), "/v2/quay/org/x/manifests/1", None);
-        assert_eq!((r.upstream, r.repo.as_str()), (2, "org/x"));
+        assert_eq!((r.upstream, r.repo.as_str()), (id(2), "org/x"));
         let r = repo(None, "/v2/dockerhub/nginx/manifests/1", None);
         assert_eq!(r.repo.as_str(), "library/nginx");
     }
@@ -290,12 +300,12 @@ mod tests {
         let r = repo(Some("10.0.0.5"), "/v2/library/nginx/manifests/1", None);
         assert_eq!(
             (r.upstream, r.mode, r.repo.as_str()),
-            (0, Mode::DefaultMirror, "library/nginx")
+            (id(0), Mode::DefaultMirror, "library/nginx")
         );
         let r = repo(Some("10.0.0.5"), "/v2/quay/manifests/1", None);
         assert_eq!(
             (r.upstream, r.repo.as_str()),
-            (0, "library/quay"),
+            (id(0), "library/quay"),
             "a namespace alone is a Docker Hub name"
         );
     }
@@ -303,10 +313,13 @@ mod tests {
     #[test]
     fn containerd_ns_picks_upstream_and_is_stripped() {
         let r = repo(Some("10.0.0.5"), "/v2/org/app/manifests/1", Some("ns=ghcr.io"));
-        assert_eq!((r.upstream, r.mode, r.repo.as_str()), (1, Mode::Namespace, "org/app"));
+        assert_eq!(
+            (r.upstream, r.mode, r.repo.as_str()),
+            (id(1), Mode::Namespace, "org/app")
+        );
         assert_eq!(r.forward_query, None);
         let r = repo(Some("10.0.0.5"), "/v2/library/x/tags/list", Some("ns=docker.io&n=5"));
-        assert_eq!((r.upstream, r.forward_query.as_deref()), (0, Some("n=5")));
+        assert_eq!((r.upstream, r.forward_query.as_deref()), (id(0), Some("n=5")));
         let e = route(&table(), None, "/v2/x/manifests/1", Some("ns=evil.example")).unwrap_err();
         assert!(matches!(e, RouteError::UnknownNamespace(_)));
     }
@@ -317,7 +330,7 @@ mod tests {
         assert!(matches!(route(&table(), None, "/v2", None), Ok(Endpoint::Ping)));
         assert!(matches!(
             route(&table(), Some("quay.io"), "/v2/_catalog", None),
-            Ok(Endpoint::Catalog { upstream: Some(2) })
+            Ok(Endpoint::Catalog { upstream: Some(u) }) if u == id(2)
         ));
         assert!(matches!(
             route(&table(), None, "/v2/_catalog", None),

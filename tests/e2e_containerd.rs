@@ -85,15 +85,15 @@ fn hosts_toml_http(s: &Stack, ctrd: &Containerd) {
     let hosts_dir = s.containerd_hosts_dir(&["--proxy", &s.proxy_ip().to_string()]);
     let sb = s.mirror_client(false, &s.env.ca_file);
     let warm = s.client();
-    for (name, repo, format, ns) in [
+    for (name, repo, format, upstream) in [
         (
             "docker.io/library/ch-alpha:1",
             "library/ch-alpha",
             Format::Docker,
-            "dockerhub",
+            "docker.io",
         ),
-        ("ghcr.io/org/ch-gh:1", "org/ch-gh", Format::Oci, "ghcr"),
-        ("quay.io/org/ch-quay:1", "org/ch-quay", Format::Oci, "quay"),
+        ("ghcr.io/org/ch-gh:1", "org/ch-gh", Format::Oci, "ghcr.io"),
+        ("quay.io/org/ch-quay:1", "org/ch-quay", Format::Oci, "quay.io"),
     ] {
         let img = s.image(repo, format);
         let mark = s.up().mark();
@@ -104,8 +104,8 @@ fn hosts_toml_http(s: &Stack, ctrd: &Containerd) {
         );
         assert_cold(s.up(), mark, &img, name);
         // `?ns=` picked the upstream: regmirror recorded the tag under that
-        // upstream's namespace (all three upstreams share one distribution).
-        let tag_record = s.rm.cache_dir.join("tags").join(ns).join(repo);
+        // upstream's name (all three upstreams share one distribution).
+        let tag_record = s.rm.cache_dir.join("meta").join(upstream).join(repo);
         assert!(tag_record.is_dir(), "{name}: no tag record at {}", tag_record.display());
         let mark = s.up().mark();
         assert_pulled(name, &warm.podman_pull(name, None), &img.manifest_digest);

@@ -133,23 +133,23 @@ fn podman_registries_conf_mirror() {
     let pm = s.mirror_client(false, &s.env.ca_file);
     pm.set_registries_conf(&conf);
     let warm = s.client();
-    for (name, repo, ns, format) in [
-        ("quay.io/org/pm-quay:1", "org/pm-quay", "quay", Format::Docker),
+    for (name, repo, upstream, format) in [
+        ("quay.io/org/pm-quay:1", "org/pm-quay", "quay.io", Format::Docker),
         (
             "docker.io/library/pm-full:1",
             "library/pm-full",
-            "dockerhub",
+            "docker.io",
             Format::Oci,
         ),
-        ("pm-short:1", "library/pm-short", "dockerhub", Format::Docker),
-        ("ghcr.io/org/pm-gh:1", "org/pm-gh", "ghcr", Format::Oci),
+        ("pm-short:1", "library/pm-short", "docker.io", Format::Docker),
+        ("ghcr.io/org/pm-gh:1", "org/pm-gh", "ghcr.io", Format::Oci),
     ] {
         let img = s.image(repo, format);
         let mark = s.up().mark();
         assert_pulled(name, &pm.podman_pull(name, None), &img.manifest_digest);
         assert_cold(s.up(), mark, &img, name);
-        // The namespace path picked the upstream: the tag record is under it.
-        let tag_record = s.rm.cache_dir.join("tags").join(ns).join(repo);
+        // The namespace path picked the upstream: the tag record is under its upstream's name.
+        let tag_record = s.rm.cache_dir.join("meta").join(upstream).join(repo);
         assert!(tag_record.is_dir(), "{name}: no tag record at {}", tag_record.display());
         let mark = s.up().mark();
         let full = if name.contains('/') {

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::body::{empty, stream, Body};
-use super::errors::RegistryError;
+use super::errors::{OciCode, RegistryError};
 use super::range::{parse_range, ByteRange};
-use super::{copy_header, header_value, source_from, upstream_error, App};
-use crate::cache::fetch::store_error;
-use crate::cache::Store;
+use super::{copy_header, header_value, source_from, App};
+use crate::cache::Served;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
 use crate::upstream::UpstreamRequest;
@@ -32,24 +31,19 @@ pub async fn serve(
     let app2 = app.clone();
     let req = blob_request(r, d, Method::GET);
     let upstream = r.upstream;
-    let digest = d.clone();
     let served = app
         .cache
         .get_or_fetch(d, move || {
             Box::pin(async move {
-                let client = &app2.upstreams[upstream];
-                let resp = client.send(&req).await?;
-                if resp.status() != StatusCode::OK {
-                    let e = upstream_error(&client.name, resp).await;
-                    return Err(blob_error(e, &digest));
-                }
-                let mut source = source_from(resp);
+                let resp = app2.upstreams.get(upstream).client.get_ok(&req).await?;
+                let mut source = source_from(resp, None);
                 // Layers are opaque bytes; whatever upstream called them.
                 source.media_type = None;
                 Ok(source)
             })
         })
-        .await?;
+        .await
+        .map_err(|e| blob_error(e.into(), d))?;
 
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let mut resp = match (served.info.size, range) {
@@ -79,7 +73,7 @@ pub async fn serve(
     Ok(resp)
 }
 
-fn full_response(served: crate::cache::Served<crate::cache::LocalStore>, size: Option<u64>) -> Response<Body> {
+fn full_response(served: Served, size: Option<u64>) -> Response<Body> {
     let mut resp = Response::new(stream(served.into_stream(0, None)));
     if let Some(s) = size {
         resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(s));
@@ -89,15 +83,16 @@ fn full_response(served: crate::cache::Served<crate::cache::LocalStore>, size: O
 
 async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Response<Body>, RegistryError> {
     let mut resp = Response::new(empty());
-    if let Some(info) = app.cache.store().stat(d).await.map_err(|e| store_error(d, e))? {
+    if let Some(info) = app.cache.stat(d).await? {
         resp.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
     } else {
-        let client = app.upstream(r);
-        let up = client.send(&blob_request(r, d, Method::HEAD)).await?;
-        if up.status() != StatusCode::OK {
-            return Err(blob_error(upstream_error(&client.name, up).await, d));
-        }
+        let up = app
+            .upstream(r)
+            .client
+            .get_ok(&blob_request(r, d, Method::HEAD))
+            .await
+            .map_err(|e| blob_error(e.into(), d))?;
         copy_header(up.headers(), resp.headers_mut(), header::CONTENT_LENGTH);
     }
     identify(resp.headers_mut(), d);
@@ -115,11 +110,7 @@ fn blob_request(r: &RepoRequest, d: &Digest, method: Method) -> UpstreamRequest 
 }
 
 fn blob_error(e: RegistryError, d: &Digest) -> RegistryError {
-    if e.status == StatusCode::NOT_FOUND {
-        RegistryError::blob_unknown(&d.to_string())
-    } else {
-        e
-    }
+    e.when_not_found(OciCode::BlobUnknown, format!("blob unknown: {d}"))
 }
 
 /// The headers GET and HEAD of a blob share (rule 4: HEAD answers like GET).

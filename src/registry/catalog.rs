@@ -9,28 +9,28 @@ use http::{header, HeaderValue, Response};
 use super::body::{full, Body};
 use super::errors::RegistryError;
 use super::App;
-use crate::cache::Store;
+use crate::upstream::UpstreamId;
 
 pub async fn list(
     app: &Arc<App>,
-    upstream: Option<usize>,
+    upstream: Option<UpstreamId>,
     query: Option<&str>,
 ) -> Result<Response<Body>, RegistryError> {
-    let store = app.cache.store();
     let mut repos = Vec::new();
-    for (i, u) in app.settings.upstreams.iter().enumerate() {
-        if upstream.is_some_and(|want| want != i) {
+    for u in app.upstreams.iter() {
+        if upstream.is_some_and(|want| want != u.id) {
             continue;
         }
-        let names = store
-            .list_repositories(&u.namespace)
+        let names = app
+            .cache
+            .repositories(u.name())
             .await
             .map_err(|e| RegistryError::internal(format!("listing the cache: {e}")))?;
         for n in names {
             repos.push(if upstream.is_some() {
                 n
             } else {
-                format!("{}/{n}", u.namespace)
+                format!("{}/{n}", u.config.namespace)
             });
         }
     }

@@ -9,16 +9,16 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Response};
 
 use super::body::{stream, Body};
-use super::errors::RegistryError;
-use super::{copy_header, header_str, header_value, read_limited, source_from, upstream_error, App};
-use crate::cache::{Served, Source, Store, TagRecord};
+use super::errors::{OciCode, RegistryError};
+use super::{copy_header, header_value, source_from, App};
+use crate::cache::{Served, Source, TagRecord};
 use crate::metrics::METRICS;
 use crate::reference::{Digest, Reference, Tag};
 use crate::route::RepoRequest;
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{self, UpstreamRequest};
 
 /// Sent upstream when the client names no manifest type (no Accept, or only
 /// `*/*`), so upstream never refuses a modern manifest or converts it.
@@ -98,42 +98,23 @@ async fn by_digest(
     Ok(respond(d, served, head, None))
 }
 
-async fn fetch_by_digest(
-    app: &Arc<App>,
-    r: &RepoRequest,
-    d: &Digest,
-    accept: &str,
-) -> Result<Served<crate::cache::LocalStore>, RegistryError> {
+async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str) -> Result<Served, RegistryError> {
     let app2 = app.clone();
     let req = manifest_request(r, &d.to_string(), Method::GET, accept);
     let upstream = r.upstream;
-    let digest = d.clone();
     app.cache
         .get_or_fetch(d, move || {
             Box::pin(async move {
-                let client = &app2.upstreams[upstream];
-                let resp = client.send(&req).await?;
-                if resp.status() == StatusCode::NOT_FOUND {
-                    let e = upstream_error(&client.name, resp).await;
-                    return Err(RegistryError {
-                        code: "MANIFEST_UNKNOWN".into(),
-                        ..e
-                    }
-                    .with_detail(serde_json::json!({ "digest": digest.to_string() })));
-                }
-                if resp.status() != StatusCode::OK {
-                    return Err(upstream_error(&client.name, resp).await);
-                }
-                if resp.content_length().is_some_and(|l| l > MAX_MANIFEST as u64) {
-                    return Err(RegistryError::upstream_unavailable(
-                        &client.name,
-                        format!("manifest {digest} is larger than {MAX_MANIFEST} bytes"),
-                    ));
-                }
-                Ok(source_from(resp))
+                let resp = app2.upstreams.get(upstream).client.get_ok(&req).await?;
+                Ok(source_from(resp, Some(MAX_MANIFEST as u64)))
             })
         })
         .await
+        .map_err(|e| {
+            RegistryError::from(e)
+                .when_not_found(OciCode::ManifestUnknown, format!("manifest unknown: {d}"))
+                .with_detail(serde_json::json!({ "digest": d.to_string() }))
+        })
 }
 
 async fn by_tag(
@@ -143,46 +124,26 @@ async fn by_tag(
     accept: &str,
     head: bool,
 ) -> Result<Response<Body>, RegistryError> {
-    let client = app.upstream(r);
-    let ns = app.namespace(r).to_string();
+    let client = &app.upstream(r).client;
     let key = accept_key(accept);
-    let store = app.cache.store().clone();
 
     let asked = client
-        .send(&manifest_request(r, tag.as_str(), Method::HEAD, accept))
+        .get_ok(&manifest_request(r, tag.as_str(), Method::HEAD, accept))
         .await;
     let resp = match asked {
-        Ok(resp) if resp.status() == StatusCode::OK => resp,
-        Ok(resp) => {
-            let e = upstream_error(&client.name, resp).await;
-            let e = if e.status == StatusCode::NOT_FOUND {
-                RegistryError {
-                    code: "MANIFEST_UNKNOWN".into(),
-                    message: format!("manifest unknown: {}:{tag}", r.client_repo),
-                    ..e
-                }
-            } else {
-                e
-            };
-            return stale_or(app, r, tag, &key, head, e).await;
-        }
+        Ok(resp) => resp,
         Err(e) => return stale_or(app, r, tag, &key, head, e).await,
     };
 
-    let digest = resp
-        .headers()
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| Digest::parse(v).ok());
+    let digest = resp.header("docker-content-digest").and_then(|v| Digest::parse(v).ok());
     let Some(digest) = digest else {
         // Upstream did not say which digest: one GET by tag, stored by the digest of its bytes.
         return by_tag_without_digest(app, r, tag, accept, &key, head).await;
     };
-    let media_type = header_str(resp.headers(), header::CONTENT_TYPE)
-        .unwrap_or("")
-        .to_string();
+    let media_type = resp.header(header::CONTENT_TYPE).unwrap_or("").to_string();
     // A HEAD response has no body: read the announced length, not the received one.
-    let size = header_str(resp.headers(), header::CONTENT_LENGTH)
+    let size = resp
+        .header(header::CONTENT_LENGTH)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let record = TagRecord {
@@ -190,11 +151,9 @@ async fn by_tag(
         media_type,
         size,
     };
-    if let Err(e) = store.put_tag(&ns, &r.repo, tag, &key, &record).await {
-        tracing::warn!(error = %e, "could not record tag");
-    }
+    app.cache.record_tag(app.repo_key(r), tag, &key, &record).await;
 
-    if head && store.stat(&digest).await.ok().flatten().is_none() {
+    if head && app.cache.stat(&digest).await.ok().flatten().is_none() {
         // Answer a HEAD miss with what upstream said; nothing to fetch yet.
         let mut out = Response::new(super::body::empty());
         for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::ETAG] {
@@ -216,42 +175,33 @@ async fn by_tag_without_digest(
     key: &str,
     head: bool,
 ) -> Result<Response<Body>, RegistryError> {
-    let client = app.upstream(r);
+    let client = &app.upstream(r).client;
     let resp = match client
-        .send(&manifest_request(r, tag.as_str(), Method::GET, accept))
+        .get_ok(&manifest_request(r, tag.as_str(), Method::GET, accept))
         .await
     {
-        Ok(resp) if resp.status() == StatusCode::OK => resp,
-        Ok(resp) => {
-            let e = upstream_error(&client.name, resp).await;
-            return stale_or(app, r, tag, key, head, e).await;
-        }
+        Ok(resp) => resp,
         Err(e) => return stale_or(app, r, tag, key, head, e).await,
     };
-    let media_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
-    let bytes = read_limited(resp, MAX_MANIFEST)
-        .await
-        .map_err(|e| RegistryError::upstream_unavailable(&client.name, format!("manifest {}:{tag}: {e}", r.repo)))?;
+    let media_type = resp.header(header::CONTENT_TYPE).map(str::to_string);
+    let bytes = resp.bytes(MAX_MANIFEST, &format!("manifest {}:{tag}", r.repo)).await?;
     let digest = Digest::of(&bytes);
     let record = TagRecord {
         digest: digest.to_string(),
         media_type: media_type.clone().unwrap_or_default(),
         size: bytes.len() as u64,
     };
-    let ns = app.namespace(r).to_string();
-    if let Err(e) = app.cache.store().put_tag(&ns, &r.repo, tag, key, &record).await {
-        tracing::warn!(error = %e, "could not record tag");
-    }
+    app.cache.record_tag(app.repo_key(r), tag, key, &record).await;
     let length = Some(bytes.len() as u64);
-    let body = bytes::Bytes::from(bytes);
     let served = app
         .cache
         .get_or_fetch(&digest, move || {
             Box::pin(async move {
-                let body = futures_util::stream::once(async move { Ok(body) });
+                let body = futures_util::stream::once(async move { Ok(bytes) });
                 Ok(Source {
                     media_type,
                     length,
+                    max_len: None,
                     body: Box::pin(body),
                 })
             })
@@ -268,37 +218,38 @@ async fn stale_or(
     tag: &Tag,
     key: &str,
     head: bool,
-    err: RegistryError,
+    err: upstream::Error,
 ) -> Result<Response<Body>, RegistryError> {
-    if !err.is_upstream_failure() {
-        return Err(err);
+    let refuse = |err: upstream::Error| {
+        RegistryError::from(err).when_not_found(
+            OciCode::ManifestUnknown,
+            format!("manifest unknown: {}:{tag}", r.client_repo),
+        )
+    };
+    if !err.is_transient() {
+        return Err(refuse(err));
     }
-    let ns = app.namespace(r);
-    let store = app.cache.store();
-    let Some(record) = store.get_tag(ns, &r.repo, tag, key).await.ok().flatten() else {
-        return Err(err);
+    let Some(record) = app.cache.last_tag(app.repo_key(r), tag, key).await else {
+        return Err(refuse(err));
     };
     let Ok(digest) = Digest::parse(&record.digest) else {
-        return Err(err);
+        return Err(refuse(err));
     };
-    let Some((reader, info)) = store.open(&digest).await.ok().flatten() else {
-        return Err(err);
+    let Some(served) = app.cache.open_stored(&digest).await.ok().flatten() else {
+        return Err(refuse(err));
     };
     METRICS.stale_served.inc();
     tracing::warn!(tag = %tag, %digest, error = %err, "upstream failed; serving the cached tag");
-    let served = Served::stored(reader, info);
-    let warning = format!("110 regmirror \"Response is Stale: upstream {}\"", app.upstream(r).name);
+    let warning = format!(
+        "110 regmirror \"Response is Stale: upstream {}\"",
+        app.upstream(r).name()
+    );
     Ok(respond(&digest, served, head, Some(warning)))
 }
 
 /// The manifest response: stored bytes with their own media type, length,
 /// digest and ETag; never converted.
-fn respond(
-    digest: &Digest,
-    served: Served<crate::cache::LocalStore>,
-    head: bool,
-    warning: Option<String>,
-) -> Response<Body> {
+fn respond(digest: &Digest, served: Served, head: bool, warning: Option<String>) -> Response<Body> {
     let media_type = served
         .info
         .media_type

@@ -21,12 +21,12 @@ use tracing::Instrument;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
-use crate::cache::{Cache, LocalStore};
+use crate::cache::{Cache, RepoKey};
 use crate::config::Settings;
 use crate::metrics::METRICS;
 use crate::route::{route, Endpoint, Kind, RepoRequest, RouteTable};
 use crate::upstream::client::VIA_HEADER;
-use crate::upstream::UpstreamClient;
+use crate::upstream::{Upstream, UpstreamTable};
 use body::{empty, full, Body};
 use errors::RegistryError;
 
@@ -38,8 +38,8 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 pub struct App {
     pub settings: Settings,
     pub routes: RouteTable,
-    pub upstreams: Vec<UpstreamClient>,
-    pub cache: Arc<Cache<LocalStore>>,
+    pub upstreams: UpstreamTable,
+    pub cache: Arc<Cache>,
     /// This process's loop-detection token (see `VIA_HEADER`).
     pub via: String,
 }
@@ -53,12 +53,16 @@ pub struct ConnInfo {
 }
 
 impl App {
-    pub fn upstream(&self, r: &RepoRequest) -> &UpstreamClient {
-        &self.upstreams[r.upstream]
+    pub fn upstream(&self, r: &RepoRequest) -> &Upstream {
+        self.upstreams.get(r.upstream)
     }
 
-    pub fn namespace(&self, r: &RepoRequest) -> &str {
-        &self.settings.upstreams[r.upstream].namespace
+    /// Where the cache keeps what it learns of `r`'s repository.
+    pub fn repo_key<'a>(&'a self, r: &'a RepoRequest) -> RepoKey<'a> {
+        RepoKey {
+            upstream: self.upstream(r).name(),
+            repo: &r.repo,
+        }
     }
 }
 
@@ -129,11 +133,7 @@ async fn dispatch<B>(
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum::<usize>();
     if header_bytes > MAX_HEADER_BYTES {
-        return Err(RegistryError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "UNSUPPORTED",
-            format!("request line and headers are {header_bytes} bytes; the limit is {MAX_HEADER_BYTES}"),
-        ));
+        return Err(RegistryError::header_too_large(header_bytes, MAX_HEADER_BYTES));
     }
     if req.headers().get(VIA_HEADER).and_then(|v| v.to_str().ok()) == Some(app.via.as_str()) {
         return Err(RegistryError::loop_detected());
@@ -142,14 +142,9 @@ async fn dispatch<B>(
         // The handshake only succeeds for configured names; a Host header
         // naming something else on that connection is refused here.
         if let Some(h) = host {
-            let known =
-                h == app.settings.server_name || app.routes.upstreams.iter().any(|u| u.hosts.iter().any(|x| x == h));
+            let known = h == app.settings.server_name || app.routes.knows_host(h);
             if !known && h.parse::<std::net::IpAddr>().is_err() {
-                return Err(RegistryError::new(
-                    StatusCode::NOT_FOUND,
-                    "NAME_UNKNOWN",
-                    format!("no upstream is configured for host {h:?}"),
-                ));
+                return Err(RegistryError::unknown_host(h));
             }
         }
     }
@@ -166,7 +161,7 @@ async fn dispatch<B>(
         Endpoint::Ping => Ok(text(StatusCode::OK, "{}", "application/json")),
         Endpoint::Catalog { upstream } => catalog::list(app, upstream, req.uri().query()).await,
         Endpoint::Repo(r) => {
-            let span = tracing::info_span!("repo", upstream = %app.upstream(&r).name, repo = %r.repo);
+            let span = tracing::info_span!("repo", upstream = %app.upstream(&r).name(), repo = %r.repo);
             let work = async {
                 match &r.kind {
                     Kind::Manifest(reference) => manifests::serve(app, &r, reference, req.headers(), head).await,
@@ -205,46 +200,13 @@ pub(crate) fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-/// A header as text, when present and printable.
-pub(crate) fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Reads an upstream error body (bounded) and turns it into our error.
-pub(crate) async fn upstream_error(upstream: &str, resp: reqwest::Response) -> RegistryError {
-    let status = resp.status();
-    let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
-    let body = read_limited(resp, 64 * 1024).await.unwrap_or_default();
-    RegistryError::from_upstream(upstream, status, &body, retry_after)
-}
-
-/// Reads a whole upstream body, refusing more than `limit` bytes.
-pub(crate) async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| crate::upstream::client::error_chain(&e))?
-    {
-        if out.len() + chunk.len() > limit {
-            return Err(format!("body larger than {limit} bytes"));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
-
-/// An upstream body as the cache's byte source.
-pub(crate) fn source_from(resp: reqwest::Response) -> crate::cache::Source {
-    use futures_util::TryStreamExt;
-    let media_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
-    let length = resp.content_length();
-    let body = resp
-        .bytes_stream()
-        .map_err(|e| std::io::Error::other(crate::upstream::client::error_chain(&e)));
+/// An upstream body as the cache's byte source, refusing more than
+/// `max_len` bytes when given.
+pub(crate) fn source_from(resp: crate::upstream::Response, max_len: Option<u64>) -> crate::cache::Source {
     crate::cache::Source {
-        media_type,
-        length,
-        body: Box::pin(body),
+        media_type: resp.header(header::CONTENT_TYPE).map(str::to_string),
+        length: resp.content_length(),
+        max_len,
+        body: Box::pin(resp.into_stream()),
     }
 }

@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Response};
 
 use super::body::{full, Body};
-use super::errors::RegistryError;
-use super::{read_limited, upstream_error, App};
-use crate::cache::Store;
+use super::errors::{OciCode, RegistryError};
+use super::App;
 use crate::metrics::METRICS;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
@@ -17,10 +16,8 @@ use crate::upstream::UpstreamRequest;
 const MAX_TAGS_BODY: usize = 16 << 20;
 
 pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Response<Body>, RegistryError> {
-    let client = app.upstream(r);
-    let ns = app.namespace(r).to_string();
+    let client = &app.upstream(r).client;
     let key = Digest::of(r.forward_query.as_deref().unwrap_or("").as_bytes()).hex()[..16].to_string();
-    let store = app.cache.store();
     let req = UpstreamRequest {
         method: Method::GET,
         path: format!("/v2/{}/tags/list", r.repo),
@@ -28,27 +25,22 @@ pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Respons
         headers: HeaderMap::new(),
         scope: format!("repository:{}:pull", r.repo),
     };
-    let failure = match client.send(&req).await {
-        Ok(resp) if resp.status() == StatusCode::OK => {
+    let failure = match client.get_ok(&req).await {
+        Ok(resp) => {
             let link = resp.headers().get(header::LINK).cloned();
-            let body = read_limited(resp, MAX_TAGS_BODY)
-                .await
-                .map_err(|e| RegistryError::upstream_unavailable(&client.name, format!("tags of {}: {e}", r.repo)))?;
+            let body = resp.bytes(MAX_TAGS_BODY, &format!("tags of {}", r.repo)).await?;
             let body = rename(&body, &r.client_repo);
-            if let Err(e) = store.put_tag_list(&ns, &r.repo, &key, &body).await {
-                tracing::warn!(error = %e, "could not keep the tag list");
-            }
+            app.cache.record_tag_list(app.repo_key(r), &key, &body).await;
             let mut out = respond(body, head);
             if let Some(link) = link.and_then(|l| rewrite_link(&l, r)) {
                 out.headers_mut().insert(header::LINK, link);
             }
             return Ok(out);
         }
-        Ok(resp) => upstream_error(&client.name, resp).await,
         Err(e) => e,
     };
-    if failure.is_upstream_failure() {
-        if let Ok(Some(body)) = store.get_tag_list(&ns, &r.repo, &key).await {
+    if failure.is_transient() {
+        if let Some(body) = app.cache.last_tag_list(app.repo_key(r), &key).await {
             METRICS.stale_served.inc();
             tracing::warn!(error = %failure, "upstream failed; serving the cached tag list");
             let mut out = respond(body, head);
@@ -59,14 +51,10 @@ pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Respons
             return Ok(out);
         }
     }
-    if failure.status == StatusCode::NOT_FOUND {
-        return Err(RegistryError {
-            code: "NAME_UNKNOWN".into(),
-            message: format!("repository name not known to registry: {}", r.client_repo),
-            ..failure
-        });
-    }
-    Err(failure)
+    Err(RegistryError::from(failure).when_not_found(
+        OciCode::NameUnknown,
+        format!("repository name not known to registry: {}", r.client_repo),
+    ))
 }
 
 fn respond(body: Vec<u8>, head: bool) -> Response<Body> {

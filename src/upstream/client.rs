@@ -14,11 +14,12 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::error::{error_chain, Error, Phase};
 use super::resolve::UpstreamResolver;
+use super::response::Response;
 use super::token::{parse_challenge, Challenge, TokenCache, TokenScope};
 use crate::config::{Credentials, Upstream};
 use crate::metrics::METRICS;
-use crate::registry::errors::RegistryError;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -126,9 +127,9 @@ impl UpstreamClient {
     }
 
     /// Sends `req`, doing the token dance when upstream asks for it. Returns
-    /// upstream's response whatever its status; only transport failures are
-    /// errors.
-    pub async fn send(&self, req: &UpstreamRequest) -> Result<reqwest::Response, RegistryError> {
+    /// upstream's response whatever its status; only transport and token
+    /// failures are errors.
+    pub async fn send(&self, req: &UpstreamRequest) -> Result<Response, Error> {
         let known = self.challenge.lock().ok().and_then(|c| c.clone());
         let auth = match &known {
             Some(c) => self.authorization(c, &req.scope, false).await?,
@@ -161,7 +162,12 @@ impl UpstreamClient {
         }
     }
 
-    async fn authorization(&self, c: &Challenge, scope: &str, refresh: bool) -> Result<Option<String>, RegistryError> {
+    /// Sends `req` and expects a 200: anything else is an [`Error`].
+    pub async fn get_ok(&self, req: &UpstreamRequest) -> Result<Response, Error> {
+        self.send(req).await?.ok().await
+    }
+
+    async fn authorization(&self, c: &Challenge, scope: &str, refresh: bool) -> Result<Option<String>, Error> {
         match c {
             Challenge::Basic => Ok(self.credentials.as_ref().map(|c| {
                 use base64::Engine;
@@ -173,7 +179,6 @@ impl UpstreamClient {
                     .tokens
                     .token(
                         &self.http,
-                        &self.name,
                         &TokenScope {
                             realm,
                             service: service.as_deref(),
@@ -182,13 +187,17 @@ impl UpstreamClient {
                         self.credentials.as_ref(),
                         refresh,
                     )
-                    .await?;
+                    .await
+                    .map_err(|source| Error::Token {
+                        upstream: self.name.clone(),
+                        source,
+                    })?;
                 Ok(Some(format!("Bearer {t}")))
             }
         }
     }
 
-    async fn send_once(&self, req: &UpstreamRequest, auth: Option<&str>) -> Result<reqwest::Response, RegistryError> {
+    async fn send_once(&self, req: &UpstreamRequest, auth: Option<&str>) -> Result<Response, Error> {
         let mut url = self.base.clone();
         url.set_path(&req.path);
         url.set_query(req.query.as_deref());
@@ -202,27 +211,24 @@ impl UpstreamClient {
         }
         METRICS.upstream_requests.inc();
         tracing::debug!(upstream = %self.name, method = %req.method, %url, "upstream request");
+        let timeout = |phase| Error::Timeout {
+            upstream: self.name.clone(),
+            phase,
+            after: match phase {
+                Phase::Connect => CONNECT_TIMEOUT,
+                Phase::Headers => HEADERS_TIMEOUT,
+                Phase::Body => BODY_IDLE_TIMEOUT,
+            },
+        };
         match tokio::time::timeout(HEADERS_TIMEOUT, builder.send()).await {
-            Err(_) => Err(RegistryError::upstream_timeout(
-                &self.name,
-                format!("no response headers within {HEADERS_TIMEOUT:?}"),
-            )),
-            Ok(Err(e)) if e.is_timeout() => Err(RegistryError::upstream_timeout(&self.name, error_chain(&e))),
-            Ok(Err(e)) => Err(RegistryError::upstream_unavailable(&self.name, error_chain(&e))),
-            Ok(Ok(resp)) => Ok(resp),
+            Err(_) => Err(timeout(Phase::Headers)),
+            Ok(Err(e)) if e.is_timeout() && e.is_connect() => Err(timeout(Phase::Connect)),
+            Ok(Err(e)) if e.is_timeout() => Err(timeout(Phase::Headers)),
+            Ok(Err(e)) => Err(Error::Connect {
+                upstream: self.name.clone(),
+                message: error_chain(&e),
+            }),
+            Ok(Ok(resp)) => Ok(Response::new(&self.name, resp, BODY_IDLE_TIMEOUT)),
         }
     }
-}
-
-/// reqwest's Display hides the cause ("error sending request"); the chain
-/// says what actually failed (DNS, refused, certificate).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -1,10 +1,19 @@
-//! Talking to upstream registries: the HTTP client (`client`), Bearer token
-//! auth (`token`) and name resolution that ignores /etc/hosts (`resolve`).
+//! Talking to upstream registries: the HTTP client (`client`), its answers
+//! (`response`) and failures (`error`), Bearer token auth (`token`), name
+//! resolution that ignores /etc/hosts (`resolve`), and the table of
+//! configured upstreams (`table`).
 //!
-//! Knows nothing of the cache; it sends requests and hands back responses.
+//! Knows nothing of the cache or of our own clients' HTTP: it sends
+//! requests and hands back responses or [`Error`]s.
 
 pub mod client;
+pub mod error;
 pub mod resolve;
+pub mod response;
+pub mod table;
 pub mod token;
 
 pub use client::{UpstreamClient, UpstreamRequest};
+pub use error::Error;
+pub use response::Response;
+pub use table::{Upstream, UpstreamId, UpstreamTable};

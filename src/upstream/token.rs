@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
+use super::error::{error_chain, OciBody, TokenError};
 use crate::config::Credentials;
-use crate::registry::errors::RegistryError;
 
 /// Used when the token response does not say how long the token lives.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
@@ -139,11 +139,10 @@ impl TokenCache {
     pub async fn token(
         &self,
         http: &reqwest::Client,
-        upstream: &str,
         want: &TokenScope<'_>,
         creds: Option<&Credentials>,
         refresh: bool,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<String, TokenError> {
         let TokenScope { realm, service, scope } = *want;
         let key = TokenKey {
             realm: realm.to_string(),
@@ -161,7 +160,7 @@ impl TokenCache {
                 return Ok(t.token.clone());
             }
         }
-        let (token, lifetime) = fetch(http, upstream, realm, service, scope, creds).await?;
+        let (token, lifetime) = fetch(http, realm, service, scope, creds).await?;
         // Renew a little before upstream's expiry.
         let margin = (lifetime / 10).max(Duration::from_secs(5)).min(lifetime / 2);
         *guard = Some(CachedToken {
@@ -172,22 +171,29 @@ impl TokenCache {
     }
 }
 
+/// Token responses are small JSON documents; more is not read.
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+/// A realm that does not answer within this is treated as down.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn fetch(
     http: &reqwest::Client,
-    upstream: &str,
     realm: &str,
     service: Option<&str>,
     scope: &str,
     creds: Option<&Credentials>,
-) -> Result<(String, Duration), RegistryError> {
-    let url = url::Url::parse(realm)
-        .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("bad token realm {realm:?}: {e}")))?;
+) -> Result<(String, Duration), TokenError> {
+    let bad_realm = || TokenError::BadRealm {
+        realm: realm.to_string(),
+    };
+    let url = url::Url::parse(realm).map_err(|_| bad_realm())?;
     if !matches!(url.scheme(), "https" | "http") {
-        return Err(RegistryError::upstream_unavailable(
-            upstream,
-            format!("token realm {realm:?} is not http(s)"),
-        ));
+        return Err(bad_realm());
     }
+    let transport = |e: &dyn std::error::Error| TokenError::Transport {
+        realm: realm.to_string(),
+        message: error_chain(e),
+    };
     let mut get_url = url.clone();
     {
         let mut q = get_url.query_pairs_mut();
@@ -196,15 +202,12 @@ async fn fetch(
         }
         q.append_pair("scope", scope);
     }
-    let mut req = http.get(get_url);
+    let mut req = http.get(get_url).timeout(TOKEN_TIMEOUT);
     if let Some(c) = creds {
         req = req.basic_auth(&c.username, Some(&c.password));
     }
     crate::metrics::METRICS.upstream_requests.inc();
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token request to {realm}: {e}")))?;
+    let resp = req.send().await.map_err(|e| transport(&e))?;
     let post_with = match creds {
         Some(c) if !resp.status().is_success() && resp.status() != StatusCode::UNAUTHORIZED => Some(c),
         _ => None,
@@ -225,43 +228,56 @@ async fn fetch(
         };
         crate::metrics::METRICS.upstream_requests.inc();
         http.post(url)
+            .timeout(TOKEN_TIMEOUT)
             .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(form)
             .send()
             .await
-            .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token request to {realm}: {e}")))?
+            .map_err(|e| transport(&e))?
     } else {
         resp
     };
     let status = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token response: {e}")))?;
+    let body = read_bounded(resp).await.map_err(|message| TokenError::Malformed {
+        realm: realm.to_string(),
+        message,
+    })?;
     if !status.is_success() {
-        let mut e = RegistryError::from_upstream(upstream, status, &body, None);
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            e = RegistryError::new(
-                StatusCode::FORBIDDEN,
-                "DENIED",
-                format!("upstream {upstream} refused a token for {scope}: {}", e.message),
-            );
-        }
-        return Err(e);
+        return Err(TokenError::Refused {
+            scope: scope.to_string(),
+            status,
+            body: OciBody::parse(&body),
+        });
     }
-    let parsed: TokenResponse = serde_json::from_slice(&body)
-        .map_err(|e| RegistryError::upstream_unavailable(upstream, format!("token response is not JSON: {e}")))?;
+    let malformed = |message: String| TokenError::Malformed {
+        realm: realm.to_string(),
+        message,
+    };
+    let parsed: TokenResponse =
+        serde_json::from_slice(&body).map_err(|e| malformed(format!("not a token document: {e}")))?;
     let token = parsed
         .token
         .or(parsed.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| RegistryError::upstream_unavailable(upstream, "token response carries no token"))?;
+        .ok_or_else(|| malformed("no token in it".into()))?;
     let lifetime = parsed
         .expires_in
         .filter(|s| *s > 0)
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_LIFETIME);
     Ok((token, lifetime))
+}
+
+/// Reads a token response body, refusing more than [`MAX_TOKEN_BODY`].
+async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
+        if out.len() + chunk.len() > MAX_TOKEN_BODY {
+            return Err(format!("body larger than {MAX_TOKEN_BODY} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

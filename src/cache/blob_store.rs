@@ -1,0 +1,68 @@
+//! The interface every content backend offers: verified, content-addressed
+//! bytes keyed by digest, shared by every upstream and repository.
+//!
+//! No file paths cross this interface, so a backend may keep content on a
+//! local disk or in an object store. Writes go through a [`PendingBlob`]
+//! that is either committed (after the cache verified the digest) or
+//! aborted; nothing half-written is ever visible under a digest. While a
+//! pending blob grows, readers follow it through a [`GrowingBlob`].
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::reference::Digest;
+
+/// Bytes as they leave a backend: chunks, with an error ending the stream.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub size: u64,
+    /// The media type upstream served a manifest with; `None` for layers
+    /// and configs, and for manifest bytes fetched as blobs.
+    pub media_type: Option<String>,
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    async fn stat(&self, d: &Digest) -> io::Result<Option<BlobInfo>>;
+    /// Opens stored content for reading. What is opened stays readable
+    /// while it is streamed, even if it is deleted meanwhile.
+    async fn open(&self, d: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>>;
+    /// Starts writing content that is not stored yet.
+    async fn begin(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>>;
+    async fn delete(&self, d: &Digest) -> io::Result<()>;
+}
+
+/// Stored content, opened.
+pub trait StoredBlob: Send {
+    fn info(&self) -> &BlobInfo;
+    /// The bytes `[start, end)` as a stream (a ranged read).
+    fn read(self: Box<Self>, start: u64, end: u64) -> ByteStream;
+}
+
+/// Content being written. Dropped without `commit` or `abort` (a task that
+/// died), it is aborted: nothing is left behind.
+#[async_trait]
+pub trait PendingBlob: Send {
+    /// Appends `data`; once this returns, followers can read it.
+    async fn write(&mut self, data: &[u8]) -> io::Result<()>;
+    /// A reader of what has been written so far, valid after commit too.
+    fn follower(&self) -> Arc<dyn GrowingBlob>;
+    /// Makes the content durable and visible under its digest.
+    async fn commit(self: Box<Self>, media_type: Option<&str>) -> io::Result<()>;
+    async fn abort(self: Box<Self>);
+}
+
+/// Reads a pending blob while it is written: the caller knows how much has
+/// been written (the cache publishes it) and never reads past that.
+#[async_trait]
+pub trait GrowingBlob: Send + Sync {
+    /// Up to `max` bytes at `pos`; empty only at the end of what is written.
+    async fn read_at(&self, pos: u64, max: usize) -> io::Result<Bytes>;
+}

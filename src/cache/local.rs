@@ -1,0 +1,499 @@
+//! The local-directory backend, for both content and metadata.
+//!
+//! Layout under `cache.dir` (copy the directory to another host and it works
+//! there):
+//!
+//! ```text
+//! blobs/sha256/<aa>/<hex>        content (blobs and manifests alike, shared by every repository)
+//! blobs/sha256/<aa>/<hex>.type   media type, for manifests
+//! meta/<upstream>/<repo>/_tags/<tag>/<accept-key>.json   last digest seen for (repo, tag, Accept)
+//! meta/<upstream>/<repo>/_lists/<query-key>.json         last tags/list answer
+//! tmp/                           downloads in progress (same filesystem: commit is a rename)
+//! ```
+//!
+//! Stores written before metadata was keyed by upstream name kept it under
+//! `tags/<namespace>/`; [`LocalStore::migrate_namespaces`] moves it.
+//!
+//! Every file-system call of the cache is in this module, and each runs off
+//! the async runtime's worker threads. Start-up never walks the store.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::fs;
+use tokio::io::AsyncWriteExt;
+
+use super::blob_store::{BlobInfo, BlobStore, ByteStream, GrowingBlob, PendingBlob, StoredBlob};
+use super::meta_store::{MetaStore, RepoKey, TagRecord};
+use crate::reference::{Digest, RepoName, Tag};
+
+/// The most a stored read hands out at once.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+pub struct LocalStore {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+impl LocalStore {
+    /// Opens the store, creating its directories and clearing `tmp/` (left
+    /// over from a crash). Does not walk the store.
+    pub fn open_dir(root: &Path) -> io::Result<Self> {
+        let tmp = root.join("tmp");
+        match std::fs::remove_dir_all(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(&tmp, e)),
+        }
+        for d in [root.join("blobs/sha256"), root.join("meta"), tmp] {
+            std::fs::create_dir_all(&d).map_err(|e| with_path(&d, e))?;
+        }
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// Moves metadata kept under a client-facing namespace (`tags/dockerhub`)
+    /// to its upstream's name (`meta/docker.io`). Each pair moves at most
+    /// once; metadata already under the new name is kept.
+    pub fn migrate_namespaces(&self, moves: &[(String, String)]) -> io::Result<()> {
+        let old_root = self.root.join("tags");
+        if !old_root.exists() {
+            return Ok(());
+        }
+        for (namespace, upstream) in moves {
+            let from = old_root.join(safe_component(namespace));
+            let to = self.root.join("meta").join(safe_component(upstream));
+            if from.is_dir() && !to.exists() {
+                std::fs::rename(&from, &to).map_err(|e| with_path(&from, e))?;
+                tracing::info!(from = %from.display(), to = %to.display(), "moved tag records to their upstream's name");
+            }
+        }
+        // Gone once everything moved; anything left (an upstream no longer
+        // configured) stays where it was.
+        let _ = std::fs::remove_dir(&old_root);
+        Ok(())
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex())
+    }
+
+    fn type_path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join("blobs/sha256")
+            .join(&d.hex()[..2])
+            .join(format!("{}.type", d.hex()))
+    }
+
+    fn repo_dir(&self, at: RepoKey<'_>) -> PathBuf {
+        let mut p = self.root.join("meta").join(safe_component(at.upstream));
+        for c in at.repo.components() {
+            p.push(c);
+        }
+        p
+    }
+
+    fn tag_path(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str) -> PathBuf {
+        self.repo_dir(at)
+            .join("_tags")
+            .join(tag.as_str())
+            .join(format!("{}.json", safe_key(accept_key)))
+    }
+
+    fn list_path(&self, at: RepoKey<'_>, key: &str) -> PathBuf {
+        self.repo_dir(at).join("_lists").join(format!("{}.json", safe_key(key)))
+    }
+
+    fn temp_path(&self, what: &str) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!("{what}.{}.{n}", std::process::id()))
+    }
+
+    async fn media_type(&self, d: &Digest) -> io::Result<Option<String>> {
+        not_found_is_none(fs::read_to_string(self.type_path(d)).await)
+    }
+
+    async fn write_atomically(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).await?;
+        }
+        let tmp = self.temp_path("meta");
+        fs::write(&tmp, data).await?;
+        if let Err(e) = fs::rename(&tmp, path).await {
+            let _ = fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+fn with_path(p: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+}
+
+/// Keys are hex already; this only guards against a caller passing a path.
+fn safe_key(k: &str) -> String {
+    k.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect()
+}
+
+/// An upstream name or namespace as one directory name (`docker.io`).
+fn safe_component(s: &str) -> String {
+    let c: String = s
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .collect();
+    if c.is_empty() || c.chars().all(|c| c == '.') {
+        "_".into()
+    } else {
+        c
+    }
+}
+
+fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads up to `max` bytes at `pos` on a blocking thread.
+async fn pread(file: Arc<std::fs::File>, pos: u64, max: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; max];
+        let n = file.read_at(&mut buf, pos)?;
+        buf.truncate(n);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+#[async_trait]
+impl BlobStore for LocalStore {
+    async fn stat(&self, d: &Digest) -> io::Result<Option<BlobInfo>> {
+        let Some(meta) = not_found_is_none(fs::metadata(self.blob_path(d)).await)? else {
+            return Ok(None);
+        };
+        Ok(Some(BlobInfo {
+            size: meta.len(),
+            media_type: self.media_type(d).await?,
+        }))
+    }
+
+    async fn open(&self, d: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
+        let path = self.blob_path(d);
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(path)?;
+            let size = file.metadata()?.len();
+            Ok::<_, io::Error>((file, size))
+        })
+        .await
+        .map_err(io::Error::other)?;
+        let Some((file, size)) = not_found_is_none(opened)? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(LocalBlob {
+            file: Arc::new(file),
+            info: BlobInfo {
+                size,
+                media_type: self.media_type(d).await?,
+            },
+        })))
+    }
+
+    async fn begin(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>> {
+        let path = self.temp_path(d.hex());
+        let writer = fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
+        // Opened now, by handle: followers keep reading the same file after
+        // it is renamed into the store.
+        let reader = match fs::File::open(&path).await {
+            Ok(r) => r.into_std().await,
+            Err(e) => {
+                let _ = fs::remove_file(&path).await;
+                return Err(e);
+            }
+        };
+        Ok(Box::new(LocalPending {
+            writer: Some(writer),
+            reader: Arc::new(LocalGrowing { file: Arc::new(reader) }),
+            temp: path,
+            dest: self.blob_path(d),
+            type_path: self.type_path(d),
+            meta_temp: self.temp_path("type"),
+            finished: false,
+        }))
+    }
+
+    async fn delete(&self, d: &Digest) -> io::Result<()> {
+        not_found_is_none(fs::remove_file(self.blob_path(d)).await)?;
+        not_found_is_none(fs::remove_file(self.type_path(d)).await)?;
+        Ok(())
+    }
+}
+
+struct LocalBlob {
+    file: Arc<std::fs::File>,
+    info: BlobInfo,
+}
+
+impl StoredBlob for LocalBlob {
+    fn info(&self) -> &BlobInfo {
+        &self.info
+    }
+
+    fn read(self: Box<Self>, start: u64, end: u64) -> ByteStream {
+        let file = self.file;
+        Box::pin(futures_util::stream::try_unfold(start, move |pos| {
+            let file = file.clone();
+            async move {
+                if pos >= end {
+                    return Ok(None);
+                }
+                let want = (end - pos).min(READ_CHUNK as u64) as usize;
+                let chunk = pread(file, pos, want).await?;
+                if chunk.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "cached content ended early",
+                    ));
+                }
+                let next = pos + chunk.len() as u64;
+                Ok(Some((chunk, next)))
+            }
+        }))
+    }
+}
+
+struct LocalGrowing {
+    file: Arc<std::fs::File>,
+}
+
+#[async_trait]
+impl GrowingBlob for LocalGrowing {
+    async fn read_at(&self, pos: u64, max: usize) -> io::Result<Bytes> {
+        pread(self.file.clone(), pos, max).await
+    }
+}
+
+struct LocalPending {
+    writer: Option<fs::File>,
+    reader: Arc<LocalGrowing>,
+    temp: PathBuf,
+    dest: PathBuf,
+    type_path: PathBuf,
+    meta_temp: PathBuf,
+    finished: bool,
+}
+
+impl LocalPending {
+    async fn commit_inner(&mut self, media_type: Option<&str>) -> io::Result<()> {
+        let mut w = self
+            .writer
+            .take()
+            .ok_or_else(|| io::Error::other("pending blob already closed"))?;
+        w.flush().await?;
+        w.sync_data().await?;
+        drop(w);
+        if let Some(parent) = self.dest.parent() {
+            fs::create_dir_all(parent).await?;
+        }
+        if let Some(t) = media_type {
+            fs::write(&self.meta_temp, t.as_bytes()).await?;
+            fs::rename(&self.meta_temp, &self.type_path).await?;
+        }
+        fs::rename(&self.temp, &self.dest).await
+    }
+}
+
+#[async_trait]
+impl PendingBlob for LocalPending {
+    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| io::Error::other("pending blob already closed"))?;
+        w.write_all(data).await?;
+        w.flush().await
+    }
+
+    fn follower(&self) -> Arc<dyn GrowingBlob> {
+        self.reader.clone()
+    }
+
+    async fn commit(mut self: Box<Self>, media_type: Option<&str>) -> io::Result<()> {
+        let result = self.commit_inner(media_type).await;
+        if result.is_ok() {
+            self.finished = true;
+        }
+        // On failure, Drop removes what is left.
+        result
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        self.writer = None;
+        self.finished = true;
+        for p in [&self.temp, &self.meta_temp] {
+            if let Err(e) = fs::remove_file(p).await {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %p.display(), error = %e, "could not remove an aborted download");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LocalPending {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let paths = [self.temp.clone(), self.meta_temp.clone()];
+        let remove = move || {
+            for p in paths {
+                let _ = std::fs::remove_file(p);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(remove);
+            }
+            Err(_) => remove(),
+        }
+    }
+}
+
+#[async_trait]
+impl MetaStore for LocalStore {
+    async fn put_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str, rec: &TagRecord) -> io::Result<()> {
+        let data = serde_json::to_vec(rec).map_err(io::Error::other)?;
+        self.write_atomically(&self.tag_path(at, tag, accept_key), &data).await
+    }
+
+    async fn get_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str) -> io::Result<Option<TagRecord>> {
+        let Some(data) = not_found_is_none(fs::read(self.tag_path(at, tag, accept_key)).await)? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&data).ok())
+    }
+
+    async fn put_tag_list(&self, at: RepoKey<'_>, key: &str, body: &[u8]) -> io::Result<()> {
+        self.write_atomically(&self.list_path(at, key), body).await
+    }
+
+    async fn get_tag_list(&self, at: RepoKey<'_>, key: &str) -> io::Result<Option<Vec<u8>>> {
+        not_found_is_none(fs::read(self.list_path(at, key)).await)
+    }
+
+    async fn list_repositories(&self, upstream: &str) -> io::Result<Vec<String>> {
+        let base = self.root.join("meta").join(safe_component(upstream));
+        let mut out = Vec::new();
+        let mut stack = vec![(base, String::new())];
+        while let Some((dir, name)) = stack.pop() {
+            let Some(mut entries) = not_found_is_none(fs::read_dir(&dir).await)? else {
+                continue;
+            };
+            while let Some(e) = entries.next_entry().await? {
+                let child = e.file_name().to_string_lossy().into_owned();
+                if child == "_tags" {
+                    out.push(name.clone());
+                } else if !child.starts_with('_') && e.file_type().await?.is_dir() {
+                    let n = if name.is_empty() {
+                        child
+                    } else {
+                        format!("{name}/{child}")
+                    };
+                    stack.push((e.path(), n));
+                }
+            }
+        }
+        out.sort();
+        // Names come from directories; keep only what is a valid repository.
+        out.retain(|n| RepoName::parse(n).is_ok());
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::store_suite;
+
+    fn store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_dir(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn blob_store_suite() {
+        let (_dir, s) = store();
+        store_suite::blob_store(&s).await;
+    }
+
+    #[tokio::test]
+    async fn meta_store_suite() {
+        let (_dir, s) = store();
+        store_suite::meta_store(&s).await;
+    }
+
+    #[tokio::test]
+    async fn aborted_and_dropped_downloads_leave_no_temp_file() {
+        let (dir, s) = store();
+        let tmp_files = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+        let mut p = s.begin(&Digest::of(b"a")).await.unwrap();
+        p.write(b"a").await.unwrap();
+        p.abort().await;
+        assert_eq!(tmp_files(), 0);
+        let mut p = s.begin(&Digest::of(b"b")).await.unwrap();
+        p.write(b"b").await.unwrap();
+        drop(p);
+        for _ in 0..100 {
+            if tmp_files() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(tmp_files(), 0, "a pending blob dropped mid-way is removed");
+    }
+
+    #[tokio::test]
+    async fn tmp_is_cleared_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/leftover"), b"x").unwrap();
+        LocalStore::open_dir(dir.path()).unwrap();
+        assert!(!dir.path().join("tmp/leftover").exists());
+    }
+
+    #[tokio::test]
+    async fn tag_records_under_a_namespace_move_to_the_upstream_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("tags/dockerhub/library/alpine/_tags/3");
+        std::fs::create_dir_all(&old).unwrap();
+        let rec = TagRecord {
+            digest: Digest::of(b"m").to_string(),
+            media_type: "t".into(),
+            size: 1,
+        };
+        std::fs::write(old.join("k.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
+        let s = LocalStore::open_dir(dir.path()).unwrap();
+        s.migrate_namespaces(&[("dockerhub".into(), "docker.io".into())])
+            .unwrap();
+        let repo = RepoName::parse("library/alpine").unwrap();
+        let at = RepoKey {
+            upstream: "docker.io",
+            repo: &repo,
+        };
+        assert_eq!(s.get_tag(at, &Tag::parse("3").unwrap(), "k").await.unwrap(), Some(rec));
+        assert_eq!(s.list_repositories("docker.io").await.unwrap(), vec!["library/alpine"]);
+        assert!(!dir.path().join("tags").exists());
+    }
+}

@@ -1,0 +1,148 @@
+//! What a client is served from the cache: stored content, or a download
+//! in progress followed as it grows. Either way a byte range of it comes
+//! out as a stream, and a download's last byte only once it is verified.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::watch;
+
+use super::blob_store::{ByteStream, GrowingBlob, StoredBlob};
+use super::fetch::Progress;
+use super::local::READ_CHUNK;
+use crate::metrics::METRICS;
+
+pub struct Served {
+    pub info: ServedInfo,
+    source: ServedSource,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServedInfo {
+    /// `None` while a download of unannounced length is in progress.
+    pub size: Option<u64>,
+    pub media_type: Option<String>,
+    /// True when the bytes came from the store without any upstream request.
+    pub hit: bool,
+}
+
+enum ServedSource {
+    Stored(Box<dyn StoredBlob>),
+    Growing {
+        reader: Arc<dyn GrowingBlob>,
+        rx: watch::Receiver<Progress>,
+    },
+}
+
+impl Served {
+    pub(crate) fn stored(blob: Box<dyn StoredBlob>, hit: bool) -> Self {
+        let info = blob.info();
+        Served {
+            info: ServedInfo {
+                size: Some(info.size),
+                media_type: info.media_type.clone(),
+                hit,
+            },
+            source: ServedSource::Stored(blob),
+        }
+    }
+
+    pub(crate) fn growing(info: ServedInfo, reader: Arc<dyn GrowingBlob>, rx: watch::Receiver<Progress>) -> Self {
+        Served {
+            info,
+            source: ServedSource::Growing { reader, rx },
+        }
+    }
+
+    /// The bytes `[start, end)` (end `None` = to the end) as a stream.
+    pub fn into_stream(self, start: u64, end: Option<u64>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let stream: ByteStream = match self.source {
+            ServedSource::Stored(blob) => {
+                let size = blob.info().size;
+                let end = end.map_or(size, |e| e.min(size));
+                blob.read(start, end)
+            }
+            ServedSource::Growing { reader, rx } => Box::pin(follow(reader, rx, start, end)),
+        };
+        stream.inspect(|c| {
+            if let Ok(c) = c {
+                METRICS.bytes_served.add(c.len() as u64);
+            }
+        })
+    }
+}
+
+/// Reads a growing download from `start`, never past what the leader has
+/// published, holding the last byte back until the download is verified.
+fn follow(
+    reader: Arc<dyn GrowingBlob>,
+    rx: watch::Receiver<Progress>,
+    start: u64,
+    end: Option<u64>,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    struct State {
+        reader: Arc<dyn GrowingBlob>,
+        rx: watch::Receiver<Progress>,
+        pos: u64,
+        end: Option<u64>,
+        failed: bool,
+    }
+    let state = State {
+        reader,
+        rx,
+        pos: start,
+        end,
+        failed: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.failed {
+            return None;
+        }
+        loop {
+            if st.end.is_some_and(|e| st.pos >= e) {
+                return None;
+            }
+            let progress = st.rx.borrow_and_update().clone();
+            let limit = match progress {
+                Progress::Failed(e) => {
+                    st.failed = true;
+                    return Some((Err(io::Error::other(e.to_string())), st));
+                }
+                Progress::Opening => 0,
+                Progress::Growing { written } => written.saturating_sub(1),
+                Progress::Done { size } => {
+                    st.end = Some(st.end.map_or(size, |e| e.min(size)));
+                    size
+                }
+            };
+            let limit = st.end.map_or(limit, |e| e.min(limit));
+            if st.pos < limit {
+                let want = (limit - st.pos).min(READ_CHUNK as u64) as usize;
+                return match st.reader.read_at(st.pos, want).await {
+                    Ok(b) if b.is_empty() => {
+                        st.failed = true;
+                        let e = io::Error::new(io::ErrorKind::UnexpectedEof, "download ended early");
+                        Some((Err(e), st))
+                    }
+                    Ok(b) => {
+                        st.pos += b.len() as u64;
+                        Some((Ok(b), st))
+                    }
+                    Err(e) => {
+                        st.failed = true;
+                        Some((Err(e), st))
+                    }
+                };
+            }
+            if st.end.is_some_and(|e| st.pos >= e) {
+                return None;
+            }
+            if st.rx.changed().await.is_err() {
+                st.failed = true;
+                return Some((Err(io::Error::other("download ended without a result")), st));
+            }
+        }
+    })
+}

@@ -1,0 +1,109 @@
+//! The behaviour every store backend must have, written against the traits
+//! alone so that a second backend (S3) runs the same suite by calling these
+//! functions with its own store.
+
+use futures_util::TryStreamExt;
+
+use super::blob_store::{BlobInfo, BlobStore};
+use super::meta_store::{MetaStore, RepoKey, TagRecord};
+use crate::reference::{Digest, RepoName, Tag};
+
+async fn read_range(s: &dyn BlobStore, d: &Digest, start: u64, end: u64) -> Vec<u8> {
+    let blob = s.open(d).await.unwrap().expect("stored");
+    let chunks: Vec<bytes::Bytes> = blob.read(start, end).try_collect().await.unwrap();
+    chunks.concat()
+}
+
+pub async fn blob_store(s: &dyn BlobStore) {
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    let d = Digest::of(&data);
+    assert!(s.stat(&d).await.unwrap().is_none());
+    assert!(s.open(&d).await.unwrap().is_none());
+
+    // A pending blob is invisible under its digest until committed, and its
+    // follower reads what is written as it grows.
+    let mut p = s.begin(&d).await.unwrap();
+    let follower = p.follower();
+    p.write(&data[..1000]).await.unwrap();
+    assert_eq!(&follower.read_at(0, 10_000).await.unwrap()[..], &data[..1000]);
+    assert!(follower.read_at(1000, 10).await.unwrap().is_empty());
+    p.write(&data[1000..]).await.unwrap();
+    assert!(s.stat(&d).await.unwrap().is_none(), "not visible before commit");
+    p.commit(Some("application/x")).await.unwrap();
+    assert_eq!(
+        &follower.read_at(599_990, 100).await.unwrap()[..],
+        &data[599_990..],
+        "a follower keeps reading after commit"
+    );
+
+    let info = BlobInfo {
+        size: data.len() as u64,
+        media_type: Some("application/x".into()),
+    };
+    assert_eq!(s.stat(&d).await.unwrap(), Some(info.clone()));
+    assert_eq!(s.open(&d).await.unwrap().unwrap().info(), &info);
+    assert_eq!(read_range(s, &d, 0, data.len() as u64).await, data);
+    assert_eq!(read_range(s, &d, 10, 20).await, &data[10..20]);
+    assert_eq!(read_range(s, &d, 599_999, 600_000).await, &data[599_999..]);
+
+    // Content opened before a delete stays readable through that handle.
+    let opened = s.open(&d).await.unwrap().unwrap();
+    s.delete(&d).await.unwrap();
+    assert!(s.stat(&d).await.unwrap().is_none());
+    let chunks: Vec<bytes::Bytes> = opened.read(0, 5).try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), &data[..5]);
+    s.delete(&d).await.expect("deleting what is gone is fine");
+
+    // Aborted: nothing under the digest.
+    let other = Digest::of(b"other");
+    let mut p = s.begin(&other).await.unwrap();
+    p.write(b"partial").await.unwrap();
+    p.abort().await;
+    assert!(s.stat(&other).await.unwrap().is_none());
+
+    // Layers carry no media type.
+    let mut p = s.begin(&other).await.unwrap();
+    p.write(b"other").await.unwrap();
+    p.commit(None).await.unwrap();
+    assert_eq!(s.stat(&other).await.unwrap().unwrap().media_type, None);
+}
+
+pub async fn meta_store(s: &dyn MetaStore) {
+    let rec = TagRecord {
+        digest: Digest::of(b"m").to_string(),
+        media_type: "t".into(),
+        size: 1,
+    };
+    let alpine = RepoName::parse("library/alpine").unwrap();
+    let nested = RepoName::parse("org/app/x").unwrap();
+    let tag = Tag::parse("3").unwrap();
+    let hub = |repo| RepoKey {
+        upstream: "docker.io",
+        repo,
+    };
+    s.put_tag(hub(&alpine), &tag, "k", &rec).await.unwrap();
+    s.put_tag(hub(&nested), &tag, "k", &rec).await.unwrap();
+    assert_eq!(s.get_tag(hub(&alpine), &tag, "k").await.unwrap(), Some(rec.clone()));
+    assert_eq!(s.get_tag(hub(&alpine), &tag, "other").await.unwrap(), None);
+    let quay = RepoKey {
+        upstream: "quay.io",
+        repo: &alpine,
+    };
+    assert_eq!(
+        s.get_tag(quay, &tag, "k").await.unwrap(),
+        None,
+        "records are per upstream"
+    );
+    assert_eq!(
+        s.list_repositories("docker.io").await.unwrap(),
+        vec!["library/alpine", "org/app/x"]
+    );
+    assert!(s.list_repositories("quay.io").await.unwrap().is_empty());
+
+    s.put_tag_list(hub(&alpine), "q", br#"{"tags":["3"]}"#).await.unwrap();
+    assert_eq!(
+        s.get_tag_list(hub(&alpine), "q").await.unwrap().as_deref(),
+        Some(&br#"{"tags":["3"]}"#[..])
+    );
+    assert_eq!(s.get_tag_list(hub(&alpine), "other").await.unwrap(), None);
+}
