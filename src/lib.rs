@@ -53,11 +53,16 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         .iter()
         .map(|u| (u.namespace.clone(), u.name.clone()))
         .collect();
-    let cache =
-        cache::Cache::open_local(&settings.cache_dir, &namespace_moves).map_err(|source| StartError::Store {
-            path: settings.cache_dir.display().to_string(),
-            source,
-        })?;
+    let cache = cache::Cache::open_local(
+        &settings.cache_dir,
+        namespace_moves,
+        cache::DEFAULT_DOWNLOAD_CONCURRENCY,
+    )
+    .await
+    .map_err(|source| StartError::Store {
+        path: settings.cache_dir.display().to_string(),
+        source,
+    })?;
     let via = instance_id();
     let resolver = Arc::new(upstream::resolve::UpstreamResolver::new(
         settings.resolver_overrides.clone(),

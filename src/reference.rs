@@ -110,48 +110,113 @@ impl fmt::Display for Tag {
     }
 }
 
-/// A sha256 content digest. Only sha256 is accepted: it is what every
-/// registry serves and what the store is keyed by.
+/// A hash algorithm the OCI image spec registers for digests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+}
+
+/// A content digest (`sha256:` or `sha512:` and lowercase hex of the right
+/// length), the key content is stored and verified by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
+    algorithm: Algorithm,
     hex: String,
 }
 
 impl Digest {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let Some(hex) = s.strip_prefix("sha256:") else {
-            if s.contains(':') {
-                return Err(format!("unsupported digest algorithm in {s:?}"));
-            }
+        let Some((algo, hex)) = s.split_once(':') else {
             return Err(format!("invalid digest {s:?}"));
         };
-        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
-            return Err(format!("invalid sha256 digest {s:?}"));
+        let algorithm = match algo {
+            "sha256" => Algorithm::Sha256,
+            "sha512" => Algorithm::Sha512,
+            _ => return Err(format!("unsupported digest algorithm in {s:?}")),
+        };
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+            return Err(format!("invalid {algo} digest {s:?}"));
         }
-        Ok(Digest { hex: hex.to_string() })
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_string(),
+        })
     }
 
-    /// The digest of bytes already computed by a sha256 hasher.
-    pub fn from_sha256(bytes: &[u8]) -> Self {
-        Digest {
-            hex: hex::encode(bytes),
-        }
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
     }
 
     pub fn hex(&self) -> &str {
         &self.hex
     }
 
-    /// The digest of a whole in-memory buffer (manifests, tests).
+    /// The sha256 digest of a whole in-memory buffer (manifests, keys, tests).
     pub fn of(data: &[u8]) -> Self {
-        use sha2::{Digest as _, Sha256};
-        Self::from_sha256(&Sha256::digest(data))
+        let mut h = Hasher::new(Algorithm::Sha256);
+        h.update(data);
+        h.finish()
+    }
+
+    /// A hasher of this digest's algorithm, to verify content against it.
+    pub fn hasher(&self) -> Hasher {
+        Hasher::new(self.algorithm)
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex)
+        write!(f, "{}:{}", self.algorithm.name(), self.hex)
+    }
+}
+
+/// Computes a digest of bytes as they stream past.
+pub enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    pub fn new(algorithm: Algorithm) -> Self {
+        use sha2::Digest as _;
+        match algorithm {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        use sha2::Digest as _;
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    pub fn finish(self) -> Digest {
+        use sha2::Digest as _;
+        let (algorithm, hex) = match self {
+            Hasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
+            Hasher::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
+        };
+        Digest { algorithm, hex }
     }
 }
 
@@ -220,12 +285,21 @@ mod tests {
     }
 
     #[test]
-    fn digests_must_be_sha256_hex() {
+    fn digests_are_sha256_or_sha512_lowercase_hex() {
         let good = format!("sha256:{}", "ab".repeat(32));
         assert_eq!(Digest::parse(&good).unwrap().to_string(), good);
         assert!(Digest::parse(&format!("sha256:{}", "AB".repeat(32))).is_err());
         assert!(Digest::parse("sha256:abc").is_err());
-        assert!(Digest::parse(&format!("sha512:{}", "ab".repeat(64))).is_err());
+        let long = format!("sha512:{}", "ab".repeat(64));
+        assert_eq!(Digest::parse(&long).unwrap().to_string(), long);
+        assert!(Digest::parse(&format!("sha512:{}", "ab".repeat(32))).is_err());
+        assert!(Digest::parse(&format!("md5:{}", "ab".repeat(16))).is_err());
+        let mut h = Digest::parse(&long).unwrap().hasher();
+        h.update(b"abc");
+        assert_eq!(
+            h.finish().to_string(),
+            "sha512:ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f"
+        );
         assert!(Digest::parse(&format!("sha256:../{}", "a".repeat(61))).is_err());
     }
 

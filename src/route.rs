@@ -48,6 +48,11 @@ impl RouteTable {
         self.by_host(host).is_some()
     }
 
+    /// The upstream an intercepted hostname belongs to.
+    pub fn upstream_for_host(&self, host: &str) -> Option<UpstreamId> {
+        self.by_host(host).map(UpstreamId::from_config_index)
+    }
+
     fn by_host(&self, host: &str) -> Option<usize> {
         self.upstreams.iter().position(|u| u.hosts.iter().any(|h| h == host))
     }
@@ -91,7 +96,9 @@ pub struct RepoRequest {
     /// The name upstream knows it by.
     pub repo: RepoName,
     pub kind: Kind,
-    /// Query parameters to pass upstream (`n`, `last`), with `ns` removed.
+    /// The pagination of a tag list (`n`, `last`), validated and in one
+    /// canonical order; every other query parameter is dropped, never
+    /// forwarded.
     pub forward_query: Option<String>,
 }
 
@@ -115,8 +122,12 @@ pub enum RouteError {
     NameInvalid(String),
     DigestInvalid(String),
     TagInvalid(String),
+    PaginationInvalid(String),
     UnknownNamespace(String),
 }
+
+/// The most tags one page may ask for (distribution's own default limit is 1000).
+pub const MAX_PAGE: u32 = 10_000;
 
 /// Routes a request. `host` is the Host header (or `:authority`, or the TLS
 /// SNI when neither is present) without its port.
@@ -138,12 +149,14 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     };
 
     let mut ns = None;
-    let mut forward = Vec::new();
+    let mut page_size = None;
+    let mut last = None;
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        if k == "ns" {
-            ns = Some(v.into_owned());
-        } else {
-            forward.push((k.into_owned(), v.into_owned()));
+        match &*k {
+            "ns" => ns = Some(v.into_owned()),
+            "n" => page_size = Some(v.into_owned()),
+            "last" => last = Some(v.into_owned()),
+            _ => {}
         }
     }
     let host = host.map(|h| h.to_ascii_lowercase());
@@ -183,14 +196,9 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     if table.upstreams[upstream].library_prefix {
         repo = repo.with_library_prefix();
     }
-    let forward_query = if forward.is_empty() {
-        None
-    } else {
-        Some(
-            form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(forward)
-                .finish(),
-        )
+    let forward_query = match kind {
+        Kind::TagsList => pagination(page_size.as_deref(), last.as_deref())?,
+        _ => None,
     };
     Ok(Endpoint::Repo(RepoRequest {
         upstream: UpstreamId::from_config_index(upstream),
@@ -200,6 +208,30 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
         kind,
         forward_query,
     }))
+}
+
+/// `n` and `last` of a tag list, checked and in canonical form.
+fn pagination(n: Option<&str>, last: Option<&str>) -> Result<Option<String>, RouteError> {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    if let Some(n) = n {
+        let valid = n.len() <= 6 && n.bytes().all(|c| c.is_ascii_digit());
+        match n.parse::<u32>() {
+            Ok(v) if valid && v <= MAX_PAGE => {
+                q.append_pair("n", &v.to_string());
+            }
+            _ => {
+                return Err(RouteError::PaginationInvalid(format!(
+                    "n={n:?} is not a page size from 0 to {MAX_PAGE}"
+                )))
+            }
+        }
+    }
+    if let Some(last) = last {
+        let tag = crate::reference::Tag::parse(last).map_err(RouteError::TagInvalid)?;
+        q.append_pair("last", tag.as_str());
+    }
+    let q = q.finish();
+    Ok(if q.is_empty() { None } else { Some(q) })
 }
 
 /// Splits `<name>/manifests/<ref>` and friends. The name is everything before
@@ -320,6 +352,28 @@ mod tests {
         assert_eq!(r.forward_query, None);
         let r = repo(Some("10.0.0.5"), "/v2/library/x/tags/list", Some("ns=docker.io&n=5"));
         assert_eq!((r.upstream, r.forward_query.as_deref()), (id(0), Some("n=5")));
+    }
+
+    #[test]
+    fn tag_list_queries_keep_only_validated_pagination() {
+        let r = repo(
+            Some("docker.io"),
+            "/v2/library/x/tags/list",
+            Some("last=1.2&evil=x&n=007&ns=docker.io"),
+        );
+        assert_eq!(
+            r.forward_query.as_deref(),
+            Some("n=7&last=1.2"),
+            "canonical, nothing else forwarded"
+        );
+        let r = repo(Some("docker.io"), "/v2/library/x/manifests/1", Some("n=5&x=y"));
+        assert_eq!(r.forward_query, None, "only tag lists take a query");
+        for bad in ["n=-1", "n=abc", "n=99999999999", "n=10001", "last=../x", "last=-bad"] {
+            assert!(
+                route(&table(), Some("docker.io"), "/v2/library/x/tags/list", Some(bad)).is_err(),
+                "{bad}"
+            );
+        }
         let e = route(&table(), None, "/v2/x/manifests/1", Some("ns=evil.example")).unwrap_err();
         assert!(matches!(e, RouteError::UnknownNamespace(_)));
     }

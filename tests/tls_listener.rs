@@ -44,6 +44,11 @@ name = "ghcr.io"
 hosts = ["ghcr.io"]
 url = "https://127.0.0.9"
 namespace = "ghcr"
+[[upstream]]
+name = "quay.io"
+hosts = ["quay.io"]
+url = "https://127.0.0.9"
+namespace = "quay"
 "#,
         d = dir.path().display()
     );
@@ -137,5 +142,32 @@ async fn stalled_handshake_does_not_block_other_clients() {
     assert!(
         matches!(tls, Ok(Ok(_))),
         "a silent client must not hold up the accept loop"
+    );
+}
+
+async fn get_with_host(r: &Running, sni: &str, host: &str) -> String {
+    let mut tls = handshake(r, sni, &[b"http/1.1"]).await.expect("handshake");
+    let req = format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    tls.read_to_string(&mut resp).await.unwrap();
+    resp
+}
+
+#[tokio::test]
+async fn a_connection_made_for_one_upstream_cannot_ask_another() {
+    let r = start("127.0.4.3").await;
+    let resp = get_with_host(&r, "ghcr.io", "quay.io").await;
+    assert!(resp.starts_with("HTTP/1.1 421"), "SNI ghcr.io, Host quay.io: {resp}");
+    assert!(resp.contains("\"errors\""), "an OCI error body: {resp}");
+    let resp = get_with_host(&r, "regmirror.test", "ghcr.io").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 421"),
+        "SNI of the proxy, Host of an upstream: {resp}"
+    );
+    let resp = get_with_host(&r, "quay.io", "quay.io:443").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "the same name with a port is fine: {resp}"
     );
 }

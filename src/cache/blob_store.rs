@@ -37,6 +37,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Starts writing content that is not stored yet.
     async fn begin(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>>;
     async fn delete(&self, d: &Digest) -> io::Result<()>;
+    /// Records the media type of content first stored without one (manifest
+    /// bytes fetched through the blobs URL), once upstream has named it.
+    async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()>;
 }
 
 /// Stored content, opened.

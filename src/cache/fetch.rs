@@ -16,7 +16,6 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 use futures_util::{FutureExt, StreamExt};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use super::blob_store::{ByteStream, GrowingBlob, PendingBlob};
@@ -59,56 +58,83 @@ pub(crate) struct Inflight {
 
 impl Cache {
     /// Serves `digest` from the store, or starts (or joins) the one download
-    /// of it. `open` is called only by the leader, at most once per download.
+    /// of it. `open` is called only by a leader, at most once per download.
+    ///
+    /// A requester that joined someone else's download and saw its source
+    /// fail (that requester's upstream or repository may not have the
+    /// digest, or may refuse it) tries again with its own source rather than
+    /// hand another client's error on.
     pub async fn get_or_fetch<F>(self: &Arc<Self>, digest: &Digest, open: F) -> Result<Served, FetchError>
     where
         F: FnOnce() -> OpenFuture + Send + 'static,
     {
-        if let Some(served) = self.open_stored(digest).await? {
-            METRICS.cache_hits.inc();
-            return Ok(served);
-        }
-        let (inflight, leader) = {
-            let mut map = match self.inflight.lock() {
-                Ok(m) => m,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            match map.get(digest) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let (tx, _) = watch::channel(Progress::Opening);
-                    let f = Arc::new(Inflight {
-                        progress: tx,
-                        follower: OnceLock::new(),
-                        meta: OnceLock::new(),
-                    });
-                    map.insert(digest.clone(), f.clone());
-                    (f, true)
-                }
+        let mut open = Some(open);
+        loop {
+            if let Some(served) = self.open_stored(digest).await? {
+                METRICS.cache_hits.inc();
+                return Ok(served);
             }
-        };
-        let rx = inflight.progress.subscribe();
-        if leader {
-            METRICS.cache_misses.inc();
-            let cache = self.clone();
-            let digest = digest.clone();
-            let inflight = inflight.clone();
-            tokio::spawn(async move {
-                // The guard exists before anything that can fail or panic,
-                // `open` included, so no waiter is ever left hanging.
-                let mut guard = LeaderGuard {
-                    cache: &cache,
-                    digest: &digest,
-                    inflight: &inflight,
-                    done: false,
-                };
-                let result = cache.download(&digest, &inflight, open).await;
-                guard.finish(result);
-            });
-        } else {
-            METRICS.cache_joins.inc();
+            let (inflight, leader) = self.start_or_join(digest);
+            let rx = inflight.progress.subscribe();
+            if leader {
+                METRICS.cache_misses.inc();
+                if let Some(open) = open.take() {
+                    self.spawn_leader(digest, inflight.clone(), open);
+                }
+            } else {
+                METRICS.cache_joins.inc();
+            }
+            match self.follow(digest, inflight, rx).await {
+                Err(FetchError::Source(e)) if !leader && open.is_some() => {
+                    tracing::debug!(%digest, error = %e, "the download joined failed at its source; trying ours");
+                }
+                result => return result,
+            }
         }
-        self.follow(digest, inflight, rx).await
+    }
+
+    /// The download of `digest` in progress, or a new one this caller leads.
+    fn start_or_join(&self, digest: &Digest) -> (Arc<Inflight>, bool) {
+        let mut map = super::lock(&self.inflight);
+        match map.get(digest) {
+            Some(f) => (f.clone(), false),
+            None => {
+                let (tx, _) = watch::channel(Progress::Opening);
+                let f = Arc::new(Inflight {
+                    progress: tx,
+                    follower: OnceLock::new(),
+                    meta: OnceLock::new(),
+                });
+                map.insert(digest.clone(), f.clone());
+                (f, true)
+            }
+        }
+    }
+
+    /// Runs the download as a task of its own, so it goes on when every
+    /// client has left.
+    fn spawn_leader<F>(self: &Arc<Self>, digest: &Digest, inflight: Arc<Inflight>, open: F)
+    where
+        F: FnOnce() -> OpenFuture + Send + 'static,
+    {
+        let cache = self.clone();
+        let digest = digest.clone();
+        tokio::spawn(async move {
+            // The guard exists before anything that can fail or panic,
+            // `open` included, so no waiter is ever left hanging.
+            let mut guard = LeaderGuard {
+                cache: &cache,
+                digest: &digest,
+                inflight: &inflight,
+                done: false,
+            };
+            // Waiters queue behind the cap with the leader; nothing is dropped.
+            let result = match cache.downloads.clone().acquire_owned().await {
+                Ok(_permit) => cache.download(&digest, &inflight, open).await,
+                Err(_) => Err(FetchError::Abandoned { digest: digest.clone() }),
+            };
+            guard.finish(result);
+        });
     }
 
     /// Waits until the download has started, then attaches to it.
@@ -223,10 +249,7 @@ struct LeaderGuard<'a> {
 impl LeaderGuard<'_> {
     fn finish(&mut self, result: Result<u64, FetchError>) {
         self.done = true;
-        match self.cache.inflight.lock() {
-            Ok(mut map) => map.remove(self.digest),
-            Err(poisoned) => poisoned.into_inner().remove(self.digest),
-        };
+        super::lock(&self.cache.inflight).remove(self.digest);
         let digest = self.digest;
         match result {
             Ok(size) => {
@@ -261,7 +284,7 @@ async fn write_verified(
     pending: &mut dyn PendingBlob,
     inflight: &Inflight,
 ) -> Result<u64, FetchError> {
-    let mut hasher = Sha256::new();
+    let mut hasher = digest.hasher();
     let mut written: u64 = 0;
     let mut buf = BytesMut::new();
     let store_err = |e| FetchError::store(digest, "write", e);
@@ -307,7 +330,7 @@ async fn write_verified(
             });
         }
     }
-    let got = Digest::from_sha256(&hasher.finalize());
+    let got = hasher.finish();
     if &got != digest {
         return Err(FetchError::DigestMismatch {
             expected: digest.clone(),
@@ -337,7 +360,8 @@ mod tests {
 
     fn cache() -> (tempfile::TempDir, Arc<Cache>) {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open_local(dir.path(), &[]).unwrap();
+        let store = Arc::new(crate::cache::LocalStore::open_dir(dir.path()).unwrap());
+        let cache = Cache::new(store.clone(), store, 2);
         (dir, Arc::new(cache))
     }
 
@@ -417,6 +441,99 @@ mod tests {
         }
         assert_eq!(opened.load(Ordering::SeqCst), 1);
         assert!(cache.stat(&d).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_joiner_whose_leader_could_not_get_the_digest_uses_its_own_source() {
+        let (_dir, cache) = cache();
+        let data = b"layer that only one repository has".to_vec();
+        let d = Digest::of(&data);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (c, dd, g) = (cache.clone(), d.clone(), gate.clone());
+        let leader = tokio::spawn(async move {
+            c.get_or_fetch(&dd, move || {
+                Box::pin(async move {
+                    let _ = g.acquire().await;
+                    Err(upstream::Error::Status {
+                        upstream: "u".into(),
+                        status: http::StatusCode::NOT_FOUND,
+                        body: None,
+                        retry_after: None,
+                        challenge: None,
+                    })
+                })
+            })
+            .await
+        });
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while inflight_receivers(&cache, &d) < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let (c, dd) = (cache.clone(), d.clone());
+        let joiner = tokio::spawn(async move {
+            let served = c.get_or_fetch(&dd, move || source(data)).await?;
+            Ok::<_, FetchError>(read_all(served).await.unwrap())
+        });
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while inflight_receivers(&cache, &d) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the second requester joins the first download");
+        gate.add_permits(1);
+        let led = leader.await.unwrap();
+        assert!(matches!(led, Err(FetchError::Source(e)) if e.is_not_found()));
+        assert_eq!(
+            joiner
+                .await
+                .unwrap()
+                .expect("the joiner is not handed the leader's 404"),
+            b"layer that only one repository has"
+        );
+    }
+
+    #[tokio::test]
+    async fn downloads_beyond_the_cap_wait_for_a_free_slot_and_none_is_dropped() {
+        let (_dir, cache) = cache(); // a cap of 2
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..3u8 {
+            let data = vec![i; 10];
+            let d = Digest::of(&data);
+            let (c, g, o) = (cache.clone(), gate.clone(), opened.clone());
+            tasks.push(tokio::spawn(async move {
+                let served = c
+                    .get_or_fetch(&d, move || {
+                        o.fetch_add(1, Ordering::SeqCst);
+                        Box::pin(async move {
+                            let _ = g.acquire().await.map(|p| p.forget());
+                            Ok(source_now(data))
+                        })
+                    })
+                    .await
+                    .unwrap();
+                read_all(served).await.unwrap()
+            }));
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while opened.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "a third download waits for a slot");
+        gate.add_permits(3);
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), vec![i as u8; 10]);
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

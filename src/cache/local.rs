@@ -4,8 +4,8 @@
 //! there):
 //!
 //! ```text
-//! blobs/sha256/<aa>/<hex>        content (blobs and manifests alike, shared by every repository)
-//! blobs/sha256/<aa>/<hex>.type   media type, for manifests
+//! blobs/<algorithm>/<aa>/<hex>        content (blobs and manifests alike, shared by every repository)
+//! blobs/<algorithm>/<aa>/<hex>.type   media type, for manifests
 //! meta/<upstream>/<repo>/_tags/<tag>/<accept-key>.json   last digest seen for (repo, tag, Accept)
 //! meta/<upstream>/<repo>/_lists/<query-key>.json         last tags/list answer
 //! tmp/                           downloads in progress (same filesystem: commit is a rename)
@@ -42,8 +42,11 @@ pub struct LocalStore {
 
 impl LocalStore {
     /// Opens the store, creating its directories and clearing `tmp/` (left
-    /// over from a crash). Does not walk the store.
+    /// over from a crash). Does not walk the store. Refuses a directory that
+    /// holds anything but a regmirror store, since regmirror deletes inside
+    /// it (`cache.dir = "/"` must not cost anyone their `/tmp`).
     pub fn open_dir(root: &Path) -> io::Result<Self> {
+        adopt(root)?;
         let tmp = root.join("tmp");
         match std::fs::remove_dir_all(&tmp) {
             Ok(()) => {}
@@ -81,15 +84,16 @@ impl LocalStore {
         Ok(())
     }
 
+    fn blob_dir(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs").join(d.algorithm().name()).join(&d.hex()[..2])
+    }
+
     fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex())
+        self.blob_dir(d).join(d.hex())
     }
 
     fn type_path(&self, d: &Digest) -> PathBuf {
-        self.root
-            .join("blobs/sha256")
-            .join(&d.hex()[..2])
-            .join(format!("{}.type", d.hex()))
+        self.blob_dir(d).join(format!("{}.type", d.hex()))
     }
 
     fn repo_dir(&self, at: RepoKey<'_>) -> PathBuf {
@@ -132,6 +136,58 @@ impl LocalStore {
         }
         Ok(())
     }
+}
+
+/// The file that marks a directory as a regmirror store.
+pub const MARKER: &str = ".regmirror-store";
+
+/// What a store made before the marker existed holds at its top level.
+const UNMARKED_STORE_ENTRIES: [&str; 4] = ["blobs", "tags", "meta", "tmp"];
+
+/// Makes `root` a store: a new or empty directory gets the marker; a marked
+/// one is ours; an unmarked store of the layout before the marker is
+/// adopted; anything else is refused with a message saying why.
+fn adopt(root: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(root).map_err(|e| with_path(root, e))?;
+    let marker = root.join(MARKER);
+    if marker.is_file() {
+        return Ok(());
+    }
+    let mut foreign = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(|e| with_path(root, e))? {
+        let name = entry.map_err(|e| with_path(root, e))?.file_name();
+        let name = name.to_string_lossy().into_owned();
+        if !UNMARKED_STORE_ENTRIES.contains(&name.as_str()) {
+            foreign.push(name);
+        }
+    }
+    let looks_like_old_store = root.join("blobs/sha256").is_dir();
+    let has_entries = std::fs::read_dir(root)
+        .map_err(|e| with_path(root, e))?
+        .next()
+        .is_some();
+    if !foreign.is_empty() || (has_entries && !looks_like_old_store) {
+        foreign.sort();
+        foreign.truncate(5);
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} is not empty and is not a regmirror store (no {MARKER}; it holds {}); \
+                 regmirror deletes inside its store, so point cache.dir at a new or empty directory",
+                root.display(),
+                if foreign.is_empty() {
+                    "files of another layout".to_string()
+                } else {
+                    foreign.join(", ")
+                }
+            ),
+        ));
+    }
+    std::fs::write(
+        &marker,
+        b"regmirror content store; regmirror deletes inside this directory\n",
+    )
+    .map_err(|e| with_path(&marker, e))
 }
 
 fn with_path(p: &Path, e: io::Error) -> io::Error {
@@ -236,6 +292,10 @@ impl BlobStore for LocalStore {
         not_found_is_none(fs::remove_file(self.blob_path(d)).await)?;
         not_found_is_none(fs::remove_file(self.type_path(d)).await)?;
         Ok(())
+    }
+
+    async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()> {
+        self.write_atomically(&self.type_path(d), media_type.as_bytes()).await
     }
 }
 
@@ -464,10 +524,48 @@ mod tests {
         assert_eq!(tmp_files(), 0, "a pending blob dropped mid-way is removed");
     }
 
+    #[test]
+    fn only_new_empty_marked_or_old_store_directories_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = dir.path().join("home");
+        std::fs::create_dir_all(foreign.join("tmp")).unwrap();
+        std::fs::write(foreign.join("tmp/precious"), b"x").unwrap();
+        std::fs::write(foreign.join("notes.txt"), b"x").unwrap();
+        let e = LocalStore::open_dir(&foreign)
+            .err()
+            .expect("a foreign directory is refused");
+        assert!(e.to_string().contains("not a regmirror store"), "{e}");
+        assert!(
+            foreign.join("tmp/precious").exists(),
+            "nothing deleted in a directory not ours"
+        );
+
+        let only_tmp = dir.path().join("only-tmp");
+        std::fs::create_dir_all(only_tmp.join("tmp")).unwrap();
+        std::fs::write(only_tmp.join("tmp/precious"), b"x").unwrap();
+        assert!(
+            LocalStore::open_dir(&only_tmp).is_err(),
+            "a tmp/ alone does not make a store"
+        );
+        assert!(only_tmp.join("tmp/precious").exists());
+
+        let empty = dir.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        LocalStore::open_dir(&empty).unwrap();
+        assert!(empty.join(MARKER).is_file());
+        LocalStore::open_dir(&empty).expect("a marked store is reopened");
+
+        let old = dir.path().join("old");
+        std::fs::create_dir_all(old.join("blobs/sha256")).unwrap();
+        std::fs::create_dir_all(old.join("tags/dockerhub")).unwrap();
+        LocalStore::open_dir(&old).expect("a store from before the marker is adopted");
+        assert!(old.join(MARKER).is_file());
+    }
+
     #[tokio::test]
     async fn tmp_is_cleared_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        LocalStore::open_dir(dir.path()).unwrap();
         std::fs::write(dir.path().join("tmp/leftover"), b"x").unwrap();
         LocalStore::open_dir(dir.path()).unwrap();
         assert!(!dir.path().join("tmp/leftover").exists());
@@ -478,6 +576,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = dir.path().join("tags/dockerhub/library/alpine/_tags/3");
         std::fs::create_dir_all(&old).unwrap();
+        std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
         let rec = TagRecord {
             digest: Digest::of(b"m").to_string(),
             media_type: "t".into(),

@@ -17,10 +17,12 @@ pub mod served;
 #[cfg(test)]
 mod store_suite;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
 
 pub use blob_store::{BlobInfo, BlobStore, ByteStream};
 pub use error::FetchError;
@@ -31,27 +33,57 @@ pub use served::{Served, ServedInfo};
 
 use crate::reference::{Digest, Tag};
 
+/// How many upstream downloads run at once unless configured otherwise.
+pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 64;
+
 pub struct Cache {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     inflight: Mutex<HashMap<Digest, Arc<fetch::Inflight>>>,
+    /// Permits for upstream downloads: a client that asks for many cold
+    /// digests and leaves cannot start more than this many at once (a
+    /// download nobody waits for any more still holds its permit).
+    downloads: Arc<Semaphore>,
+    /// Repositories with tag records, per upstream: walked from the store
+    /// once, on first use, then kept up to date as tags are recorded.
+    repositories: Mutex<HashMap<String, RepoIndex>>,
+}
+
+#[derive(Default)]
+struct RepoIndex {
+    walked: bool,
+    names: BTreeSet<String>,
 }
 
 impl Cache {
-    pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>) -> Self {
+    pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, download_concurrency: usize) -> Self {
         Cache {
             blobs,
             meta,
             inflight: Mutex::new(HashMap::new()),
+            downloads: Arc::new(Semaphore::new(download_concurrency.max(1))),
+            repositories: Mutex::new(HashMap::new()),
         }
     }
 
     /// The cache on a local directory (the only backend so far), with
     /// metadata kept under an old namespace name moved to its upstream's.
-    pub fn open_local(dir: &Path, namespace_moves: &[(String, String)]) -> io::Result<Self> {
-        let store = Arc::new(LocalStore::open_dir(dir)?);
-        store.migrate_namespaces(namespace_moves)?;
-        Ok(Cache::new(store.clone(), store))
+    /// The directory work runs on a blocking thread.
+    pub async fn open_local(
+        dir: &Path,
+        namespace_moves: Vec<(String, String)>,
+        download_concurrency: usize,
+    ) -> io::Result<Self> {
+        let dir = dir.to_path_buf();
+        let store = tokio::task::spawn_blocking(move || {
+            let store = LocalStore::open_dir(&dir)?;
+            store.migrate_namespaces(&namespace_moves)?;
+            Ok::<_, io::Error>(store)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let store = Arc::new(store);
+        Ok(Cache::new(store.clone(), store, download_concurrency))
     }
 
     /// What is stored under `d`, without opening it.
@@ -65,11 +97,27 @@ impl Cache {
         Ok(blob.map(|b| Served::stored(b, true)))
     }
 
+    /// Records the media type of content stored without one. A failure is
+    /// logged: the type is asked of upstream again next time.
+    pub async fn set_media_type(&self, d: &Digest, media_type: &str) {
+        if let Err(e) = self.blobs.set_media_type(d, media_type).await {
+            tracing::warn!(digest = %d, error = %e, "could not record a media type");
+        }
+    }
+
     /// Remembers upstream's answer for a tag. A failure is logged, not
     /// returned: the answer is served either way.
     pub async fn record_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str, rec: &TagRecord) {
-        if let Err(e) = self.meta.put_tag(at, tag, accept_key, rec).await {
-            tracing::warn!(repo = %at.repo, %tag, error = %e, "could not record tag");
+        match self.meta.put_tag(at, tag, accept_key, rec).await {
+            Ok(()) => {
+                let mut index = lock(&self.repositories);
+                index
+                    .entry(at.upstream.to_string())
+                    .or_default()
+                    .names
+                    .insert(at.repo.to_string());
+            }
+            Err(e) => tracing::warn!(repo = %at.repo, %tag, error = %e, "could not record tag"),
         }
     }
 
@@ -99,8 +147,30 @@ impl Cache {
         }
     }
 
-    /// Repositories of `upstream` the cache holds tags for.
+    /// Repositories of `upstream` the cache holds tags for, sorted. The
+    /// store is walked for them once per upstream, not per request.
     pub async fn repositories(&self, upstream: &str) -> io::Result<Vec<String>> {
-        self.meta.list_repositories(upstream).await
+        let walked = lock(&self.repositories).get(upstream).is_some_and(|i| i.walked);
+        if !walked {
+            let found = self.meta.list_repositories(upstream).await?;
+            let mut index = lock(&self.repositories);
+            let entry = index.entry(upstream.to_string()).or_default();
+            entry.names.extend(found);
+            entry.walked = true;
+        }
+        let index = lock(&self.repositories);
+        Ok(index
+            .get(upstream)
+            .map(|i| i.names.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+}
+
+/// A std mutex whose poisoning (a panic elsewhere while holding it) does
+/// not take the cache down: the data behind it stays consistent per call.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }

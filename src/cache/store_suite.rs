@@ -66,6 +66,14 @@ pub async fn blob_store(s: &dyn BlobStore) {
     p.write(b"other").await.unwrap();
     p.commit(None).await.unwrap();
     assert_eq!(s.stat(&other).await.unwrap().unwrap().media_type, None);
+    s.set_media_type(&other, "application/vnd.oci.image.index.v1+json")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.stat(&other).await.unwrap().unwrap().media_type.as_deref(),
+        Some("application/vnd.oci.image.index.v1+json"),
+        "a type learnt later is kept"
+    );
 }
 
 pub async fn meta_store(s: &dyn MetaStore) {

@@ -26,6 +26,7 @@ pub enum OciCode {
     NameInvalid,
     NameUnknown,
     TagInvalid,
+    PaginationNumberInvalid,
     RangeInvalid,
     Unauthorized,
     Denied,
@@ -48,6 +49,7 @@ impl OciCode {
             OciCode::NameInvalid => "NAME_INVALID",
             OciCode::NameUnknown => "NAME_UNKNOWN",
             OciCode::TagInvalid => "TAG_INVALID",
+            OciCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             OciCode::RangeInvalid => "RANGE_INVALID",
             OciCode::Unauthorized => "UNAUTHORIZED",
             OciCode::Denied => "DENIED",
@@ -69,6 +71,7 @@ impl OciCode {
             OciCode::NameInvalid,
             OciCode::NameUnknown,
             OciCode::TagInvalid,
+            OciCode::PaginationNumberInvalid,
             OciCode::RangeInvalid,
             OciCode::Unauthorized,
             OciCode::Denied,
@@ -117,11 +120,14 @@ impl RegistryError {
     }
 
     /// Upstream's "not found", said the way the spec says it for what was
-    /// asked (a manifest, a blob, a repository); other errors unchanged.
+    /// asked (a manifest, a blob, a repository), in the client's words
+    /// only (upstream's detail may name upstream's repository); other
+    /// errors unchanged.
     pub fn when_not_found(mut self, code: OciCode, message: impl Into<String>) -> Self {
         if self.status == StatusCode::NOT_FOUND {
             self.code = code;
             self.message = message.into();
+            self.detail = None;
         }
         self
     }
@@ -143,6 +149,14 @@ impl RegistryError {
             StatusCode::NOT_FOUND,
             OciCode::NameUnknown,
             format!("no upstream is configured for host {host:?}"),
+        )
+    }
+
+    pub fn misdirected(sni: &str, host: &str) -> Self {
+        Self::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            OciCode::Denied,
+            format!("the connection was made for {sni:?}, not for Host {host:?}"),
         )
     }
 
@@ -299,6 +313,9 @@ impl From<RouteError> for RegistryError {
             RouteError::NameInvalid(m) => RegistryError::new(StatusCode::BAD_REQUEST, OciCode::NameInvalid, m),
             RouteError::DigestInvalid(m) => RegistryError::new(StatusCode::BAD_REQUEST, OciCode::DigestInvalid, m),
             RouteError::TagInvalid(m) => RegistryError::new(StatusCode::BAD_REQUEST, OciCode::TagInvalid, m),
+            RouteError::PaginationInvalid(m) => {
+                RegistryError::new(StatusCode::BAD_REQUEST, OciCode::PaginationNumberInvalid, m)
+            }
             RouteError::UnknownNamespace(m) => RegistryError::new(StatusCode::NOT_FOUND, OciCode::NameUnknown, m),
         }
     }

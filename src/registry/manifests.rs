@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 use super::body::{stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::{copy_header, header_value, source_from, App};
-use crate::cache::{Served, Source, TagRecord};
+use crate::cache::{FetchError, Served, Source, TagRecord};
 use crate::metrics::METRICS;
 use crate::reference::{Digest, Reference, Tag};
 use crate::route::RepoRequest;
@@ -94,11 +94,92 @@ async fn by_digest(
     accept: &str,
     head: bool,
 ) -> Result<Response<Body>, RegistryError> {
-    let served = fetch_by_digest(app, r, d, accept).await?;
-    Ok(respond(d, served, head, None))
+    let manifest = fetch_by_digest(app, r, d, accept).await?;
+    Ok(respond(d, manifest, head, None))
 }
 
-async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str) -> Result<Served, RegistryError> {
+/// A manifest ready to send. Its media type is always known: bytes stored
+/// without one (fetched through the blobs URL) never answer as a manifest.
+struct Manifest {
+    media_type: String,
+    size: Option<u64>,
+    body: ManifestBody,
+}
+
+enum ManifestBody {
+    Served(Served),
+    Fetched(bytes::Bytes),
+}
+
+impl Manifest {
+    fn from_served(served: Served) -> Option<Manifest> {
+        Some(Manifest {
+            media_type: served.info.media_type.clone()?,
+            size: served.info.size,
+            body: ManifestBody::Served(served),
+        })
+    }
+}
+
+async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str) -> Result<Manifest, RegistryError> {
+    let served = fetch_served(app, r, d, accept).await?;
+    match Manifest::from_served(served) {
+        Some(m) => Ok(m),
+        None => fetch_media_type(app, r, d, accept).await,
+    }
+}
+
+/// The content under `d` is stored (or downloading) without a media type:
+/// ask upstream for it as a manifest, check the bytes are the same, and
+/// keep the type it names.
+async fn fetch_media_type(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    d: &Digest,
+    accept: &str,
+) -> Result<Manifest, RegistryError> {
+    let upstream = app.upstream(r);
+    let resp = upstream
+        .client
+        .get_ok(&manifest_request(r, &d.to_string(), Method::GET, accept))
+        .await
+        .map_err(|e| manifest_unknown(e.into(), d))?;
+    let media_type = resp
+        .header(header::CONTENT_TYPE)
+        .map(|t| t.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|t| !t.is_empty() && t != "application/octet-stream");
+    let bytes = resp.bytes(MAX_MANIFEST, &format!("manifest {d}")).await?;
+    let mut hasher = d.hasher();
+    hasher.update(&bytes);
+    let got = hasher.finish();
+    if &got != d {
+        return Err(FetchError::DigestMismatch {
+            expected: d.clone(),
+            got,
+        }
+        .into());
+    }
+    let Some(media_type) = media_type else {
+        return Err(upstream::Error::Protocol {
+            upstream: upstream.name().to_string(),
+            message: format!("manifest {d} was served without a media type"),
+        }
+        .into());
+    };
+    app.cache.set_media_type(d, &media_type).await;
+    Ok(Manifest {
+        media_type,
+        size: Some(bytes.len() as u64),
+        body: ManifestBody::Fetched(bytes),
+    })
+}
+
+fn manifest_unknown(e: RegistryError, d: &Digest) -> RegistryError {
+    e.when_not_found(OciCode::ManifestUnknown, format!("manifest unknown: {d}"))
+        .with_detail(serde_json::json!({ "digest": d.to_string() }))
+}
+
+async fn fetch_served(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str) -> Result<Served, RegistryError> {
     let app2 = app.clone();
     let req = manifest_request(r, &d.to_string(), Method::GET, accept);
     let upstream = r.upstream;
@@ -110,11 +191,7 @@ async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &s
             })
         })
         .await
-        .map_err(|e| {
-            RegistryError::from(e)
-                .when_not_found(OciCode::ManifestUnknown, format!("manifest unknown: {d}"))
-                .with_detail(serde_json::json!({ "digest": d.to_string() }))
-        })
+        .map_err(|e| manifest_unknown(e.into(), d))
 }
 
 async fn by_tag(
@@ -163,8 +240,8 @@ async fn by_tag(
             .insert("docker-content-digest", header_value(&digest.to_string()));
         return Ok(out);
     }
-    let served = fetch_by_digest(app, r, &digest, accept).await?;
-    Ok(respond(&digest, served, head, None))
+    let manifest = fetch_by_digest(app, r, &digest, accept).await?;
+    Ok(respond(&digest, manifest, head, None))
 }
 
 async fn by_tag_without_digest(
@@ -207,7 +284,11 @@ async fn by_tag_without_digest(
             })
         })
         .await?;
-    Ok(respond(&digest, served, head, None))
+    let manifest = match Manifest::from_served(served) {
+        Some(m) => m,
+        None => fetch_media_type(app, r, &digest, accept).await?,
+    };
+    Ok(respond(&digest, manifest, head, None))
 }
 
 /// Upstream failed on a tag: serve the last digest seen for it when the
@@ -235,7 +316,14 @@ async fn stale_or(
     let Ok(digest) = Digest::parse(&record.digest) else {
         return Err(refuse(err));
     };
-    let Some(served) = app.cache.open_stored(&digest).await.ok().flatten() else {
+    let Some(manifest) = app
+        .cache
+        .open_stored(&digest)
+        .await
+        .ok()
+        .flatten()
+        .and_then(Manifest::from_served)
+    else {
         return Err(refuse(err));
     };
     METRICS.stale_served.inc();
@@ -244,26 +332,20 @@ async fn stale_or(
         "110 regmirror \"Response is Stale: upstream {}\"",
         app.upstream(r).name()
     );
-    Ok(respond(&digest, served, head, Some(warning)))
+    Ok(respond(&digest, manifest, head, Some(warning)))
 }
 
 /// The manifest response: stored bytes with their own media type, length,
 /// digest and ETag; never converted.
-fn respond(digest: &Digest, served: Served, head: bool, warning: Option<String>) -> Response<Body> {
-    let media_type = served
-        .info
-        .media_type
-        .clone()
-        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
-    let size = served.info.size;
-    let mut resp = if head {
-        Response::new(super::body::empty())
-    } else {
-        Response::new(stream(served.into_stream(0, None)))
+fn respond(digest: &Digest, manifest: Manifest, head: bool, warning: Option<String>) -> Response<Body> {
+    let mut resp = match (head, manifest.body) {
+        (true, _) => Response::new(super::body::empty()),
+        (false, ManifestBody::Served(served)) => Response::new(stream(served.into_stream(0, None))),
+        (false, ManifestBody::Fetched(bytes)) => Response::new(super::body::full(bytes)),
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, header_value(&media_type));
-    if let Some(s) = size {
+    h.insert(header::CONTENT_TYPE, header_value(&manifest.media_type));
+    if let Some(s) = manifest.size {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(s));
     }
     h.insert("docker-content-digest", header_value(&digest.to_string()));

@@ -147,6 +147,9 @@ async fn dispatch<B>(
                 return Err(RegistryError::unknown_host(h));
             }
         }
+        if let Some(e) = misdirected(app, conn.sni.as_deref(), host) {
+            return Err(e);
+        }
     }
     let endpoint = route(&app.routes, host, req.uri().path(), req.uri().query())?;
     let method = req.method();
@@ -175,6 +178,19 @@ async fn dispatch<B>(
             work.instrument(span).await
         }
     }
+}
+
+/// A connection made for one upstream (its SNI) is not used to reach
+/// another (its Host): that is 421, as RFC 9110 has it for a request that
+/// reached a server not configured for it.
+fn misdirected(app: &App, sni: Option<&str>, host: Option<&str>) -> Option<RegistryError> {
+    let (sni, host) = (sni?.to_ascii_lowercase(), host?);
+    if sni == host {
+        return None;
+    }
+    let by_sni = app.routes.upstream_for_host(&sni);
+    let by_host = app.routes.upstream_for_host(host);
+    ((by_sni.is_some() || by_host.is_some()) && by_sni != by_host).then(|| RegistryError::misdirected(&sni, host))
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>, content_type: &'static str) -> Response<Body> {

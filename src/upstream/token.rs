@@ -113,6 +113,23 @@ struct CachedToken {
 
 type Slot = Arc<tokio::sync::Mutex<Option<CachedToken>>>;
 
+/// Token slots kept at most; past this, expired and unused ones go first.
+const MAX_SLOTS: usize = 4096;
+
+/// Drops slots whose token has expired and that nobody is fetching into;
+/// if every slot is live, drops the unused ones anyway (they are fetched
+/// again when needed), so the map never grows past its bound.
+fn prune(slots: &mut HashMap<TokenKey, Slot>) {
+    let now = Instant::now();
+    slots.retain(|_, slot| match slot.try_lock() {
+        Ok(t) => t.as_ref().is_some_and(|t| t.valid_until > now),
+        Err(_) => true, // a fetch is under way
+    });
+    if slots.len() >= MAX_SLOTS {
+        slots.retain(|_, slot| slot.try_lock().is_err());
+    }
+}
+
 #[derive(Default)]
 pub struct TokenCache {
     slots: Mutex<HashMap<TokenKey, Slot>>,
@@ -131,7 +148,15 @@ impl TokenCache {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
+        if slots.len() >= MAX_SLOTS && !slots.contains_key(key) {
+            prune(&mut slots);
+        }
         slots.entry(key.clone()).or_default().clone()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.lock().map(|s| s.len()).unwrap_or(0)
     }
 
     /// A valid token for `scope`, from the cache or the realm. `refresh`
@@ -283,6 +308,28 @@ async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_cache_is_bounded_and_drops_expired_tokens_first() {
+        let cache = TokenCache::default();
+        let key = |i: usize| TokenKey {
+            realm: "r".into(),
+            service: "s".into(),
+            scope: format!("repository:x{i}:pull"),
+            credential: String::new(),
+        };
+        let live = cache.slot(&key(0));
+        *live.try_lock().unwrap() = Some(CachedToken {
+            token: "t".into(),
+            valid_until: Instant::now() + Duration::from_secs(60),
+        });
+        for i in 1..MAX_SLOTS * 2 {
+            cache.slot(&key(i));
+        }
+        assert!(cache.len() <= MAX_SLOTS, "{} slots", cache.len());
+        let again = cache.slot(&key(0));
+        assert!(Arc::ptr_eq(&live, &again), "a live token survives pruning");
+    }
 
     #[test]
     fn parses_docker_hub_style_challenges() {
