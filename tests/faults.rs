@@ -1293,3 +1293,148 @@ async fn a_stalled_client_does_not_hold_up_the_download_or_others() {
     assert_eq!(up.count("GET", &path), 1);
     drop(stalled);
 }
+
+// ---------------------------------------------------------------- hostile upstreams and clients
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// Some registries serve manifest bytes on the blobs URL too. Fetched there
+/// first, the bytes have no media type, and must never answer a manifest
+/// request as if they were an image manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_bytes_first_fetched_as_a_blob_keep_their_media_type() {
+    let up = FakeUpstream::start("127.0.3.132:0").await;
+    let m = Mirror::start(32, &up.url()).await;
+    let c = client();
+    let index = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#).into_bytes();
+    let d = up.add_manifest("library/multi", Some("1"), OCI_INDEX, &index);
+    up.put(
+        &format!("/v2/library/multi/blobs/{d}"),
+        fake_upstream::Resource {
+            body: index.clone().into(),
+            content_type: "application/octet-stream".into(),
+            digest: Some(d.clone()),
+        },
+    );
+    let (_, body) = get_ok(&c, &m.url("multi", &format!("blobs/{d}"))).await;
+    assert_eq!(body, index);
+    assert!(m.stored(&d));
+    for reference in [d.as_str(), "1"] {
+        let r = c
+            .get(m.url("multi", &format!("manifests/{reference}")))
+            .header("accept", format!("{OCI_INDEX}, {OCI_MANIFEST}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{reference}");
+        assert_eq!(header(&r, "content-type"), Some(OCI_INDEX), "{reference}");
+        assert_eq!(r.bytes().await.unwrap(), index, "{reference}");
+    }
+    let fetched_as_manifest = up.count("GET", &format!("/v2/library/multi/manifests/{d}"));
+    assert_eq!(fetched_as_manifest, 1, "the type is learnt once, then kept");
+}
+
+/// Single flight must not couple requesters: a request through a repository
+/// that lacks the digest (a slow 404) does not fail a concurrent request
+/// through one that has it, and nothing names the other repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_missing_in_one_repository_does_not_fail_another_that_has_it() {
+    let up = FakeUpstream::start("127.0.3.133:0").await;
+    let m = Mirror::start(33, &up.url()).await;
+    let c = client();
+    let data = bytes_for("only-in-has", 200_000);
+    let (d, _) = up.add_blob("library/has", &data);
+    up.delay(&format!("/v2/library/hasnt/blobs/{d}"), Duration::from_millis(800));
+    let lacking = tokio::spawn({
+        let (c, url) = (c.clone(), m.url("hasnt", &format!("blobs/{d}")));
+        async move { c.get(url).send().await.unwrap() }
+    });
+    // Ask through the repository that has it while the 404 is on its way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = c.get(m.url("has", &format!("blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    let (status, body) = oci_error(lacking.await.unwrap()).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("BLOB_UNKNOWN"), "{body}");
+    assert!(!body.contains("library/has\""), "no other repository named: {body}");
+}
+
+/// tags/list passes on only validated pagination, in one canonical form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_list_forwards_only_validated_pagination() {
+    let up = FakeUpstream::start("127.0.3.134:0").await;
+    let m = Mirror::start(34, &up.url()).await;
+    let c = client();
+    up.put(
+        "/v2/library/app/tags/list",
+        fake_upstream::Resource {
+            body: r#"{"name":"library/app","tags":["1","2"]}"#.into(),
+            content_type: "application/json".into(),
+            digest: None,
+        },
+    );
+    let r = c
+        .get(format!("{}?last=1&evil=%2e%2e&n=05", m.url("app", "tags/list")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let queries: Vec<Option<String>> = up
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/v2/library/app/tags/list")
+        .map(|s| s.query)
+        .collect();
+    assert_eq!(queries, vec![Some("n=5&last=1".to_string())]);
+    for (bad, code) in [("n=abc", "PAGINATION_NUMBER_INVALID"), ("last=..%2f", "TAG_INVALID")] {
+        let r = c
+            .get(format!("{}?{bad}", m.url("app", "tags/list")))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = oci_error(r).await;
+        assert_eq!(status, 400, "{bad}");
+        assert!(body.contains(code), "{bad}: {body}");
+    }
+    assert_eq!(up.seen().len(), 1, "refused queries never reach upstream");
+}
+
+/// regmirror deletes inside its store, so it refuses to adopt a directory
+/// that is not one, and leaves its contents alone.
+#[tokio::test]
+async fn a_cache_dir_that_is_not_a_store_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = dir.path().join("somebodys");
+    std::fs::create_dir_all(foreign.join("tmp")).unwrap();
+    std::fs::write(foreign.join("tmp/precious"), b"keep me").unwrap();
+    let toml = format!(
+        r#"
+[server]
+http = "127.0.3.35:5000"
+name = "regmirror.test"
+[ca]
+dir = '{root}/certs'
+[cache]
+dir = '{cache}'
+max_size = "1GiB"
+[[upstream]]
+name = "docker.io"
+hosts = ["docker.io"]
+url = "http://127.0.3.235"
+namespace = "dockerhub"
+"#,
+        root = dir.path().display(),
+        cache = foreign.display()
+    );
+    let settings = regmirror::config::Settings::from_toml(&toml, "test").unwrap();
+    let started = tokio::time::timeout(
+        Duration::from_secs(10),
+        regmirror::serve(settings, std::future::pending()),
+    )
+    .await
+    .expect("start-up fails at once");
+    let e = started.expect_err("a directory that is not a store is refused");
+    assert!(e.to_string().contains("not a regmirror store"), "{e}");
+    assert_eq!(std::fs::read(foreign.join("tmp/precious")).unwrap(), b"keep me");
+}

@@ -102,6 +102,8 @@ struct Inner {
     require_bearer: bool,
     /// token → scope it was issued for
     tokens: HashMap<String, String>,
+    /// Paths answered only after this long (whatever the answer).
+    delays: HashMap<String, std::time::Duration>,
     /// scopes asked of `/token`, in order
     token_requests: Vec<String>,
 }
@@ -249,6 +251,11 @@ impl FakeUpstream {
         self.shared.gate.send_replace(true);
     }
 
+    /// Answers for `path` (a 404 included) come only after `by`.
+    pub fn delay(&self, path: &str, by: std::time::Duration) {
+        self.inner().delays.insert(path.to_string(), by);
+    }
+
     pub fn require_bearer(&self, on: bool) {
         self.inner().require_bearer = on;
     }
@@ -303,6 +310,16 @@ async fn answer(s: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Respons
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let delay = s
+        .inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .delays
+        .get(&path)
+        .copied();
+    if let Some(by) = delay {
+        tokio::time::sleep(by).await;
+    }
     let resp = respond(s, &method, &path, query.as_deref(), authorization.as_deref());
     let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
     inner.seen.push(Seen {
