@@ -87,7 +87,7 @@ namespace = "dockerhub"
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("regmirror on {ip} never became ready");
+        panic!("regmirror on {ip} did not answer GET /healthz with 200 within 10 s");
     }
 
     /// URL of `/v2/dockerhub/library/<repo>/<rest>` (explicit prefix mode).

@@ -54,15 +54,25 @@ namespace = "quay"
     );
     let settings = regmirror::config::Settings::from_toml(&text, "test").unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(regmirror::serve(settings, async move {
+    let mut task = tokio::spawn(regmirror::serve(settings, async move {
         let _ = rx.await;
     }));
-    for _ in 0..100 {
+    let mut ready = false;
+    for _ in 0..200 {
+        if task.is_finished() {
+            let r = (&mut task).await;
+            panic!("regmirror on {ip} stopped during start-up: {r:?}");
+        }
         if TcpStream::connect(format!("{ip}:443")).await.is_ok() {
+            ready = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(
+        ready,
+        "regmirror's TLS listener on {ip}:443 did not accept connections within 10 s"
+    );
     let ca_pem = dir.path().join("certs/ca.pem");
     Running {
         ip,

@@ -95,7 +95,12 @@ impl Containerd {
             }
             c.sock.exists() && run("ctr", &["--address", &c.sock_str(), "version"], &[]).success()
         });
-        assert!(ok, "containerd not ready:\n{}", super::tail_file(&c.log_path, 6000));
+        assert!(
+            ok,
+            "private containerd did not answer `ctr version` on {} within 30 s:\n{}",
+            c.sock.display(),
+            super::tail_file(&c.log_path, 6000)
+        );
         c
     }
 
@@ -210,7 +215,12 @@ impl Dockerd {
             }
             dd.sock.exists() && dd.docker(&["version"]).success()
         });
-        assert!(ok, "dockerd not ready:\n{}", super::tail_file(&dd.log_path, 8000));
+        assert!(
+            ok,
+            "private dockerd did not answer `docker version` on {} within 60 s:\n{}",
+            dd.sock.display(),
+            super::tail_file(&dd.log_path, 8000)
+        );
         dd
     }
 

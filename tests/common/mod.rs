@@ -112,6 +112,8 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 /// Polls `ready` every 100 ms until it returns true or `timeout` passes.
+/// Callers must act on `false` (panic naming what never became ready).
+#[must_use = "a readiness wait that times out must fail the test"]
 pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     loop {

@@ -156,7 +156,7 @@ impl Upstream {
         });
         assert!(
             ok,
-            "docker-registry not ready on {url}:\n{}",
+            "docker-registry (upstream) did not answer GET {url} within 15 s:\n{}",
             super::tail_file(&self.log_path, 8000)
         );
     }
