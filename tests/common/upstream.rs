@@ -11,7 +11,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use super::certs::TestCa;
 
@@ -77,6 +78,8 @@ pub struct Upstream {
     pub log_path: PathBuf,
     pub config_path: PathBuf,
     pub storage: PathBuf,
+    /// The CA the upstream's certificate chains to (for marker requests).
+    ca_pem: String,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -134,6 +137,7 @@ impl Upstream {
             log_path,
             config_path,
             storage,
+            ca_pem: opts.ca.pem.clone(),
             child,
             _dir: dir,
         };
@@ -161,20 +165,47 @@ impl Upstream {
         );
     }
 
-    /// Every access-log entry so far (after a short settle so that lines of
-    /// responses the client already finished reading are in).
+    /// Every access-log entry of a request that completed before this call.
+    ///
+    /// distribution writes a request's line once its response is done, so a
+    /// read of the file may miss lines of requests that just finished. Instead
+    /// of sleeping, this sends a marker request of its own straight to the
+    /// upstream, waits for the marker's line (panicking if it never comes) and
+    /// returns the lines before it, marker lines of earlier calls left out.
     pub fn access_log(&self) -> Vec<AccessEntry> {
-        let mut last = parse_access_log(&std::fs::read_to_string(&self.log_path).unwrap_or_default());
-        // The line is written after the response completes; give stragglers a moment.
-        for _ in 0..20 {
-            std::thread::sleep(Duration::from_millis(150));
-            let now = parse_access_log(&std::fs::read_to_string(&self.log_path).unwrap_or_default());
-            if now.len() == last.len() {
-                return now;
+        let marker = self.send_marker();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let all = parse_access_log(&std::fs::read_to_string(&self.log_path).unwrap_or_default());
+            if let Some(i) = all.iter().position(|e| e.path == marker) {
+                return all.into_iter().take(i).filter(|e| !is_marker(e)).collect();
             }
-            last = now;
+            assert!(
+                Instant::now() < deadline,
+                "the access log of upstream {} never showed the marker request GET {marker}; log tail:\n{}",
+                self.addr,
+                super::tail_file(&self.log_path, 6000)
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
-        last
+    }
+
+    /// Sends `GET /v2/<unique marker repo>/tags/list` to the upstream (any
+    /// status will do: distribution logs every request) and returns its path.
+    fn send_marker(&self) -> String {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let path = format!("/v2/{MARKER_PREFIX}{}-{n}/tags/list", std::process::id());
+        let url = format!("{}{path}", self.url);
+        let client = super::http_client(self.ca_pem.as_bytes());
+        let sent = super::block_on(async {
+            let r = client.get(&url).send().await?;
+            r.bytes().await
+        });
+        if let Err(e) = sent {
+            panic!("marker request GET {url} to upstream failed: {e}");
+        }
+        path
     }
 
     /// Alias kept for the brief's vocabulary.
@@ -242,6 +273,15 @@ impl Drop for Upstream {
             );
         }
     }
+}
+
+/// Repository name prefix of the marker requests [`Upstream::access_log`] sends.
+const MARKER_PREFIX: &str = "regmirror-marker-";
+
+fn is_marker(e: &AccessEntry) -> bool {
+    e.path
+        .strip_prefix("/v2/")
+        .is_some_and(|p| p.starts_with(MARKER_PREFIX))
 }
 
 /// Successful (status < 400) blob GETs among `entries`, per digest.
