@@ -574,26 +574,90 @@ async fn concurrent_misses_make_one_upstream_fetch() {
     assert!(m.stored(&d));
 }
 
-/// Rule 5: the download goes on when its only client leaves.
+/// Rule 5: the download goes on when its only client leaves: with nobody
+/// attached any more it completes, is stored, and is then served as a hit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_goes_on_when_the_client_leaves() {
     let up = FakeUpstream::start("127.0.3.117:0").await;
     let m = Mirror::start(17, &up.url()).await;
-    let c = client();
     let data = bytes_for("client-leaves", 400_000);
     let (d, path) = up.add_blob("library/app", &data);
     up.gate(&path);
-    let url = m.url("app", &format!("blobs/{d}"));
 
-    let r = c.get(&url).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    drop(r); // the client hangs up mid-download
+    // The only client gets its 200 while upstream is stalled half-way, then
+    // hangs up; regmirror closing the connection in turn shows that it has
+    // let go of the response before the download can go any further.
+    let (mut conn, head, _) = raw_get(&m, &format!("/v2/dockerhub/library/app/blobs/{d}"), None).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    conn.shutdown().await.expect("client hangs up");
+    let hung_up = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest).await;
+    })
+    .await;
+    assert!(
+        hung_up.is_ok(),
+        "regmirror still holds the connection of a client that left"
+    );
+    drop(conn);
+
+    // Nobody is attached now: the download must finish on its own.
     up.open_gate();
+    let stored = wait_stored(&m, &d).await;
+    assert!(
+        stored,
+        "the download stopped when its only client left: {d} was never stored"
+    );
+    assert_eq!(up.count("GET", &path), 1, "the download was fetched more than once");
 
-    let (_, body) = get_ok(&c, &url).await;
+    // What was stored is served whole without asking upstream anything.
+    let before = up.seen().len();
+    let (_, body) = get_ok(&client(), &m.url("app", &format!("blobs/{d}"))).await;
     assert_eq!(body, data);
-    assert_eq!(up.count("GET", &path), 1, "the abandoned download was restarted");
-    assert!(m.stored(&d));
+    assert_eq!(
+        up.seen().len(),
+        before,
+        "the blob downloaded after its client left is not served from the cache"
+    );
+}
+
+/// Polls the store until `digest` is committed there (up to 10 s).
+async fn wait_stored(m: &Mirror, digest: &str) -> bool {
+    for _ in 0..500 {
+        if m.stored(digest) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Connects to the mirror's plain listener (with a receive buffer of
+/// `rcvbuf` bytes when given, set before connecting so that the TCP window
+/// stays that small), sends `GET target` and reads the response head.
+/// Returns the connection, the head and the body bytes read along with it.
+async fn raw_get(m: &Mirror, target: &str, rcvbuf: Option<u32>) -> (tokio::net::TcpStream, String, Vec<u8>) {
+    let addr: std::net::SocketAddr = format!("{}:5000", m.ip).parse().expect("mirror address");
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    if let Some(size) = rcvbuf {
+        sock.set_recv_buffer_size(size).expect("SO_RCVBUF");
+    }
+    let mut conn = sock.connect(addr).await.expect("connect to regmirror");
+    conn.write_all(format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut chunk).await.expect("read response head");
+        assert!(n > 0, "connection closed before the response head: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let body = buf.split_off(end);
+    (conn, String::from_utf8_lossy(&buf).into_owned(), body)
 }
 
 // ---------------------------------------------------------------- 6, 7: Range and HEAD
