@@ -1338,24 +1338,84 @@ async fn plain_listener_speaks_h2c() {
 }
 
 /// Rule 5: a client that stops reading slows neither the download nor the
-/// other clients of the same blob.
+/// other clients of the same blob, and gets the whole blob once it reads again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_does_not_hold_up_the_download_or_others() {
     let up = FakeUpstream::start("127.0.3.131:0").await;
     let m = Mirror::start(31, &up.url()).await;
     let data = bytes_for("stalled-reader", 8_000_000);
     let (d, path) = up.add_blob("library/app", &data);
-    let url = m.url("app", &format!("blobs/{d}"));
+    up.gate(&path);
+    let target = format!("/v2/dockerhub/library/app/blobs/{d}");
 
-    // Reads the headers, then nothing: its socket buffers fill up.
-    let stalled = client().get(&url).send().await.unwrap();
-    assert_eq!(stalled.status(), 200);
+    // The first client has a tiny receive buffer and stops reading after the
+    // response head: a few KB fill it, and regmirror's sends to it block.
+    let (mut stalled, head, mut got) = raw_get(&m, &target, Some(4096)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {}", data.len())),
+        "{head}"
+    );
 
-    let (_, body) = get_ok(&client(), &url).await;
+    // Another client attaches to the same download while upstream is
+    // stalled half-way, then the rest comes.
+    let other = client().get(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    assert_eq!(other.status(), 200);
+    up.open_gate();
+    let body = tokio::time::timeout(Duration::from_secs(20), other.bytes())
+        .await
+        .expect("the other client's download is held up by the client that stopped reading")
+        .expect("the other client's body");
     assert_eq!(body, data);
     assert!(m.stored(&d), "the download completed while one client was not reading");
     assert_eq!(up.count("GET", &path), 1);
-    drop(stalled);
+
+    // The stall reached regmirror's send side: the connection's kernel
+    // buffers (a few MB at most) did not take the whole blob, so regmirror
+    // was left holding the rest while it completed the download.
+    let (client_rx, server_tx) = socket_queues(&stalled);
+    let left_regmirror = got.len() + client_rx + server_tx;
+    assert!(
+        left_regmirror < data.len(),
+        "the stalled client's buffers took all {left_regmirror} bytes: it never stalled regmirror"
+    );
+
+    // Reading again, the stalled client gets the rest, intact.
+    let mut rest = vec![0u8; data.len() - got.len()];
+    tokio::time::timeout(Duration::from_secs(20), stalled.read_exact(&mut rest))
+        .await
+        .expect("the stalled client gets the rest once it reads again")
+        .expect("the stalled client's body");
+    got.extend_from_slice(&rest);
+    assert!(got == data, "the stalled client got the wrong bytes");
+}
+
+/// Bytes queued in the kernel on a loopback TCP connection: unread at this
+/// end (`conn`'s receive queue) and unacknowledged at the peer (the peer
+/// socket's send queue), from /proc/net/tcp.
+fn socket_queues(conn: &tokio::net::TcpStream) -> (usize, usize) {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port()),
+        std::net::SocketAddr::V6(_) => panic!("IPv4 only"),
+    };
+    let (local, peer) = (
+        hex(conn.local_addr().expect("local addr")),
+        hex(conn.peer_addr().expect("peer addr")),
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    // (tx_queue, rx_queue) of the socket `from` -> `to`
+    let queues = |from: &str, to: &str| -> (usize, usize) {
+        let fields = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 4 && f[1] == from && f[2] == to)
+            .unwrap_or_else(|| panic!("no socket {from} -> {to} in /proc/net/tcp"));
+        let (tx, rx) = fields[4].split_once(':').expect("tx_queue:rx_queue");
+        let n = |h: &str| usize::from_str_radix(h, 16).expect("hex queue size");
+        (n(tx), n(rx))
+    };
+    (queues(&local, &peer).1, queues(&peer, &local).0)
 }
 
 // ---------------------------------------------------------------- hostile upstreams and clients
