@@ -1,0 +1,163 @@
+//! Property tests over everything a client can put in a request line and
+//! its headers: paths, hosts, references, digests, query strings and Accept
+//! lists. Whatever comes in, nothing panics, and every rejection becomes an
+//! OCI error body with a 4xx status.
+
+use futures_util::FutureExt;
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use regmirror::config::Settings;
+use regmirror::reference::{Digest, Reference, RepoName};
+use regmirror::registry::errors::RegistryError;
+use regmirror::registry::manifests::accept_key;
+use regmirror::route::{route, Endpoint, Kind, RouteTable};
+
+fn table() -> RouteTable {
+    RouteTable::from_settings(&Settings::load(None).expect("built-in config"))
+}
+
+/// A rejection as the client sees it: a 4xx with `{"errors":[{code,...}]}`.
+fn assert_oci_rejection(e: regmirror::route::RouteError) {
+    let resp = RegistryError::from(e).into_response();
+    let status = resp.status();
+    assert!(status.is_client_error(), "rejections are the request's fault: {status}");
+    let body = resp
+        .into_body()
+        .collect()
+        .now_or_never()
+        .expect("error bodies are in memory")
+        .expect("error body")
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("error body is JSON");
+    assert!(v["errors"][0]["code"].is_string(), "{v}");
+    assert!(v["errors"][0]["message"].is_string(), "{v}");
+}
+
+/// Path pieces that look like a registry request, with the odd bytes
+/// hostile clients send.
+fn path_piece() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z0-9]{1,8}",
+        Just("..".to_string()),
+        Just(".".to_string()),
+        Just("%2f".to_string()),
+        Just("".to_string()),
+        Just("library".to_string()),
+        Just("dockerhub".to_string()),
+        Just("manifests".to_string()),
+        Just("blobs".to_string()),
+        Just("tags".to_string()),
+        Just("list".to_string()),
+        Just("uploads".to_string()),
+        "sha(256|512):[0-9a-fA-F]{0,130}",
+        "[ -~]{0,12}",
+    ]
+}
+
+fn path() -> impl Strategy<Value = String> {
+    prop::collection::vec(path_piece(), 0..8).prop_map(|parts| format!("/v2/{}", parts.join("/")))
+}
+
+fn host() -> impl Strategy<Value = Option<String>> {
+    prop::option::of(prop_oneof![
+        Just("registry-1.docker.io".to_string()),
+        Just("ghcr.io".to_string()),
+        Just("quay.io".to_string()),
+        Just("regmirror.local".to_string()),
+        "[a-z0-9.-]{0,20}",
+    ])
+}
+
+fn query() -> impl Strategy<Value = Option<String>> {
+    prop::option::of(
+        prop::collection::vec(
+            (
+                prop_oneof![Just("n"), Just("last"), Just("ns"), Just("x"), Just("")],
+                "[ -~]{0,12}",
+            ),
+            0..5,
+        )
+        .prop_map(|kv| {
+            kv.into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("&")
+        }),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn routing_never_panics_and_rejects_with_oci_errors(p in path(), h in host(), q in query()) {
+        let t = table();
+        match route(&t, h.as_deref(), &p, q.as_deref()) {
+            Err(e) => assert_oci_rejection(e),
+            Ok(Endpoint::Repo(r)) => {
+                // What was accepted is valid by construction.
+                prop_assert!(RepoName::parse(r.repo.as_str()).is_ok());
+                prop_assert!(!r.repo.as_str().contains(".."));
+                if let Some(fq) = &r.forward_query {
+                    prop_assert_eq!(&r.kind, &Kind::TagsList);
+                    for (k, _) in form_urlencoded::parse(fq.as_bytes()) {
+                        prop_assert!(k == "n" || k == "last", "only pagination is forwarded: {}", fq);
+                    }
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_in_the_path_never_panic(raw in "[\\x00-\\x7f]{0,200}", q in "[ -~]{0,60}") {
+        let t = table();
+        if let Err(e) = route(&t, Some("docker.io"), &raw, Some(&q)) {
+            assert_oci_rejection(e);
+        }
+    }
+
+    #[test]
+    fn digests_parse_only_in_their_own_grammar_and_round_trip(s in "(sha256|sha512|md5|SHA256)?:?[0-9a-fA-F./]{0,140}") {
+        if let Ok(d) = Digest::parse(&s) {
+            prop_assert_eq!(d.to_string(), s.clone());
+            let hex_len = if s.starts_with("sha256:") { 64 } else { 128 };
+            prop_assert_eq!(d.hex().len(), hex_len);
+            prop_assert!(d.hex().bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        }
+    }
+
+    #[test]
+    fn well_formed_digests_of_both_algorithms_are_accepted(hex in "[0-9a-f]{128}") {
+        let d256 = format!("sha256:{}", &hex[..64]);
+        prop_assert!(Digest::parse(&d256).is_ok());
+        let d512 = format!("sha512:{hex}");
+        prop_assert!(Digest::parse(&d512).is_ok());
+        prop_assert!(matches!(Reference::parse(&d512), Ok(Reference::Digest(_))));
+    }
+
+    #[test]
+    fn references_never_panic_and_accepted_tags_are_safe_path_components(s in "[ -~]{0,140}") {
+        if let Ok(Reference::Tag(t)) = Reference::parse(&s) {
+            prop_assert!(!t.as_str().contains('/'));
+            prop_assert!(!t.as_str().starts_with('.'));
+            prop_assert!(t.as_str().len() <= 128);
+        }
+    }
+
+    #[test]
+    fn accept_keys_are_short_hex_and_ignore_order_and_parameters(
+        types in prop::collection::vec("[a-z]{1,8}/[a-z.+-]{1,20}", 1..6),
+        junk in "[ -~]{0,80}",
+    ) {
+        let forward = types.join(", ");
+        let mut rev = types.clone();
+        rev.reverse();
+        let backward = rev.iter().map(|t| format!("{t};q=0.5")).collect::<Vec<_>>().join(",");
+        let k = accept_key(&forward);
+        prop_assert_eq!(k.len(), 16);
+        prop_assert!(k.bytes().all(|c| c.is_ascii_hexdigit()));
+        prop_assert_eq!(k, accept_key(&backward));
+        let _ = accept_key(&junk);
+    }
+}
