@@ -37,8 +37,20 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub resolver: ResolverConfig,
+    #[serde(default)]
+    pub access: AccessConfig,
     #[serde(rename = "upstream", default)]
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Who may use the proxy at all, by client address.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// CIDR ranges (`10.0.0.0/8`, `::1/128`) or single addresses; empty
+    /// means everyone.
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +97,14 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Serve what `username` can read to every client of the proxy.
+    #[serde(default)]
+    pub share_private: bool,
+    /// What may be pulled through the proxy at all (`library/*`, `org/**`).
+    pub repositories: Option<Vec<String>>,
+    /// CDN hosts on private networks that redirects may lead to.
+    #[serde(default)]
+    pub private_redirect_hosts: Vec<String>,
 }
 
 /// A configuration that passed every check, with values parsed into the
@@ -98,6 +118,8 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     pub max_size: u64,
     pub resolver_overrides: BTreeMap<String, IpAddr>,
+    /// Client networks allowed to connect; empty: everyone.
+    pub access_allow: Vec<ipnet::IpNet>,
     pub upstreams: Vec<Upstream>,
 }
 
@@ -111,6 +133,11 @@ pub struct Upstream {
     pub credentials: Option<Credentials>,
     /// Docker Hub keeps official images under `library/`.
     pub library_prefix: bool,
+    /// Everyone who can reach the proxy may read what `credentials` can.
+    pub share_private: bool,
+    /// When set, only repositories matching one of these are served.
+    pub repositories: Option<Vec<crate::auth::access::RepoPattern>>,
+    pub private_redirect_hosts: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -206,6 +233,20 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         resolver_overrides.insert(name.to_ascii_lowercase(), ip);
     }
 
+    let mut access_allow = Vec::new();
+    for (i, a) in raw.access.allow.iter().enumerate() {
+        let net = a
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| a.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                invalid(
+                    format!("access.allow[{i}]"),
+                    format!("{a:?} is not a CIDR range or address"),
+                )
+            })?;
+        access_allow.push(net);
+    }
+
     if raw.upstreams.is_empty() {
         return Err(invalid("upstream", "at least one [[upstream]] is required"));
     }
@@ -286,6 +327,35 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         };
         let library_prefix =
             u.name == "docker.io" || hosts.iter().any(|h| h == "docker.io" || h.ends_with(".docker.io"));
+        if u.share_private && credentials.is_none() {
+            return Err(invalid(
+                key("share_private"),
+                "needs username and password_file to share",
+            ));
+        }
+        let repositories = match u.repositories {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .enumerate()
+                    .map(|(j, p)| {
+                        crate::auth::access::RepoPattern::parse(p)
+                            .map_err(|m| invalid(format!("upstream[{i}].repositories[{j}]"), m))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let mut private_redirect_hosts = Vec::new();
+        for h in &u.private_redirect_hosts {
+            let h = h.to_ascii_lowercase();
+            if !valid_hostname(&h) && h.parse::<IpAddr>().is_err() {
+                return Err(invalid(
+                    key("private_redirect_hosts"),
+                    format!("{h:?} is not a hostname or address"),
+                ));
+            }
+            private_redirect_hosts.push(h);
+        }
         upstreams.push(Upstream {
             name: u.name,
             hosts,
@@ -294,6 +364,9 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
             ca_file: u.ca_file,
             credentials,
             library_prefix,
+            share_private: u.share_private,
+            repositories,
+            private_redirect_hosts,
         });
     }
 
@@ -305,6 +378,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         cache_dir: raw.cache.dir,
         max_size,
         resolver_overrides,
+        access_allow,
         upstreams,
     })
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod metrics;
@@ -75,6 +76,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         routes: route::RouteTable::from_settings(&settings),
         upstreams,
         cache: Arc::new(cache),
+        auth: auth::Auth::new(auth::access::ClientFilter::new(settings.access_allow.clone())),
         via,
         settings,
     });

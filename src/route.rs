@@ -48,6 +48,16 @@ impl RouteTable {
         self.by_host(host).is_some()
     }
 
+    /// The upstream containerd's `ns=` names.
+    pub fn upstream_for_ns(&self, ns: &str) -> Option<UpstreamId> {
+        self.by_ns(ns).map(UpstreamId::from_config_index)
+    }
+
+    /// The upstream of requests that name none (docker's `registry-mirrors`).
+    pub fn default_upstream(&self) -> UpstreamId {
+        UpstreamId::from_config_index(self.default_upstream)
+    }
+
     /// The upstream an intercepted hostname belongs to.
     pub fn upstream_for_host(&self, host: &str) -> Option<UpstreamId> {
         self.by_host(host).map(UpstreamId::from_config_index)
@@ -113,6 +123,8 @@ pub enum Endpoint {
     Repo(RepoRequest),
     Health,
     Metrics,
+    /// `/token`: regmirror's token endpoint (the realm of its challenges).
+    Token,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +146,9 @@ pub const MAX_PAGE: u32 = 10_000;
 pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&str>) -> Result<Endpoint, RouteError> {
     if path == "/healthz" {
         return Ok(Endpoint::Health);
+    }
+    if path == "/token" {
+        return Ok(Endpoint::Token);
     }
     if path == "/metrics" {
         return Ok(Endpoint::Metrics);

@@ -42,6 +42,12 @@ impl Mirror {
     /// Starts regmirror on `127.0.3.<n>:5000` with one upstream (docker.io,
     /// namespace `dockerhub`) at `upstream_url`, and waits until it answers.
     async fn start(n: u8, upstream_url: &str) -> Mirror {
+        Mirror::start_with(n, upstream_url, "").await
+    }
+
+    /// As [`start`](Self::start), with `upstream_keys` (TOML lines) added to
+    /// the upstream's table.
+    async fn start_with(n: u8, upstream_url: &str, upstream_keys: &str) -> Mirror {
         let ip = format!("127.0.3.{n}");
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().display().to_string();
@@ -60,6 +66,7 @@ name = "docker.io"
 hosts = ["registry-1.docker.io", "docker.io"]
 url = "{upstream_url}"
 namespace = "dockerhub"
+{upstream_keys}
 "#
         );
         let settings = regmirror::config::Settings::from_toml(&toml, "faults test").expect("test config is valid");
@@ -121,6 +128,36 @@ fn client() -> reqwest::Client {
         .no_proxy()
         // A safety net so a hang fails the test instead of stalling it; no
         // assertion depends on it.
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+/// A client that did the token dance with regmirror without credentials,
+/// as docker or podman would before pulling a public image from an
+/// upstream that authenticates.
+async fn anonymous_client(m: &Mirror) -> reqwest::Client {
+    let body = client()
+        .get(format!("{}/token?scope=repository:dockerhub/library/app:pull", m.base))
+        .send()
+        .await
+        .expect("token endpoint answers")
+        .bytes()
+        .await
+        .expect("token body");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("token JSON");
+    client_with_auth(&format!("Bearer {}", v["token"].as_str().expect("a token")))
+}
+
+fn client_with_auth(authorization: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        "authorization",
+        reqwest::header::HeaderValue::from_str(authorization).expect("header"),
+    );
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(h)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("reqwest client")
@@ -812,9 +849,10 @@ async fn head_on_a_miss_asks_upstream_with_head() {
 async fn redirects_are_followed_without_leaking_authorization() {
     let up = FakeUpstream::start("127.0.3.120:0").await;
     let cdn = FakeUpstream::start("127.0.3.170:0").await;
-    let m = Mirror::start(20, &up.url()).await;
-    let c = client();
+    // The CDN is on loopback: allowed only because the upstream names it.
+    let m = Mirror::start_with(20, &up.url(), r#"private_redirect_hosts = ["127.0.3.170"]"#).await;
     up.require_bearer(true);
+    let c = anonymous_client(&m).await;
 
     let data = bytes_for("via-cdn", 70_000);
     let (d, path) = up.add_blob("library/app", &data);
@@ -881,8 +919,8 @@ async fn redirects_are_followed_without_leaking_authorization() {
 async fn bearer_tokens_are_fetched_once_per_scope() {
     let up = FakeUpstream::start("127.0.3.121:0").await;
     let m = Mirror::start(21, &up.url()).await;
-    let c = client();
     up.require_bearer(true);
+    let c = anonymous_client(&m).await;
 
     let b1 = bytes_for("tok-b1", 1000);
     let b2 = bytes_for("tok-b2", 2000);
@@ -1293,7 +1331,8 @@ async fn oversized_headers_get_an_oci_error() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(v["errors"][0]["message"].as_str().unwrap().contains("limit"), "{v}");
     assert_eq!(c.get(format!("{}/v2/", m.base)).send().await.unwrap().status(), 200);
-    assert!(up.seen().is_empty(), "nothing reached upstream");
+    let reached: Vec<_> = up.seen().into_iter().filter(|s| s.path != "/v2/").collect();
+    assert!(reached.is_empty(), "nothing but the ping reached upstream: {reached:?}");
 }
 
 /// Rule 14: blobs go out with identity encoding whatever the client asks
@@ -1521,7 +1560,8 @@ async fn tags_list_forwards_only_validated_pagination() {
         assert_eq!(status, 400, "{bad}");
         assert!(body.contains(code), "{bad}: {body}");
     }
-    assert_eq!(up.seen().len(), 1, "refused queries never reach upstream");
+    let listed = up.seen().iter().filter(|s| s.path.ends_with("/tags/list")).count();
+    assert_eq!(listed, 1, "refused queries never reach upstream");
 }
 
 /// regmirror deletes inside its store, so it refuses to adopt a directory
@@ -1561,4 +1601,281 @@ namespace = "dockerhub"
     let e = started.expect_err("a directory that is not a store is refused");
     assert!(e.to_string().contains("not a regmirror store"), "{e}");
     assert_eq!(std::fs::read(foreign.join("tmp/precious")).unwrap(), b"keep me");
+}
+
+// ---------------------------------------------------------------- redirects and auth (rules 8, 10, 11)
+
+/// Rule 8: a redirect to a loopback or private address other than the
+/// upstream's own is not followed, and fails cleanly; nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_to_private_addresses_are_refused() {
+    let up = FakeUpstream::start("127.0.3.136:0").await;
+    let elsewhere = FakeUpstream::start("127.0.3.186:0").await;
+    let m = Mirror::start(36, &up.url()).await;
+    let c = client();
+    let data = bytes_for("redirected-away", 10_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    elsewhere.put(
+        "/blob",
+        Resource {
+            body: data.clone().into(),
+            content_type: "application/octet-stream".into(),
+            digest: None,
+        },
+    );
+    up.set_fault(&path, Fault::Redirect(format!("{}/blob", elsewhere.url())));
+    let r = c.get(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    let (status, code) = oci_error(r).await;
+    assert_eq!((status, code.as_str()), (502, "UNAVAILABLE"));
+    assert!(elsewhere.seen().is_empty(), "the private address was dialled");
+    assert!(!m.stored(&d));
+}
+
+/// Rule 8: a redirect target that answers 401 is an upstream error, never a
+/// realm to send credentials to: its realm receives no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_target_that_challenges_gets_no_credentials() {
+    let up = FakeUpstream::start("127.0.3.137:0").await;
+    let cdn = FakeUpstream::start("127.0.3.187:0").await;
+    let m = Mirror::start_with(37, &up.url(), r#"private_redirect_hosts = ["127.0.3.187"]"#).await;
+    cdn.require_bearer(true);
+    let data = bytes_for("challenged-cdn", 10_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.set_fault(
+        &path,
+        Fault::Redirect(format!("{}/v2/library/app/blobs/{d}", cdn.url())),
+    );
+    let r = client().get(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    let (status, code) = oci_error(r).await;
+    assert_eq!((status, code.as_str()), (502, "UNAVAILABLE"));
+    assert!(
+        cdn.token_requests().is_empty(),
+        "the redirect target's realm was asked for a token"
+    );
+    assert!(cdn.seen().iter().all(|s| s.authorization.is_none()));
+    assert!(!m.stored(&d));
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+async fn token_of(r: reqwest::Response) -> String {
+    assert_eq!(r.status(), 200, "token request");
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    v["token"].as_str().expect("a token").to_string()
+}
+
+/// Rule 10: regmirror's challenges point at its own /token, on the host the
+/// client used; token requests with credentials are relayed to upstream's
+/// realm with scopes in upstream's names (GET and the POST refresh grant),
+/// and upstream's answer (a refusal included) comes back as it is. Without
+/// credentials regmirror answers itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_are_relayed_with_scopes_rewritten() {
+    let up = FakeUpstream::start("127.0.3.138:0").await;
+    up.require_bearer(true);
+    up.set_user("alice", "pw");
+    let m = Mirror::start(38, &up.url()).await;
+    let c = client();
+
+    let r = c.get(format!("{}/v2/", m.base)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        header(&r, "www-authenticate"),
+        Some(r#"Bearer realm="http://127.0.3.38:5000/token",service="fake-registry""#)
+    );
+    let r = c.get(m.url("app", "manifests/1")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        header(&r, "www-authenticate").is_some_and(|w| w.contains(r#"scope="repository:dockerhub/library/app:pull""#)),
+        "the scope is in the client's names: {:?}",
+        header(&r, "www-authenticate")
+    );
+
+    // Several scopes, one request, with credentials: relayed, rewritten.
+    let token = token_of(
+        c.get(format!(
+            "{}/token?service=anything&scope=repository:dockerhub/app:pull&scope=repository:dockerhub/library/other:pull&account=alice",
+            m.base
+        ))
+        .header("authorization", basic("alice", "pw"))
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert!(token.starts_with("tok-"), "upstream's own token: {token}");
+    assert_eq!(
+        up.token_requests().last().map(String::as_str),
+        Some("repository:library/app:pull repository:library/other:pull")
+    );
+    assert_eq!(up.token_users().last(), Some(&Some("alice".to_string())));
+
+    // A wrong password is upstream's 401, so `docker login` fails.
+    let r = c
+        .get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+        .header("authorization", basic("alice", "wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The OAuth2 refresh-token grant, as containerd sends it.
+    let before = up.token_requests().len();
+    let token = token_of(
+        c.post(format!("{}/token", m.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=refresh_token&refresh_token=good-refresh-token&service=x&client_id=containerd-client&scope=repository%3Adockerhub%2Fapp%3Apull")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(token.starts_with("tok-"));
+    assert_eq!(up.token_requests().len(), before + 1);
+    assert_eq!(
+        up.token_requests().last().map(String::as_str),
+        Some("repository:library/app:pull")
+    );
+
+    // No credentials: regmirror's own token, upstream not asked.
+    let before = up.token_requests().len();
+    let token = token_of(
+        c.get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(token.starts_with("regmirror-anonymous."), "{token}");
+    assert_eq!(up.token_requests().len(), before);
+
+    // An upstream that refuses every token request: its refusal, relayed.
+    up.refuse_tokens(true);
+    let r = c
+        .get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+        .header("authorization", basic("alice", "pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// An upstream that does not challenge gets no challenge, and credentials
+/// sent to /token are not passed anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_without_auth_gets_no_challenge() {
+    let up = FakeUpstream::start("127.0.3.139:0").await;
+    let m = Mirror::start(39, &up.url()).await;
+    let c = client();
+    let r = c.get(format!("{}/v2/", m.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "www-authenticate").is_none());
+    let token = token_of(
+        c.get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+            .header("authorization", basic("alice", "pw"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(token.starts_with("regmirror-anonymous."));
+    assert!(up.token_requests().is_empty());
+}
+
+/// Rule 11: content cached for a client with its own token is served from
+/// cache only to a client whose token upstream accepts for the repository
+/// asked for (one HEAD per token and repository); anonymously, through a
+/// public repository's name, or with a token for another repository it is
+/// a 401 with a challenge. With upstream down, checked tokens still work
+/// and nothing else private is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_content_is_served_only_to_clients_upstream_accepts() {
+    let up = FakeUpstream::start("127.0.3.140:0").await;
+    up.require_bearer(true);
+    up.set_user("alice", "pw");
+    up.private_prefix("library/private");
+    let m = Mirror::start(40, &up.url()).await;
+    let secret = bytes_for("private-layer", 50_000);
+    let (d, path) = up.add_blob("library/private", &secret);
+    up.add_blob("library/app", b"public layer");
+    let url = m.url("private", &format!("blobs/{d}"));
+
+    let token_for = |repo: &str| {
+        let (c, url) = (
+            client(),
+            format!("{}/token?scope=repository:dockerhub/library/{repo}:pull", m.base),
+        );
+        async move {
+            token_of(
+                c.get(url)
+                    .header("authorization", basic("alice", "pw"))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let alice = client_with_auth(&format!("Bearer {}", token_for("private").await));
+    let (_, body) = get_ok(&alice, &url).await;
+    assert_eq!(body, secret);
+    assert!(m.stored(&d));
+
+    let anonymous = anonymous_client(&m).await;
+    let other_repo = client_with_auth(&format!("Bearer {}", token_for("app").await));
+    for (who, c, url) in [
+        ("no token at all", client(), url.clone()),
+        ("anonymous token", anonymous.clone(), url.clone()),
+        (
+            "anonymous, through a public repository",
+            anonymous.clone(),
+            m.url("app", &format!("blobs/{d}")),
+        ),
+        ("a token for another repository", other_repo.clone(), url.clone()),
+    ] {
+        for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+            let r = c.request(method.clone(), &url).send().await.unwrap();
+            assert_eq!(r.status(), 401, "{who} {method}");
+            assert!(
+                header(&r, "www-authenticate")
+                    .is_some_and(|w| w.starts_with("Bearer realm=\"http://127.0.3.40:5000/token\"")),
+                "{who}: {:?}",
+                header(&r, "www-authenticate")
+            );
+            let body = r.bytes().await.unwrap();
+            assert!(
+                !String::from_utf8_lossy(&body).contains(&d[7..]),
+                "{who}: no hint of the digest"
+            );
+            assert!(
+                !body.windows(secret.len().min(64)).any(|w| w == &secret[..64]),
+                "{who}: bytes leaked"
+            );
+        }
+    }
+
+    // The right token again: served from cache, no second check.
+    let heads_before = up.count("HEAD", &path);
+    for _ in 0..3 {
+        assert_eq!(get_ok(&alice, &url).await.1, secret);
+    }
+    assert_eq!(
+        up.count("HEAD", &path),
+        heads_before,
+        "one check per (token, repository)"
+    );
+    assert_eq!(up.count("GET", &path), 1, "fetched once");
+
+    // Upstream gone: the checked token still reads; a fresh one does not.
+    let fresh = client_with_auth(&format!("Bearer {}", token_for("private").await));
+    drop(up);
+    assert_eq!(get_ok(&alice, &url).await.1, secret);
+    let r = fresh.get(&url).send().await.unwrap();
+    assert_ne!(r.status(), 200, "an unchecked token is not served private content");
 }

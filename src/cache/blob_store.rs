@@ -26,6 +26,9 @@ pub struct BlobInfo {
     /// The media type upstream served a manifest with; `None` for layers
     /// and configs, and for manifest bytes fetched as blobs.
     pub media_type: Option<String>,
+    /// Provenance: fetched (or since proven readable) without any client's
+    /// credential, so it may be served to anyone allowed to use the proxy.
+    pub public: bool,
 }
 
 #[async_trait]
@@ -40,6 +43,8 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Records the media type of content first stored without one (manifest
     /// bytes fetched through the blobs URL), once upstream has named it.
     async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()>;
+    /// Records that the content is public (see [`BlobInfo::public`]).
+    async fn mark_public(&self, d: &Digest) -> io::Result<()>;
 }
 
 /// Stored content, opened.

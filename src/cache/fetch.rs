@@ -36,6 +36,9 @@ pub struct Source {
     pub length: Option<u64>,
     /// The most bytes accepted however they are sent (manifests are small).
     pub max_len: Option<u64>,
+    /// Provenance: fetched without any client's credential, so it may be
+    /// served to anyone; recorded when the content is committed.
+    pub public: bool,
     pub body: ByteStream,
 }
 
@@ -196,6 +199,7 @@ impl Cache {
             media_type,
             length,
             max_len,
+            public,
             mut body,
         } = open().await?;
         METRICS.upstream_fetches.inc();
@@ -231,6 +235,9 @@ impl Cache {
             .commit(media_type.as_deref())
             .await
             .map_err(|e| FetchError::store(digest, "commit", e))?;
+        if public {
+            self.mark_public(digest).await;
+        }
         METRICS.bytes_fetched.add(written);
         Ok(written)
     }
@@ -379,6 +386,7 @@ mod tests {
             media_type: None,
             length: Some(len),
             max_len: None,
+            public: true,
             body: Box::pin(futures_util::stream::iter(chunks)),
         }
     }

@@ -6,6 +6,7 @@
 //! ```text
 //! blobs/<algorithm>/<aa>/<hex>        content (blobs and manifests alike, shared by every repository)
 //! blobs/<algorithm>/<aa>/<hex>.type   media type, for manifests
+//! blobs/<algorithm>/<aa>/<hex>.public present when the content is public (provenance)
 //! meta/<upstream>/<repo>/_tags/<tag>/<accept-key>.json   last digest seen for (repo, tag, Accept)
 //! meta/<upstream>/<repo>/_lists/<query-key>.json         last tags/list answer
 //! tmp/                           downloads in progress (same filesystem: commit is a rename)
@@ -94,6 +95,14 @@ impl LocalStore {
 
     fn type_path(&self, d: &Digest) -> PathBuf {
         self.blob_dir(d).join(format!("{}.type", d.hex()))
+    }
+
+    fn public_path(&self, d: &Digest) -> PathBuf {
+        self.blob_dir(d).join(format!("{}.public", d.hex()))
+    }
+
+    async fn is_public(&self, d: &Digest) -> io::Result<bool> {
+        Ok(not_found_is_none(fs::metadata(self.public_path(d)).await)?.is_some())
     }
 
     fn repo_dir(&self, at: RepoKey<'_>) -> PathBuf {
@@ -241,6 +250,7 @@ impl BlobStore for LocalStore {
         Ok(Some(BlobInfo {
             size: meta.len(),
             media_type: self.media_type(d).await?,
+            public: self.is_public(d).await?,
         }))
     }
 
@@ -261,6 +271,7 @@ impl BlobStore for LocalStore {
             info: BlobInfo {
                 size,
                 media_type: self.media_type(d).await?,
+                public: self.is_public(d).await?,
             },
         })))
     }
@@ -291,11 +302,16 @@ impl BlobStore for LocalStore {
     async fn delete(&self, d: &Digest) -> io::Result<()> {
         not_found_is_none(fs::remove_file(self.blob_path(d)).await)?;
         not_found_is_none(fs::remove_file(self.type_path(d)).await)?;
+        not_found_is_none(fs::remove_file(self.public_path(d)).await)?;
         Ok(())
     }
 
     async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()> {
         self.write_atomically(&self.type_path(d), media_type.as_bytes()).await
+    }
+
+    async fn mark_public(&self, d: &Digest) -> io::Result<()> {
+        self.write_atomically(&self.public_path(d), b"").await
     }
 }
 
@@ -581,6 +597,7 @@ mod tests {
             digest: Digest::of(b"m").to_string(),
             media_type: "t".into(),
             size: 1,
+            public: true,
         };
         std::fs::write(old.join("k.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
         let s = LocalStore::open_dir(dir.path()).unwrap();

@@ -19,6 +19,11 @@ pub struct TagRecord {
     pub digest: String,
     pub media_type: String,
     pub size: u64,
+    /// Upstream gave this answer to an anonymous request: any client may
+    /// be served it when upstream is down. Records from before provenance
+    /// was kept read as not public.
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// Where a record belongs: one repository of one upstream.

@@ -105,6 +105,14 @@ impl Cache {
         }
     }
 
+    /// Records that stored content is public. A failure is logged: the
+    /// content is then proven public again when next asked for.
+    pub async fn mark_public(&self, d: &Digest) {
+        if let Err(e) = self.blobs.mark_public(d).await {
+            tracing::warn!(digest = %d, error = %e, "could not record provenance");
+        }
+    }
+
     /// Remembers upstream's answer for a tag. A failure is logged, not
     /// returned: the answer is served either way.
     pub async fn record_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str, rec: &TagRecord) {

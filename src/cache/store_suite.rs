@@ -36,12 +36,16 @@ pub async fn blob_store(s: &dyn BlobStore) {
         "a follower keeps reading after commit"
     );
 
-    let info = BlobInfo {
+    let mut info = BlobInfo {
         size: data.len() as u64,
         media_type: Some("application/x".into()),
+        public: false,
     };
     assert_eq!(s.stat(&d).await.unwrap(), Some(info.clone()));
     assert_eq!(s.open(&d).await.unwrap().unwrap().info(), &info);
+    s.mark_public(&d).await.unwrap();
+    info.public = true;
+    assert_eq!(s.stat(&d).await.unwrap(), Some(info.clone()), "provenance is kept");
     assert_eq!(read_range(s, &d, 0, data.len() as u64).await, data);
     assert_eq!(read_range(s, &d, 10, 20).await, &data[10..20]);
     assert_eq!(read_range(s, &d, 599_999, 600_000).await, &data[599_999..]);
@@ -81,6 +85,7 @@ pub async fn meta_store(s: &dyn MetaStore) {
         digest: Digest::of(b"m").to_string(),
         media_type: "t".into(),
         size: 1,
+        public: true,
     };
     let alpine = RepoName::parse("library/alpine").unwrap();
     let nested = RepoName::parse("org/app/x").unwrap();

@@ -13,10 +13,11 @@ use super::body::{empty, stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::range::{parse_range, ByteRange};
 use super::{copy_header, header_value, source_from, App};
+use crate::auth::{Access, ContentKind};
 use crate::cache::Served;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{Credential, UpstreamRequest};
 
 pub async fn serve(
     app: &Arc<App>,
@@ -24,13 +25,19 @@ pub async fn serve(
     d: &Digest,
     headers: &HeaderMap,
     head: bool,
+    access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
+    let plan = access
+        .content(&app.cache, d, ContentKind::Blob, false)
+        .await
+        .map_err(|e| blob_error(e, d))?;
     if head {
-        return head_blob(app, r, d).await;
+        return head_blob(app, r, d, plan.credential, plan.upstream_length).await;
     }
     let app2 = app.clone();
-    let req = blob_request(r, d, Method::GET);
+    let req = blob_request(r, d, Method::GET, plan.credential);
     let upstream = r.upstream;
+    let public = plan.public;
     let served = app
         .cache
         .get_or_fetch(d, move || {
@@ -39,6 +46,7 @@ pub async fn serve(
                 let mut source = source_from(resp, None);
                 // Layers are opaque bytes; whatever upstream called them.
                 source.media_type = None;
+                source.public = public;
                 Ok(source)
             })
         })
@@ -81,16 +89,22 @@ fn full_response(served: Served, size: Option<u64>) -> Response<Body> {
     resp
 }
 
-async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Response<Body>, RegistryError> {
+async fn head_blob(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    d: &Digest,
+    credential: Credential,
+    upstream_length: Option<u64>,
+) -> Result<Response<Body>, RegistryError> {
     let mut resp = Response::new(empty());
-    if let Some(info) = app.cache.stat(d).await? {
+    if let Some(size) = app.cache.stat(d).await?.map(|i| i.size).or(upstream_length) {
         resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     } else {
         let up = app
             .upstream(r)
             .client
-            .get_ok(&blob_request(r, d, Method::HEAD))
+            .get_ok(&blob_request(r, d, Method::HEAD, credential))
             .await
             .map_err(|e| blob_error(e.into(), d))?;
         copy_header(up.headers(), resp.headers_mut(), header::CONTENT_LENGTH);
@@ -99,13 +113,14 @@ async fn head_blob(app: &Arc<App>, r: &RepoRequest, d: &Digest) -> Result<Respon
     Ok(resp)
 }
 
-fn blob_request(r: &RepoRequest, d: &Digest, method: Method) -> UpstreamRequest {
+fn blob_request(r: &RepoRequest, d: &Digest, method: Method, credential: Credential) -> UpstreamRequest {
     UpstreamRequest {
         method,
         path: format!("/v2/{}/blobs/{d}", r.repo),
         query: None,
         headers: HeaderMap::new(),
         scope: format!("repository:{}:pull", r.repo),
+        credential,
     }
 }
 

@@ -9,12 +9,14 @@ use http::{header, HeaderValue, Response};
 use super::body::{full, Body};
 use super::errors::RegistryError;
 use super::App;
+use crate::auth::Identity;
 use crate::upstream::UpstreamId;
 
 pub async fn list(
     app: &Arc<App>,
     upstream: Option<UpstreamId>,
     query: Option<&str>,
+    identity: &Identity,
 ) -> Result<Response<Body>, RegistryError> {
     let mut repos = Vec::new();
     for u in app.upstreams.iter() {
@@ -26,7 +28,9 @@ pub async fn list(
             .repositories(u.name())
             .await
             .map_err(|e| RegistryError::internal(format!("listing the cache: {e}")))?;
-        for n in names {
+        // Only what this client may read: private repositories stay
+        // invisible without a token checked for them.
+        for n in names.into_iter().filter(|n| app.auth.visible(identity, u, n)) {
             repos.push(if upstream.is_some() {
                 n
             } else {

@@ -95,6 +95,8 @@ pub struct RegistryError {
     pub detail: Option<serde_json::Value>,
     /// Passed through from an upstream 429/503.
     pub retry_after: Option<HeaderValue>,
+    /// The `WWW-Authenticate` of a 401: how the client gets a usable token.
+    pub challenge: Option<HeaderValue>,
 }
 
 impl std::fmt::Display for RegistryError {
@@ -111,7 +113,27 @@ impl RegistryError {
             message: message.into(),
             detail: None,
             retry_after: None,
+            challenge: None,
         }
+    }
+
+    /// No usable credential for what was asked; the seam adds the challenge.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, OciCode::Unauthorized, message)
+    }
+
+    /// Upstream could not be asked something only it can answer.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, OciCode::Unavailable, message)
+    }
+
+    /// The repository is not on this proxy's allow-list.
+    pub fn not_allowed(repo: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            OciCode::Denied,
+            format!("{repo} may not be pulled through this proxy"),
+        )
     }
 
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
@@ -230,6 +252,7 @@ impl RegistryError {
             message,
             detail: body.and_then(|b| b.detail.clone()),
             retry_after: retry_after.and_then(|r| HeaderValue::from_str(r).ok()),
+            challenge: None,
         }
     }
 
@@ -246,6 +269,9 @@ impl RegistryError {
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(r) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, r);
+        }
+        if let Some(c) = self.challenge {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
         }
         resp
     }

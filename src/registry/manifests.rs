@@ -14,15 +14,16 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 use super::body::{stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::{copy_header, header_value, source_from, App};
+use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::{FetchError, Served, Source, TagRecord};
 use crate::metrics::METRICS;
 use crate::reference::{Digest, Reference, Tag};
 use crate::route::RepoRequest;
-use crate::upstream::{self, UpstreamRequest};
+use crate::upstream::{self, Credential, UpstreamRequest};
 
 /// Sent upstream when the client names no manifest type (no Accept, or only
 /// `*/*`), so upstream never refuses a modern manifest or converts it.
-const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
@@ -36,11 +37,12 @@ pub async fn serve(
     reference: &Reference,
     headers: &HeaderMap,
     head: bool,
+    access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
     let accept = accept_of(headers);
     match reference {
-        Reference::Digest(d) => by_digest(app, r, d, &accept, head).await,
-        Reference::Tag(t) => by_tag(app, r, t, &accept, head).await,
+        Reference::Digest(d) => by_digest(app, r, d, &accept, head, access).await,
+        Reference::Tag(t) => by_tag(app, r, t, &accept, head, access).await,
     }
 }
 
@@ -73,7 +75,13 @@ pub fn accept_key(accept: &str) -> String {
     Digest::of(types.join(",").as_bytes()).hex()[..16].to_string()
 }
 
-fn manifest_request(r: &RepoRequest, reference: &str, method: Method, accept: &str) -> UpstreamRequest {
+fn manifest_request(
+    r: &RepoRequest,
+    reference: &str,
+    method: Method,
+    accept: &str,
+    credential: Credential,
+) -> UpstreamRequest {
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(accept) {
         headers.insert(header::ACCEPT, v);
@@ -84,6 +92,7 @@ fn manifest_request(r: &RepoRequest, reference: &str, method: Method, accept: &s
         query: None,
         headers,
         scope: format!("repository:{}:pull", r.repo),
+        credential,
     }
 }
 
@@ -93,8 +102,9 @@ async fn by_digest(
     d: &Digest,
     accept: &str,
     head: bool,
+    access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
-    let manifest = fetch_by_digest(app, r, d, accept).await?;
+    let manifest = fetch_by_digest(app, r, d, accept, access, false).await?;
     Ok(respond(d, manifest, head, None))
 }
 
@@ -121,11 +131,24 @@ impl Manifest {
     }
 }
 
-async fn fetch_by_digest(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str) -> Result<Manifest, RegistryError> {
-    let served = fetch_served(app, r, d, accept).await?;
+/// A manifest by digest, once this client may have it: from the store, or
+/// fetched once. `proven_public`: an anonymous tag HEAD just named it.
+async fn fetch_by_digest(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    d: &Digest,
+    accept: &str,
+    access: &Access<'_>,
+    proven_public: bool,
+) -> Result<Manifest, RegistryError> {
+    let plan = access
+        .content(&app.cache, d, ContentKind::Manifest, proven_public)
+        .await
+        .map_err(|e| manifest_unknown(e, d))?;
+    let served = fetch_served(app, r, d, accept, &plan).await?;
     match Manifest::from_served(served) {
         Some(m) => Ok(m),
-        None => fetch_media_type(app, r, d, accept).await,
+        None => fetch_media_type(app, r, d, accept, plan.credential).await,
     }
 }
 
@@ -137,11 +160,12 @@ async fn fetch_media_type(
     r: &RepoRequest,
     d: &Digest,
     accept: &str,
+    credential: Credential,
 ) -> Result<Manifest, RegistryError> {
     let upstream = app.upstream(r);
     let resp = upstream
         .client
-        .get_ok(&manifest_request(r, &d.to_string(), Method::GET, accept))
+        .get_ok(&manifest_request(r, &d.to_string(), Method::GET, accept, credential))
         .await
         .map_err(|e| manifest_unknown(e.into(), d))?;
     let media_type = resp
@@ -179,15 +203,24 @@ fn manifest_unknown(e: RegistryError, d: &Digest) -> RegistryError {
         .with_detail(serde_json::json!({ "digest": d.to_string() }))
 }
 
-async fn fetch_served(app: &Arc<App>, r: &RepoRequest, d: &Digest, accept: &str) -> Result<Served, RegistryError> {
+async fn fetch_served(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    d: &Digest,
+    accept: &str,
+    plan: &FetchPlan,
+) -> Result<Served, RegistryError> {
     let app2 = app.clone();
-    let req = manifest_request(r, &d.to_string(), Method::GET, accept);
+    let req = manifest_request(r, &d.to_string(), Method::GET, accept, plan.credential.clone());
     let upstream = r.upstream;
+    let public = plan.public;
     app.cache
         .get_or_fetch(d, move || {
             Box::pin(async move {
                 let resp = app2.upstreams.get(upstream).client.get_ok(&req).await?;
-                Ok(source_from(resp, Some(MAX_MANIFEST as u64)))
+                let mut source = source_from(resp, Some(MAX_MANIFEST as u64));
+                source.public = public;
+                Ok(source)
             })
         })
         .await
@@ -200,22 +233,30 @@ async fn by_tag(
     tag: &Tag,
     accept: &str,
     head: bool,
+    access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
     let client = &app.upstream(r).client;
     let key = accept_key(accept);
 
     let asked = client
-        .get_ok(&manifest_request(r, tag.as_str(), Method::HEAD, accept))
+        .get_ok(&manifest_request(
+            r,
+            tag.as_str(),
+            Method::HEAD,
+            accept,
+            access.credential(),
+        ))
         .await;
     let resp = match asked {
         Ok(resp) => resp,
-        Err(e) => return stale_or(app, r, tag, &key, head, e).await,
+        Err(e) => return stale_or(app, r, tag, &key, head, e, access).await,
     };
+    access.note_public();
 
     let digest = resp.header("docker-content-digest").and_then(|v| Digest::parse(v).ok());
     let Some(digest) = digest else {
         // Upstream did not say which digest: one GET by tag, stored by the digest of its bytes.
-        return by_tag_without_digest(app, r, tag, accept, &key, head).await;
+        return by_tag_without_digest(app, r, tag, accept, &key, head, access).await;
     };
     let media_type = resp.header(header::CONTENT_TYPE).unwrap_or("").to_string();
     // A HEAD response has no body: read the announced length, not the received one.
@@ -227,6 +268,7 @@ async fn by_tag(
         digest: digest.to_string(),
         media_type,
         size,
+        public: access.answers_are_public(),
     };
     app.cache.record_tag(app.repo_key(r), tag, &key, &record).await;
 
@@ -240,7 +282,7 @@ async fn by_tag(
             .insert("docker-content-digest", header_value(&digest.to_string()));
         return Ok(out);
     }
-    let manifest = fetch_by_digest(app, r, &digest, accept).await?;
+    let manifest = fetch_by_digest(app, r, &digest, accept, access, access.answers_are_public()).await?;
     Ok(respond(&digest, manifest, head, None))
 }
 
@@ -251,15 +293,23 @@ async fn by_tag_without_digest(
     accept: &str,
     key: &str,
     head: bool,
+    access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
     let client = &app.upstream(r).client;
     let resp = match client
-        .get_ok(&manifest_request(r, tag.as_str(), Method::GET, accept))
+        .get_ok(&manifest_request(
+            r,
+            tag.as_str(),
+            Method::GET,
+            accept,
+            access.credential(),
+        ))
         .await
     {
         Ok(resp) => resp,
-        Err(e) => return stale_or(app, r, tag, key, head, e).await,
+        Err(e) => return stale_or(app, r, tag, key, head, e, access).await,
     };
+    let public = access.answers_are_public();
     let media_type = resp.header(header::CONTENT_TYPE).map(str::to_string);
     let bytes = resp.bytes(MAX_MANIFEST, &format!("manifest {}:{tag}", r.repo)).await?;
     let digest = Digest::of(&bytes);
@@ -267,6 +317,7 @@ async fn by_tag_without_digest(
         digest: digest.to_string(),
         media_type: media_type.clone().unwrap_or_default(),
         size: bytes.len() as u64,
+        public,
     };
     app.cache.record_tag(app.repo_key(r), tag, key, &record).await;
     let length = Some(bytes.len() as u64);
@@ -279,6 +330,7 @@ async fn by_tag_without_digest(
                     media_type,
                     length,
                     max_len: None,
+                    public,
                     body: Box::pin(body),
                 })
             })
@@ -286,7 +338,7 @@ async fn by_tag_without_digest(
         .await?;
     let manifest = match Manifest::from_served(served) {
         Some(m) => m,
-        None => fetch_media_type(app, r, &digest, accept).await?,
+        None => fetch_media_type(app, r, &digest, accept, access.credential()).await?,
     };
     Ok(respond(&digest, manifest, head, None))
 }
@@ -300,6 +352,7 @@ async fn stale_or(
     key: &str,
     head: bool,
     err: upstream::Error,
+    access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
     let refuse = |err: upstream::Error| {
         RegistryError::from(err).when_not_found(
@@ -313,6 +366,9 @@ async fn stale_or(
     let Some(record) = app.cache.last_tag(app.repo_key(r), tag, key).await else {
         return Err(refuse(err));
     };
+    if !access.may_read_recorded(record.public) {
+        return Err(refuse(err));
+    }
     let Ok(digest) = Digest::parse(&record.digest) else {
         return Err(refuse(err));
     };

@@ -21,12 +21,15 @@ use tracing::Instrument;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
+use crate::auth::challenge::{self, Origin};
+use crate::auth::scope::Scope;
+use crate::auth::{self, Access, Auth};
 use crate::cache::{Cache, RepoKey};
 use crate::config::Settings;
 use crate::metrics::METRICS;
 use crate::route::{route, Endpoint, Kind, RepoRequest, RouteTable};
 use crate::upstream::client::VIA_HEADER;
-use crate::upstream::{Upstream, UpstreamTable};
+use crate::upstream::{AuthScheme, Upstream, UpstreamTable};
 use body::{empty, full, Body};
 use errors::RegistryError;
 
@@ -40,6 +43,7 @@ pub struct App {
     pub routes: RouteTable,
     pub upstreams: UpstreamTable,
     pub cache: Arc<Cache>,
+    pub auth: Auth,
     /// This process's loop-detection token (see `VIA_HEADER`).
     pub via: String,
 }
@@ -66,13 +70,17 @@ impl App {
     }
 }
 
-pub async fn handle<B>(app: Arc<App>, conn: ConnInfo, req: Request<B>) -> Response<Body> {
+pub async fn handle<B>(app: Arc<App>, conn: ConnInfo, req: Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let started = Instant::now();
     METRICS.requests.inc();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req, &conn);
-    let result = dispatch(&app, &conn, host.as_deref(), &req).await;
+    let result = dispatch(&app, &conn, host.as_deref(), req).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -120,12 +128,46 @@ fn request_host<B>(req: &Request<B>, conn: &ConnInfo) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
+/// The Host the client sent, port included, for realms that must point
+/// back at it; the proxy's own name when it holds anything unexpected.
+fn request_authority<B>(req: &Request<B>, conn: &ConnInfo, server_name: &str) -> String {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .or_else(|| conn.sni.clone())
+        .unwrap_or_default();
+    let plain = !raw.is_empty()
+        && raw.len() <= 255
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if plain {
+        raw.to_ascii_lowercase()
+    } else {
+        server_name.to_string()
+    }
+}
+
+/// containerd's `?ns=`, when present.
+fn ns_param(query: Option<&str>) -> Option<String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.into_owned())
+}
+
 async fn dispatch<B>(
     app: &Arc<App>,
     conn: &ConnInfo,
     host: Option<&str>,
-    req: &Request<B>,
-) -> Result<Response<Body>, RegistryError> {
+    req: Request<B>,
+) -> Result<Response<Body>, RegistryError>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let header_bytes: usize = req.uri().to_string().len()
         + req
             .headers()
@@ -152,31 +194,124 @@ async fn dispatch<B>(
         }
     }
     let endpoint = route(&app.routes, host, req.uri().path(), req.uri().query())?;
-    let method = req.method();
-    let read_only = matches!(*method, Method::GET | Method::HEAD);
-    let head = *method == Method::HEAD;
+    let method = req.method().clone();
+    let read_only = matches!(method, Method::GET | Method::HEAD);
+    let head = method == Method::HEAD;
+    let origin = Origin {
+        tls: conn.tls,
+        host: request_authority(&req, conn, &app.settings.server_name),
+        ns: ns_param(req.uri().query()),
+    };
     match endpoint {
         Endpoint::Health => Ok(text(StatusCode::OK, "ok\n", "text/plain")),
         Endpoint::Metrics => Ok(text(StatusCode::OK, METRICS.render(), "text/plain; version=0.0.4")),
+        Endpoint::Token if method == Method::GET || method == Method::POST => {
+            let (parts, body) = req.into_parts();
+            let form = if method == Method::POST {
+                read_form(body).await?
+            } else {
+                bytes::Bytes::new()
+            };
+            auth::token::serve(app, host, &method, parts.uri.query(), &parts.headers, form).await
+        }
         _ if !read_only => Err(RegistryError::unsupported(format!(
             "{method} is not supported: regmirror is a read-only pull-through cache"
         ))),
-        Endpoint::Ping => Ok(text(StatusCode::OK, "{}", "application/json")),
-        Endpoint::Catalog { upstream } => catalog::list(app, upstream, req.uri().query()).await,
+        Endpoint::Token => Err(RegistryError::unsupported("HEAD /token")),
+        Endpoint::Ping => ping(app, host, &origin, req.headers()).await,
+        Endpoint::Catalog { upstream } => {
+            let identity = app.auth.identity_of(req.headers());
+            catalog::list(app, upstream, req.uri().query(), &identity).await
+        }
         Endpoint::Repo(r) => {
-            let span = tracing::info_span!("repo", upstream = %app.upstream(&r).name(), repo = %r.repo);
+            let upstream = app.upstream(&r);
+            if let Some(allowed) = &upstream.config.repositories {
+                if !allowed.iter().any(|p| p.matches(r.repo.as_str())) {
+                    return Err(RegistryError::not_allowed(&r.client_repo));
+                }
+            }
+            let span = tracing::info_span!("repo", upstream = %upstream.name(), repo = %r.repo);
             let work = async {
+                // The one place a request's credential is read: handlers get
+                // the decided identity.
+                let identity = app.auth.identify(upstream, req.headers()).await?;
+                let access = Access::new(&app.auth, identity, upstream, &r.repo);
                 match &r.kind {
-                    Kind::Manifest(reference) => manifests::serve(app, &r, reference, req.headers(), head).await,
-                    Kind::Blob(digest) => blobs::serve(app, &r, digest, req.headers(), head).await,
-                    Kind::TagsList => tags::list(app, &r, head).await,
+                    Kind::Manifest(reference) => {
+                        manifests::serve(app, &r, reference, req.headers(), head, &access).await
+                    }
+                    Kind::Blob(digest) => blobs::serve(app, &r, digest, req.headers(), head, &access).await,
+                    Kind::TagsList => tags::list(app, &r, head, &access).await,
                     Kind::Upload => Err(RegistryError::unsupported(
                         "pushing is not supported: regmirror is a read-only pull-through cache",
                     )),
                 }
             };
-            work.instrument(span).await
+            let scope = Scope::pull(&r.client_repo);
+            work.instrument(span)
+                .await
+                .map_err(|e| with_challenge(e, upstream, &origin, Some(&scope)))
         }
+    }
+}
+
+/// `/v2/`: the challenge upstream would give, so clients log in here; 200
+/// when the client brings a token, or upstream is open (or unreachable so
+/// far: anything public and cached is still served without a token).
+async fn ping(
+    app: &Arc<App>,
+    host: Option<&str>,
+    origin: &Origin,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RegistryError> {
+    let id = origin
+        .ns
+        .as_deref()
+        .and_then(|n| app.routes.upstream_for_ns(n))
+        .or_else(|| host.and_then(|h| app.routes.upstream_for_host(h)))
+        .unwrap_or_else(|| app.routes.default_upstream());
+    let upstream = app.upstreams.get(id);
+    let scheme = upstream.client.discover_auth().await;
+    let challenges = matches!(scheme, AuthScheme::Challenges(_));
+    if !challenges || headers.contains_key(header::AUTHORIZATION) {
+        return Ok(text(StatusCode::OK, "{}", "application/json"));
+    }
+    Err(with_challenge(
+        RegistryError::unauthorized("authentication required"),
+        upstream,
+        origin,
+        None,
+    ))
+}
+
+/// A 401 carries the challenge the client needs to get a usable token.
+fn with_challenge(mut e: RegistryError, upstream: &Upstream, origin: &Origin, scope: Option<&Scope>) -> RegistryError {
+    if e.status == StatusCode::UNAUTHORIZED && e.challenge.is_none() {
+        e.challenge = challenge::for_client(&upstream.client.auth_scheme(), upstream.name(), origin, scope);
+        if e.challenge.is_none() {
+            // An open upstream that still refused: nothing a token would fix.
+            e.status = StatusCode::FORBIDDEN;
+            e.code = errors::OciCode::Denied;
+        }
+    }
+    e
+}
+
+/// A token request's form body, bounded.
+async fn read_form<B>(body: B) -> Result<bytes::Bytes, RegistryError>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, auth::token::MAX_TOKEN_REQUEST);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(RegistryError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            errors::OciCode::Unsupported,
+            format!("token request body: {e}"),
+        )),
     }
 }
 
@@ -223,6 +358,7 @@ pub(crate) fn source_from(resp: crate::upstream::Response, max_len: Option<u64>)
         media_type: resp.header(header::CONTENT_TYPE).map(str::to_string),
         length: resp.content_length(),
         max_len,
+        public: false,
         body: Box::pin(resp.into_stream()),
     }
 }

@@ -8,6 +8,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 use super::body::{full, Body};
 use super::errors::{OciCode, RegistryError};
 use super::App;
+use crate::auth::Access;
 use crate::metrics::METRICS;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
@@ -15,7 +16,12 @@ use crate::upstream::UpstreamRequest;
 
 const MAX_TAGS_BODY: usize = 16 << 20;
 
-pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Response<Body>, RegistryError> {
+pub async fn list(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    head: bool,
+    access: &Access<'_>,
+) -> Result<Response<Body>, RegistryError> {
     let client = &app.upstream(r).client;
     let key = Digest::of(r.forward_query.as_deref().unwrap_or("").as_bytes()).hex()[..16].to_string();
     let req = UpstreamRequest {
@@ -24,13 +30,18 @@ pub async fn list(app: &Arc<App>, r: &RepoRequest, head: bool) -> Result<Respons
         query: r.forward_query.clone(),
         headers: HeaderMap::new(),
         scope: format!("repository:{}:pull", r.repo),
+        credential: access.credential(),
     };
     let failure = match client.get_ok(&req).await {
         Ok(resp) => {
             let link = resp.headers().get(header::LINK).cloned();
             let body = resp.bytes(MAX_TAGS_BODY, &format!("tags of {}", r.repo)).await?;
             let body = rename(&body, &r.client_repo);
-            app.cache.record_tag_list(app.repo_key(r), &key, &body).await;
+            // Kept for stale serving only when anyone may read it.
+            if access.answers_are_public() {
+                access.note_public();
+                app.cache.record_tag_list(app.repo_key(r), &key, &body).await;
+            }
             let mut out = respond(body, head);
             if let Some(link) = link.and_then(|l| rewrite_link(&l, r)) {
                 out.headers_mut().insert(header::LINK, link);

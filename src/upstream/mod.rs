@@ -8,12 +8,13 @@
 
 pub mod client;
 pub mod error;
+pub mod redirect;
 pub mod resolve;
 pub mod response;
 pub mod table;
 pub mod token;
 
-pub use client::{UpstreamClient, UpstreamRequest};
+pub use client::{AuthScheme, Credential, TokenAnswer, TokenRelay, UpstreamClient, UpstreamRequest};
 pub use error::Error;
 pub use response::Response;
 pub use table::{Upstream, UpstreamId, UpstreamTable};

@@ -235,3 +235,38 @@ impl UpstreamEnv {
         self.token.as_ref().map_or(0, |t| t.served())
     }
 }
+
+/// Follows a 401's Bearer challenge to its realm without credentials, as a
+/// script would, and returns the token it is given.
+pub async fn anonymous_token(client: &reqwest::Client, challenged: &reqwest::Response) -> String {
+    let www = challenged
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .expect("a 401 carries a challenge")
+        .to_string();
+    let param = |k: &str| {
+        www.split(&format!("{k}=\""))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map(str::to_string)
+    };
+    let realm = param("realm").expect("challenge names a realm");
+    let mut url = reqwest::Url::parse(&realm).expect("realm is a URL");
+    if let Some(service) = param("service") {
+        url.query_pairs_mut().append_pair("service", &service);
+    }
+    if let Some(scope) = param("scope") {
+        url.query_pairs_mut().append_pair("scope", &scope);
+    }
+    let body = client
+        .get(url)
+        .send()
+        .await
+        .expect("token endpoint answers")
+        .bytes()
+        .await
+        .expect("token body");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("token JSON");
+    v["token"].as_str().expect("a token").to_string()
+}

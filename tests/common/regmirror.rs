@@ -251,7 +251,8 @@ impl Regmirror {
     }
 
     fn wait_ready(&mut self) {
-        let url = format!("http://{}/v2/", self.config.http);
+        // Regmirror's own readiness; `/v2/` may wait on upstream.
+        let url = format!("http://{}/healthz", self.config.http);
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()

@@ -100,8 +100,17 @@ struct Inner {
     /// When set, `/v2/...` needs `Authorization: Bearer <token>` for the
     /// repository the token was issued for.
     require_bearer: bool,
-    /// token → scope it was issued for
-    tokens: HashMap<String, String>,
+    /// token → scopes it grants
+    tokens: HashMap<String, Vec<String>>,
+    /// Repositories under these prefixes: only `user` gets tokens for them.
+    private_prefixes: Vec<String>,
+    /// (user, password) the token endpoint accepts with Basic auth or the
+    /// OAuth2 password grant; a wrong password gets 401.
+    user: Option<(String, String)>,
+    /// The token endpoint answers every request with 401.
+    refuse_tokens: bool,
+    /// The user each token request came from (`None`: anonymous), in order.
+    token_users: Vec<Option<String>>,
     /// Paths answered only after this long (whatever the answer).
     delays: HashMap<String, std::time::Duration>,
     /// scopes asked of `/token`, in order
@@ -256,6 +265,26 @@ impl FakeUpstream {
         self.inner().delays.insert(path.to_string(), by);
     }
 
+    /// Repositories under `prefix` are readable only with `user`'s tokens.
+    pub fn private_prefix(&self, prefix: &str) {
+        self.inner().private_prefixes.push(prefix.to_string());
+    }
+
+    /// The user and password the token endpoint accepts.
+    pub fn set_user(&self, user: &str, password: &str) {
+        self.inner().user = Some((user.to_string(), password.to_string()));
+    }
+
+    /// The token endpoint refuses everyone (401).
+    pub fn refuse_tokens(&self, on: bool) {
+        self.inner().refuse_tokens = on;
+    }
+
+    /// The user of each token request (`None`: anonymous), in order.
+    pub fn token_users(&self) -> Vec<Option<String>> {
+        self.inner().token_users.clone()
+    }
+
     pub fn require_bearer(&self, on: bool) {
         self.inner().require_bearer = on;
     }
@@ -320,6 +349,22 @@ async fn answer(s: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Respons
     if let Some(by) = delay {
         tokio::time::sleep(by).await;
     }
+    // A token POST carries its parameters in a form body: read them like a query.
+    let query = if method == Method::POST && path == "/token" {
+        let form = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let form = String::from_utf8_lossy(&form).into_owned();
+        Some(match query {
+            Some(q) => format!("{q}&{form}"),
+            None => form,
+        })
+    } else {
+        query
+    };
     let resp = respond(s, &method, &path, query.as_deref(), authorization.as_deref());
     let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
     inner.seen.push(Seen {
@@ -342,16 +387,52 @@ fn respond(
     let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
 
     if path == "/token" {
-        let mut scope = String::new();
+        let mut scopes = Vec::new();
+        let (mut user, mut password, mut refresh) = (None, None, None);
         for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            if k == "scope" {
-                scope = v.into_owned();
+            match &*k {
+                "scope" => scopes.extend(v.split(' ').filter(|s| !s.is_empty()).map(str::to_string)),
+                "username" => user = Some(v.into_owned()),
+                "password" => password = Some(v.into_owned()),
+                "refresh_token" => refresh = Some(v.into_owned()),
+                _ => {}
             }
         }
-        inner.token_requests.push(scope.clone());
+        if let Some((u, p)) = auth.and_then(|a| a.strip_prefix("Basic ")).and_then(parse_basic) {
+            (user, password) = (Some(u), Some(p));
+        }
+        if refresh.as_deref() == Some("good-refresh-token") {
+            user = inner.user.as_ref().map(|u| u.0.clone());
+            password = inner.user.as_ref().map(|u| u.1.clone());
+        }
+        inner.token_requests.push(scopes.join(" "));
+        inner.token_users.push(user.clone());
+        let authenticated = match (&user, &inner.user) {
+            (None, _) => false,
+            (Some(u), Some((want_u, want_p))) if u == want_u && password.as_ref() == Some(want_p) => true,
+            _ => return json_error(401, "UNAUTHORIZED"),
+        };
+        if inner.refuse_tokens {
+            return json_error(401, "UNAUTHORIZED");
+        }
+        let granted: Vec<String> = scopes
+            .iter()
+            .filter(|sc| {
+                let repo = sc.split(':').nth(1).unwrap_or("");
+                authenticated || !inner.private_prefixes.iter().any(|p| repo.starts_with(p.as_str()))
+            })
+            .cloned()
+            .collect();
         let token = format!("tok-{}", inner.token_requests.len());
-        inner.tokens.insert(token.clone(), scope);
+        inner.tokens.insert(token.clone(), granted);
         let mut r = Response::new(full(format!(r#"{{"token":"{token}","expires_in":300}}"#)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return r;
+    }
+
+    if path == "/v2/" && !inner.require_bearer {
+        let mut r = Response::new(full("{}"));
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return r;
@@ -363,7 +444,7 @@ fn respond(
         let ok = auth
             .and_then(|a| a.strip_prefix("Bearer "))
             .and_then(|t| inner.tokens.get(t))
-            .is_some_and(|scope| *scope == want);
+            .is_some_and(|granted| granted.contains(&want));
         if !ok {
             let mut r = json_error(401, "UNAUTHORIZED");
             let challenge = format!(
@@ -509,4 +590,12 @@ fn staged(s: &Arc<Shared>, gated: bool, data: Bytes, end: End) -> FakeBody {
         }
     });
     BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn parse_basic(b64: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
 }

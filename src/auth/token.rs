@@ -1,0 +1,287 @@
+//! regmirror's `/token` endpoint, where the realm of its challenges points.
+//!
+//! - With credentials (Basic on a GET; the OAuth2 `password` or
+//!   `refresh_token` grant on a POST, as docker and containerd send them)
+//!   the request is relayed to the realm the upstream itself named, with
+//!   upstream's own `service` and every scope rewritten from client names
+//!   to upstream names. Upstream's answer goes back as it is (its errors as
+//!   its errors), so a wrong password fails `docker login`.
+//! - Without credentials regmirror answers itself with an anonymous token
+//!   and asks nobody, so a warm public pull costs upstream one tag HEAD and
+//!   works while upstream's auth server is down.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+
+use super::scope::{route_name, Scope};
+use super::{ANONYMOUS_TOKEN_LIFETIME, ANONYMOUS_TOKEN_PREFIX};
+use crate::reference::Digest;
+use crate::registry::body::{full, Body};
+use crate::registry::errors::RegistryError;
+use crate::registry::App;
+use crate::upstream::token::Challenge;
+use crate::upstream::{AuthScheme, TokenRelay, UpstreamId};
+
+/// Token request bodies are small forms; more is refused.
+pub const MAX_TOKEN_REQUEST: usize = 16 * 1024;
+
+/// A token request as a client sent it, parsed.
+#[derive(Debug, Default, PartialEq)]
+pub struct TokenRequest {
+    pub scopes: Vec<Scope>,
+    /// Other parameters, passed on as they are (`account`, `client_id`,
+    /// `offline_token`; on a POST also the grant and its secrets).
+    pub params: Vec<(String, String)>,
+    /// Whether the client presented credentials at all.
+    pub has_credentials: bool,
+    pub ns: Option<String>,
+}
+
+impl TokenRequest {
+    /// Parses the query of a GET (with its `Authorization`) or the form of
+    /// a POST. `scope` may repeat and hold several space-separated scopes.
+    pub fn parse(method: &Method, query: Option<&str>, authorization: bool, form: &[u8]) -> TokenRequest {
+        let mut out = TokenRequest::default();
+        let take = |pairs: form_urlencoded::Parse<'_>, out: &mut TokenRequest| {
+            for (k, v) in pairs {
+                match &*k {
+                    "scope" => out.scopes.extend(v.split(' ').filter_map(Scope::parse)),
+                    "service" => {}
+                    "ns" => out.ns = Some(v.into_owned()),
+                    _ => out.params.push((k.into_owned(), v.into_owned())),
+                }
+            }
+        };
+        take(form_urlencoded::parse(query.unwrap_or("").as_bytes()), &mut out);
+        if *method == Method::POST {
+            take(form_urlencoded::parse(form), &mut out);
+            out.has_credentials = out
+                .params
+                .iter()
+                .any(|(k, v)| (k == "password" || k == "refresh_token") && !v.is_empty());
+        } else {
+            out.has_credentials = authorization;
+        }
+        out
+    }
+}
+
+/// Answers one `/token` request.
+pub async fn serve(
+    app: &App,
+    host: Option<&str>,
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    form: Bytes,
+) -> Result<Response<Body>, RegistryError> {
+    let authorization = headers.get(header::AUTHORIZATION).cloned();
+    let req = TokenRequest::parse(method, query, authorization.is_some(), &form);
+    let id = upstream_for(app, host, &req);
+    let upstream = app.upstreams.get(id);
+    if !req.has_credentials {
+        return Ok(anonymous_token());
+    }
+    let service = match upstream.client.discover_auth().await {
+        AuthScheme::Challenges(Challenge::Bearer { service, .. }) => service,
+        // Nothing to exchange credentials for: the upstream is open or
+        // takes Basic credentials on every request.
+        AuthScheme::Open | AuthScheme::Challenges(Challenge::Basic) => return Ok(anonymous_token()),
+        AuthScheme::Unknown => {
+            return Err(RegistryError::unavailable(format!(
+                "upstream {} cannot be reached to check credentials",
+                upstream.name()
+            )))
+        }
+    };
+    let ns = req.ns.as_deref();
+    let mut renamed: Vec<(String, String)> = Vec::new();
+    let scopes: Vec<String> = req
+        .scopes
+        .iter()
+        .filter_map(|s| {
+            let up = s.to_upstream(&app.routes, host, ns, id)?;
+            if let (Some(c), Some(u)) = (s.repository(), up.repository()) {
+                renamed.push((u.to_string(), c.to_string()));
+            }
+            Some(up.to_string())
+        })
+        .collect();
+    let relay = if *method == Method::POST {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.extend_pairs(req.params.iter());
+        if let Some(s) = &service {
+            form.append_pair("service", s);
+        }
+        if !scopes.is_empty() {
+            form.append_pair("scope", &scopes.join(" "));
+        }
+        TokenRelay {
+            method: Method::POST,
+            query: Vec::new(),
+            form: Some(form.finish()),
+            authorization: None,
+        }
+    } else {
+        let mut q: Vec<(String, String)> = Vec::new();
+        if let Some(s) = &service {
+            q.push(("service".into(), s.clone()));
+        }
+        q.extend(scopes.iter().map(|s| ("scope".to_string(), s.clone())));
+        q.extend(req.params.iter().cloned());
+        TokenRelay {
+            method: Method::GET,
+            query: q,
+            form: None,
+            authorization,
+        }
+    };
+    let answer = upstream.client.relay_token(relay).await?;
+    let body = echo_in_client_names(answer.body, &renamed);
+    let mut resp = Response::new(full(body.clone()));
+    *resp.status_mut() = answer.status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        answer
+            .content_type
+            .unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    tracing::info!(upstream = %upstream.name(), status = answer.status.as_u16(), scopes = scopes.len(), "token request relayed");
+    Ok(resp)
+}
+
+/// Which upstream a token request is for: containerd's `ns`, the
+/// intercepted host, the first repository scope, or the default upstream.
+fn upstream_for(app: &App, host: Option<&str>, req: &TokenRequest) -> UpstreamId {
+    if let Some(id) = req.ns.as_deref().and_then(|n| app.routes.upstream_for_ns(n)) {
+        return id;
+    }
+    if let Some(id) = host.and_then(|h| app.routes.upstream_for_host(h)) {
+        return id;
+    }
+    req.scopes
+        .iter()
+        .filter_map(Scope::repository)
+        .find_map(|name| route_name(&app.routes, host, req.ns.as_deref(), name))
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| app.routes.default_upstream())
+}
+
+/// A `scope` upstream echoes in its answer, put back in the client's names.
+fn echo_in_client_names(body: Bytes, renamed: &[(String, String)]) -> Bytes {
+    if renamed.is_empty() {
+        return body;
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    let Some(echo) = v.get("scope").and_then(|s| s.as_str()) else {
+        return body;
+    };
+    let back: Vec<String> = echo
+        .split(' ')
+        .map(|s| match Scope::parse(s) {
+            Some(Scope::Repository { class, name, actions }) => {
+                let name = renamed
+                    .iter()
+                    .find(|(u, _)| *u == name)
+                    .map(|(_, c)| c.clone())
+                    .unwrap_or(name);
+                Scope::Repository { class, name, actions }.to_string()
+            }
+            _ => s.to_string(),
+        })
+        .collect();
+    v["scope"] = serde_json::Value::String(back.join(" "));
+    serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body)
+}
+
+static ISSUED: AtomicU64 = AtomicU64::new(0);
+
+/// regmirror's own token for a client without credentials.
+fn anonymous_token() -> Response<Body> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let n = ISSUED.fetch_add(1, Ordering::Relaxed);
+    let seed = format!("{}-{}-{n}", now.as_nanos(), std::process::id());
+    let token = format!("{ANONYMOUS_TOKEN_PREFIX}{}", &Digest::of(seed.as_bytes()).hex()[..32]);
+    let body = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": ANONYMOUS_TOKEN_LIFETIME.as_secs(),
+        "issued_at": rfc3339(now.as_secs()),
+    })
+    .to_string();
+    let mut resp = Response::new(full(body.clone()));
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    resp
+}
+
+fn rfc3339(secs: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_and_post_token_requests_parse_as_clients_send_them() {
+        let r = TokenRequest::parse(
+            &Method::GET,
+            Some("service=x&scope=repository:a/b:pull&scope=repository:c:pull%20repository:d:pull&account=me&offline_token=true&client_id=docker"),
+            true,
+            b"",
+        );
+        assert_eq!(r.scopes.len(), 3);
+        assert!(r.has_credentials);
+        assert!(r.params.contains(&("account".into(), "me".into())));
+        assert!(
+            !r.params.iter().any(|(k, _)| k == "service"),
+            "service is replaced by upstream's"
+        );
+        let r = TokenRequest::parse(
+            &Method::POST,
+            Some("ns=ghcr.io"),
+            false,
+            b"grant_type=refresh_token&refresh_token=rt&service=x&scope=repository%3Aa%3Apull&client_id=containerd-client",
+        );
+        assert_eq!(r.ns.as_deref(), Some("ghcr.io"));
+        assert!(r.has_credentials, "a refresh token is a credential");
+        assert_eq!(r.scopes, vec![Scope::pull("a")]);
+        let anon = TokenRequest::parse(&Method::GET, Some("scope=repository:a:pull"), false, b"");
+        assert!(!anon.has_credentials);
+    }
+
+    #[test]
+    fn echoed_scopes_go_back_in_client_names() {
+        let body = Bytes::from_static(br#"{"token":"t","scope":"repository:library/x:pull"}"#);
+        let out = echo_in_client_names(body, &[("library/x".into(), "dockerhub/x".into())]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["scope"], "repository:dockerhub/x:pull");
+        assert_eq!(v["token"], "t");
+    }
+
+    #[test]
+    fn issued_at_is_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}
