@@ -161,3 +161,82 @@ proptest! {
         let _ = accept_key(&junk);
     }
 }
+
+// ---------------------------------------------------------------- auth parsers
+
+use regmirror::auth::challenge::{for_client, Origin};
+use regmirror::auth::scope::Scope;
+use regmirror::auth::token::TokenRequest;
+use regmirror::upstream::token::{parse_challenge, Challenge};
+use regmirror::upstream::{AuthScheme, UpstreamId};
+
+/// A repository name component of the OCI grammar.
+fn component() -> impl Strategy<Value = String> {
+    "[a-z0-9]{1,6}([._-][a-z0-9]{1,4})?"
+}
+
+fn repo_name(min: usize) -> impl Strategy<Value = String> {
+    prop::collection::vec(component(), min..4).prop_map(|c| c.join("/"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn challenge_parser_never_panics(s in "[ -~]{0,200}") {
+        let _ = parse_challenge(&s);
+    }
+
+    #[test]
+    fn challenges_regmirror_gives_parse_back_to_what_it_meant(
+        host in "[a-z0-9.-]{1,20}(:[0-9]{1,5})?",
+        service in "[ -~]{1,30}",
+        name in repo_name(1),
+        tls in any::<bool>(),
+        ns in prop::option::of("[a-z0-9.]{1,12}"),
+    ) {
+        let scheme = AuthScheme::Challenges(Challenge::Bearer {
+            realm: "https://auth.example/token".into(),
+            service: Some(service.clone()),
+            scope: None,
+        });
+        let origin = Origin { tls, host: host.clone(), ns: ns.clone() };
+        let scope = Scope::pull(&name);
+        let value = for_client(&scheme, "up", &origin, Some(&scope)).expect("a challenge");
+        let parsed = parse_challenge(value.to_str().unwrap()).expect("parses");
+        let clean_service: String = service.chars().filter(|c| !c.is_control()).collect();
+        prop_assert_eq!(parsed, Challenge::Bearer {
+            realm: origin.realm(),
+            service: Some(clean_service),
+            scope: Some(scope.to_string()),
+        });
+    }
+
+    #[test]
+    fn scopes_rewrite_to_upstream_names_and_back(name in repo_name(2), actions in prop::sample::subsequence(vec!["pull", "push"], 1..=2)) {
+        let t = table();
+        let hub = UpstreamId::from_config_index(0);
+        let client = Scope::Repository {
+            class: "repository".into(),
+            name: format!("dockerhub/{name}"),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+        };
+        let up = client.to_upstream(&t, Some("regmirror.local"), None, hub).expect("a Docker Hub scope");
+        prop_assert_eq!(up.repository(), Some(name.as_str()));
+        prop_assert_eq!(up.to_client(Some("dockerhub")), client.clone());
+        // Transparent mode: names are upstream's already.
+        let direct = Scope::pull(&name);
+        prop_assert_eq!(direct.to_upstream(&t, Some("registry-1.docker.io"), None, hub), Some(direct.clone()));
+        prop_assert_eq!(Scope::parse(&client.to_string()), Some(client));
+    }
+
+    #[test]
+    fn token_requests_never_panic(q in "[ -~]{0,120}", form in prop::collection::vec(any::<u8>(), 0..200), post in any::<bool>(), auth in any::<bool>()) {
+        let method = if post { http::Method::POST } else { http::Method::GET };
+        let r = TokenRequest::parse(&method, Some(&q), auth, &form);
+        for s in &r.scopes {
+            let again = Scope::parse(&s.to_string());
+            prop_assert_eq!(again.as_ref(), Some(s));
+        }
+    }
+}
