@@ -200,9 +200,14 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     } else if let Some(u) = from_host {
         (u, Mode::Transparent, name)
     } else {
+        // A namespace prefix is followed by a whole upstream name of at
+        // least two components (`dockerhub/library/x`, `quay/org/x`). Two
+        // components alone are a Docker Hub name as docker's
+        // `registry-mirrors` sends it (`quay/tool` is the Hub user `quay`),
+        // so the two modes never read the same path differently.
         let (first, tail) = name.split_once('/').unwrap_or((name, ""));
         match table.by_namespace(first) {
-            Some(u) if !tail.is_empty() => (u, Mode::Prefix, tail),
+            Some(u) if tail.contains('/') => (u, Mode::Prefix, tail),
             _ => (table.default_upstream, Mode::DefaultMirror, name),
         }
     };
@@ -338,7 +343,7 @@ mod tests {
         assert_eq!(r.client_repo, "dockerhub/library/nginx");
         let r = repo(Some("10.0.0.5"), "/v2/quay/org/x/manifests/1", None);
         assert_eq!((r.upstream, r.repo.as_str()), (id(2), "org/x"));
-        let r = repo(None, "/v2/dockerhub/nginx/manifests/1", None);
+        let r = repo(None, "/v2/dockerhub/library/nginx/manifests/1", None);
         assert_eq!(r.repo.as_str(), "library/nginx");
     }
 
@@ -355,6 +360,14 @@ mod tests {
             (id(0), "library/quay"),
             "a namespace alone is a Docker Hub name"
         );
+        for hub_name in ["quay/tool", "ghcr/app", "dockerhub/nginx"] {
+            let r = repo(Some("10.0.0.5"), &format!("/v2/{hub_name}/manifests/1"), None);
+            assert_eq!(
+                (r.upstream, r.mode, r.repo.as_str()),
+                (id(0), Mode::DefaultMirror, hub_name),
+                "a Docker Hub user named like a namespace is not misrouted"
+            );
+        }
     }
 
     #[test]

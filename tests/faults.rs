@@ -1700,7 +1700,7 @@ async fn token_requests_are_relayed_with_scopes_rewritten() {
     // Several scopes, one request, with credentials: relayed, rewritten.
     let token = token_of(
         c.get(format!(
-            "{}/token?service=anything&scope=repository:dockerhub/app:pull&scope=repository:dockerhub/library/other:pull&account=alice",
+            "{}/token?service=anything&scope=repository:dockerhub/library/app:pull&scope=repository:dockerhub/library/other:pull&account=alice",
             m.base
         ))
         .header("authorization", basic("alice", "pw"))
@@ -1718,7 +1718,7 @@ async fn token_requests_are_relayed_with_scopes_rewritten() {
 
     // A wrong password is upstream's 401, so `docker login` fails.
     let r = c
-        .get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+        .get(format!("{}/token?scope=repository:dockerhub/library/app:pull", m.base))
         .header("authorization", basic("alice", "wrong"))
         .send()
         .await
@@ -1730,7 +1730,7 @@ async fn token_requests_are_relayed_with_scopes_rewritten() {
     let token = token_of(
         c.post(format!("{}/token", m.base))
             .header("content-type", "application/x-www-form-urlencoded")
-            .body("grant_type=refresh_token&refresh_token=good-refresh-token&service=x&client_id=containerd-client&scope=repository%3Adockerhub%2Fapp%3Apull")
+            .body("grant_type=refresh_token&refresh_token=good-refresh-token&service=x&client_id=containerd-client&scope=repository%3Adockerhub%2Flibrary%2Fapp%3Apull")
             .send()
             .await
             .unwrap(),
@@ -1746,7 +1746,7 @@ async fn token_requests_are_relayed_with_scopes_rewritten() {
     // No credentials: regmirror's own token, upstream not asked.
     let before = up.token_requests().len();
     let token = token_of(
-        c.get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+        c.get(format!("{}/token?scope=repository:dockerhub/library/app:pull", m.base))
             .send()
             .await
             .unwrap(),
@@ -1758,7 +1758,7 @@ async fn token_requests_are_relayed_with_scopes_rewritten() {
     // An upstream that refuses every token request: its refusal, relayed.
     up.refuse_tokens(true);
     let r = c
-        .get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+        .get(format!("{}/token?scope=repository:dockerhub/library/app:pull", m.base))
         .header("authorization", basic("alice", "pw"))
         .send()
         .await
@@ -1777,7 +1777,7 @@ async fn an_upstream_without_auth_gets_no_challenge() {
     assert_eq!(r.status(), 200);
     assert!(header(&r, "www-authenticate").is_none());
     let token = token_of(
-        c.get(format!("{}/token?scope=repository:dockerhub/app:pull", m.base))
+        c.get(format!("{}/token?scope=repository:dockerhub/library/app:pull", m.base))
             .header("authorization", basic("alice", "pw"))
             .send()
             .await

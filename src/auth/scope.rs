@@ -173,7 +173,8 @@ mod tests {
         );
         assert_eq!(
             up("repository:dockerhub/x:pull", Some("regmirror.local")).as_deref(),
-            Some("repository:library/x:pull")
+            Some("repository:dockerhub/x:pull"),
+            "two components are a Docker Hub name, as requests are routed"
         );
         assert_eq!(
             up("repository:alpine:pull", Some("registry-1.docker.io")).as_deref(),
