@@ -110,16 +110,20 @@ where
     resp
 }
 
-/// The hostname the client addressed: Host header, `:authority` (HTTP/2),
-/// or the TLS SNI, without a port.
-fn request_host<B>(req: &Request<B>, conn: &ConnInfo) -> Option<String> {
-    let raw = req
-        .headers()
+/// What the client wrote as the host: Host header, `:authority` (HTTP/2),
+/// or the TLS SNI, port included.
+fn raw_authority<B>(req: &Request<B>, conn: &ConnInfo) -> Option<String> {
+    req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .or_else(|| conn.sni.clone())?;
+        .or_else(|| conn.sni.clone())
+}
+
+/// The hostname the client addressed, without a port.
+fn request_host<B>(req: &Request<B>, conn: &ConnInfo) -> Option<String> {
+    let raw = raw_authority(req, conn)?;
     let host = if raw.starts_with('[') {
         raw.split(']').next().map(|h| format!("{h}]")).unwrap_or(raw.clone())
     } else {
@@ -131,14 +135,7 @@ fn request_host<B>(req: &Request<B>, conn: &ConnInfo) -> Option<String> {
 /// The Host the client sent, port included, for realms that must point
 /// back at it; the proxy's own name when it holds anything unexpected.
 fn request_authority<B>(req: &Request<B>, conn: &ConnInfo, server_name: &str) -> String {
-    let raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .or_else(|| conn.sni.clone())
-        .unwrap_or_default();
+    let raw = raw_authority(req, conn).unwrap_or_default();
     let plain = !raw.is_empty()
         && raw.len() <= 255
         && raw
