@@ -44,6 +44,7 @@ pub enum StartError {
 pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = tls::CertificateAuthority::load_or_create(&settings.ca_dir, &settings.tls_names())?;
+    let ca_pem = ca.cert_pem.clone();
     let issuer = Arc::new(tls::LeafIssuer::new(
         ca,
         settings.tls_names(),
@@ -77,6 +78,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         upstreams,
         cache: Arc::new(cache),
         auth: auth::Auth::new(auth::access::ClientFilter::new(settings.access_allow.clone())),
+        ca_pem,
         via,
         settings,
     });

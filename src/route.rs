@@ -125,6 +125,8 @@ pub enum Endpoint {
     Metrics,
     /// `/token`: regmirror's token endpoint (the realm of its challenges).
     Token,
+    /// `/ca.crt`: the root CA's certificate, for client setup.
+    CaCert,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +151,9 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     }
     if path == "/token" {
         return Ok(Endpoint::Token);
+    }
+    if path == "/ca.crt" {
+        return Ok(Endpoint::CaCert);
     }
     if path == "/metrics" {
         return Ok(Endpoint::Metrics);

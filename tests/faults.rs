@@ -1879,3 +1879,33 @@ async fn private_content_is_served_only_to_clients_upstream_accepts() {
     let r = fresh.get(&url).send().await.unwrap();
     assert_ne!(r.status(), 200, "an unchecked token is not served private content");
 }
+
+/// Client setup in one command: `/ca.crt` serves the root certificate, the
+/// same bytes as `ca.pem`; nothing serves the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_certificate_is_served_and_its_key_never_is() {
+    let up = FakeUpstream::start("127.0.3.141:0").await;
+    let m = Mirror::start(41, &up.url()).await;
+    let c = client();
+    let r = c.get(format!("{}/ca.crt", m.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let served = r.bytes().await.unwrap();
+    let on_disk = std::fs::read(m.dir.path().join("certs/ca.pem")).unwrap();
+    assert_eq!(served, on_disk);
+    let key = std::fs::read_to_string(m.dir.path().join("certs/ca.key")).unwrap();
+    let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    for path in [
+        "/ca.key",
+        "/certs/ca.key",
+        "/ca.crt/../ca.key",
+        "/v2/../ca.key",
+        "/ca.pem",
+    ] {
+        let r = c.get(format!("{}{path}", m.base)).send().await.unwrap();
+        let body = r.bytes().await.unwrap();
+        assert!(
+            !String::from_utf8_lossy(&body).contains(&key_body[..32]),
+            "{path} served the key"
+        );
+    }
+}

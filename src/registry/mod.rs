@@ -44,6 +44,9 @@ pub struct App {
     pub upstreams: UpstreamTable,
     pub cache: Arc<Cache>,
     pub auth: Auth,
+    /// The root CA's certificate (PEM), served at `/ca.crt`. Only the
+    /// certificate: the key is never loaded into anything a route reads.
+    pub ca_pem: String,
     /// This process's loop-detection token (see `VIA_HEADER`).
     pub via: String,
 }
@@ -202,6 +205,7 @@ where
     match endpoint {
         Endpoint::Health => Ok(text(StatusCode::OK, "ok\n", "text/plain")),
         Endpoint::Metrics => Ok(text(StatusCode::OK, METRICS.render(), "text/plain; version=0.0.4")),
+        Endpoint::CaCert if read_only => Ok(text(StatusCode::OK, app.ca_pem.clone(), "application/x-pem-file")),
         Endpoint::Token if method == Method::GET || method == Method::POST => {
             let (parts, body) = req.into_parts();
             let form = if method == Method::POST {
@@ -215,6 +219,7 @@ where
             "{method} is not supported: regmirror is a read-only pull-through cache"
         ))),
         Endpoint::Token => Err(RegistryError::unsupported("HEAD /token")),
+        Endpoint::CaCert => Err(RegistryError::unsupported("only GET /ca.crt")),
         Endpoint::Ping => ping(app, host, &origin, req.headers()).await,
         Endpoint::Catalog { upstream } => {
             let identity = app.auth.identity_of(req.headers());
