@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use regmirror::config::Settings;
 use regmirror::reference::{Digest, Reference, RepoName};
 use regmirror::registry::errors::RegistryError;
-use regmirror::registry::manifests::accept_key;
+use regmirror::registry::manifests::parse_accept;
 use regmirror::route::{route, Endpoint, Kind, RouteTable};
 
 fn table() -> RouteTable {
@@ -146,19 +146,15 @@ proptest! {
     }
 
     #[test]
-    fn accept_keys_are_short_hex_and_ignore_order_and_parameters(
+    fn accept_lists_keep_the_clients_types_in_order_and_never_panic(
         types in prop::collection::vec("[a-z]{1,8}/[a-z.+-]{1,20}", 1..6),
         junk in "[ -~]{0,80}",
     ) {
-        let forward = types.join(", ");
-        let mut rev = types.clone();
-        rev.reverse();
-        let backward = rev.iter().map(|t| format!("{t};q=0.5")).collect::<Vec<_>>().join(",");
-        let k = accept_key(&forward);
-        prop_assert_eq!(k.len(), 16);
-        prop_assert!(k.bytes().all(|c| c.is_ascii_hexdigit()));
-        prop_assert_eq!(k, accept_key(&backward));
-        let _ = accept_key(&junk);
+        let weighted = types.iter().map(|t| format!(" {t} ;q=0.5")).collect::<Vec<_>>().join(",");
+        let parsed = parse_accept(&weighted);
+        prop_assert_eq!(parsed.iter().map(|r| r.media_type.clone()).collect::<Vec<_>>(), types);
+        prop_assert!(parsed.iter().all(|r| r.weight == 500));
+        let _ = parse_accept(&junk);
     }
 }
 

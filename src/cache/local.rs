@@ -7,13 +7,17 @@
 //! blobs/<algorithm>/<aa>/<hex>        content (blobs and manifests alike, shared by every repository)
 //! blobs/<algorithm>/<aa>/<hex>.type   media type, for manifests
 //! blobs/<algorithm>/<aa>/<hex>.public present when the content is public (provenance)
-//! meta/<upstream>/<repo>/_tags/<tag>/<accept-key>.json   last digest seen for (repo, tag, Accept)
+//! meta/<upstream>/<repo>/_tags/<tag>/mt-<type-key>.json  last digest seen for (repo, tag, media type)
 //! meta/<upstream>/<repo>/_lists/<query-key>.json         last tags/list answer
 //! tmp/                           downloads in progress (same filesystem: commit is a rename)
 //! ```
 //!
 //! Stores written before metadata was keyed by upstream name kept it under
-//! `tags/<namespace>/`; [`LocalStore::migrate_namespaces`] moves it.
+//! `tags/<namespace>/`; [`LocalStore::migrate_namespaces`] moves it. Stores
+//! written before tag records were kept per media type hold one record per
+//! Accept list (`<accept-key>.json`) beside them: those are read like the
+//! others (each names its media type) and removed once a record of the same
+//! media type replaces them.
 //!
 //! Every file-system call of the cache is in this module, and each runs off
 //! the async runtime's worker threads. Start-up never walks the store.
@@ -113,11 +117,13 @@ impl LocalStore {
         p
     }
 
-    fn tag_path(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str) -> PathBuf {
-        self.repo_dir(at)
-            .join("_tags")
-            .join(tag.as_str())
-            .join(format!("{}.json", safe_key(accept_key)))
+    fn tag_dir(&self, at: RepoKey<'_>, tag: &Tag) -> PathBuf {
+        self.repo_dir(at).join("_tags").join(tag.as_str())
+    }
+
+    fn tag_path(&self, at: RepoKey<'_>, tag: &Tag, media_type: &str) -> PathBuf {
+        self.tag_dir(at, tag)
+            .join(format!("{TYPE_KEYED}{}.json", type_key(media_type)))
     }
 
     fn list_path(&self, at: RepoKey<'_>, key: &str) -> PathBuf {
@@ -127,6 +133,37 @@ impl LocalStore {
     fn temp_path(&self, what: &str) -> PathBuf {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!("{what}.{}.{n}", std::process::id()))
+    }
+
+    /// Every readable record under a tag, with its file; a record without
+    /// a time gets its file's modification time.
+    async fn read_tag_dir(&self, at: RepoKey<'_>, tag: &Tag) -> io::Result<Vec<(PathBuf, TagRecord)>> {
+        let Some(mut entries) = not_found_is_none(fs::read_dir(self.tag_dir(at, tag)).await)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while let Some(e) = entries.next_entry().await? {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Some(data) = not_found_is_none(fs::read(&path).await)? else {
+                continue;
+            };
+            // A record that does not parse (cut short by a crash of an old
+            // version) is skipped, never served.
+            let Ok(mut rec) = serde_json::from_slice::<TagRecord>(&data) else {
+                continue;
+            };
+            if rec.media_type.is_empty() {
+                continue;
+            }
+            if rec.seen_ms == 0 {
+                rec.seen_ms = epoch_ms(e.metadata().await.and_then(|m| m.modified()));
+            }
+            out.push((path, rec));
+        }
+        Ok(out)
     }
 
     async fn media_type(&self, d: &Digest) -> io::Result<Option<String>> {
@@ -201,6 +238,23 @@ fn adopt(root: &Path) -> io::Result<()> {
 
 fn with_path(p: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+}
+
+/// Names of tag records keyed by media type start with this; others are
+/// per-Accept records of older stores.
+const TYPE_KEYED: &str = "mt-";
+
+/// A media type as a short file name: canonical (no parameters, lower case)
+/// and hashed, so no client-chosen text becomes a path.
+fn type_key(media_type: &str) -> String {
+    Digest::of(media_type.trim().to_ascii_lowercase().as_bytes()).hex()[..16].to_string()
+}
+
+/// Milliseconds since the Unix epoch of a file time (0 when unknown).
+fn epoch_ms(t: io::Result<std::time::SystemTime>) -> u64 {
+    t.ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Keys are hex already; this only guards against a caller passing a path.
@@ -448,16 +502,35 @@ impl Drop for LocalPending {
 
 #[async_trait]
 impl MetaStore for LocalStore {
-    async fn put_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str, rec: &TagRecord) -> io::Result<()> {
+    async fn put_tag(&self, at: RepoKey<'_>, tag: &Tag, rec: &TagRecord) -> io::Result<()> {
         let data = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        self.write_atomically(&self.tag_path(at, tag, accept_key), &data).await
+        self.write_atomically(&self.tag_path(at, tag, &rec.media_type), &data)
+            .await?;
+        // Per-Accept records of an older store that this one supersedes.
+        for (path, old) in self.read_tag_dir(at, tag).await? {
+            let legacy = !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(TYPE_KEYED));
+            if legacy && old.media_type.eq_ignore_ascii_case(&rec.media_type) {
+                not_found_is_none(fs::remove_file(&path).await)?;
+            }
+        }
+        Ok(())
     }
 
-    async fn get_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str) -> io::Result<Option<TagRecord>> {
-        let Some(data) = not_found_is_none(fs::read(self.tag_path(at, tag, accept_key)).await)? else {
-            return Ok(None);
-        };
-        Ok(serde_json::from_slice(&data).ok())
+    async fn get_tags(&self, at: RepoKey<'_>, tag: &Tag) -> io::Result<Vec<TagRecord>> {
+        let mut newest: Vec<TagRecord> = Vec::new();
+        for (_, rec) in self.read_tag_dir(at, tag).await? {
+            match newest
+                .iter_mut()
+                .find(|r| r.media_type.eq_ignore_ascii_case(&rec.media_type))
+            {
+                Some(r) if r.seen_ms >= rec.seen_ms => {}
+                Some(r) => *r = rec,
+                None => newest.push(rec),
+            }
+        }
+        Ok(newest)
     }
 
     async fn put_tag_list(&self, at: RepoKey<'_>, key: &str, body: &[u8]) -> io::Result<()> {
@@ -578,6 +651,45 @@ mod tests {
         assert!(old.join(MARKER).is_file());
     }
 
+    /// Records of stores from before media-type keys (one per Accept list,
+    /// no time) are served, newest per type, until a record of their type
+    /// replaces them.
+    #[tokio::test]
+    async fn per_accept_records_of_older_stores_are_read_and_then_replaced() {
+        let (dir, s) = store();
+        let repo = RepoName::parse("library/app").unwrap();
+        let at = RepoKey {
+            upstream: "docker.io",
+            repo: &repo,
+        };
+        let tag = Tag::parse("1").unwrap();
+        let tag_dir = dir.path().join("meta/docker.io/library/app/_tags/1");
+        std::fs::create_dir_all(&tag_dir).unwrap();
+        let old = |d: &[u8], t: &str| format!(r#"{{"digest":"{}","media_type":"{t}","size":3}}"#, Digest::of(d));
+        std::fs::write(tag_dir.join("0123456789abcdef.json"), old(b"a", "application/x")).unwrap();
+        std::fs::write(tag_dir.join("fedcba9876543210.json"), old(b"b", "application/y")).unwrap();
+        std::fs::write(tag_dir.join("0000000000000000.json"), b"{cut sho").unwrap();
+        let mut got = s.get_tags(at, &tag).await.unwrap();
+        got.sort_by(|a, b| a.media_type.cmp(&b.media_type));
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].digest, Digest::of(b"a").to_string());
+        assert!(got[0].seen_ms > 0, "a record without a time gets its file's");
+
+        let fresh = TagRecord {
+            digest: Digest::of(b"c").to_string(),
+            media_type: "application/x".into(),
+            size: 3,
+            public: true,
+            seen_ms: 1,
+        };
+        s.put_tag(at, &tag, &fresh).await.unwrap();
+        assert!(!tag_dir.join("0123456789abcdef.json").exists(), "superseded");
+        assert!(tag_dir.join("fedcba9876543210.json").exists(), "another type stays");
+        let got = s.get_tags(at, &tag).await.unwrap();
+        assert!(got.contains(&fresh), "{got:?}");
+        assert_eq!(got.len(), 2);
+    }
+
     #[tokio::test]
     async fn tmp_is_cleared_on_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -598,6 +710,7 @@ mod tests {
             media_type: "t".into(),
             size: 1,
             public: true,
+            seen_ms: 5,
         };
         std::fs::write(old.join("k.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
         let s = LocalStore::open_dir(dir.path()).unwrap();
@@ -608,7 +721,7 @@ mod tests {
             upstream: "docker.io",
             repo: &repo,
         };
-        assert_eq!(s.get_tag(at, &Tag::parse("3").unwrap(), "k").await.unwrap(), Some(rec));
+        assert_eq!(s.get_tags(at, &Tag::parse("3").unwrap()).await.unwrap(), vec![rec]);
         assert_eq!(s.list_repositories("docker.io").await.unwrap(), vec!["library/alpine"]);
         assert!(!dir.path().join("tags").exists());
     }

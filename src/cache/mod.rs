@@ -115,8 +115,8 @@ impl Cache {
 
     /// Remembers upstream's answer for a tag. A failure is logged, not
     /// returned: the answer is served either way.
-    pub async fn record_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str, rec: &TagRecord) {
-        match self.meta.put_tag(at, tag, accept_key, rec).await {
+    pub async fn record_tag(&self, at: RepoKey<'_>, tag: &Tag, rec: &TagRecord) {
+        match self.meta.put_tag(at, tag, rec).await {
             Ok(()) => {
                 let mut index = lock(&self.repositories);
                 index
@@ -129,12 +129,13 @@ impl Cache {
         }
     }
 
-    pub async fn last_tag(&self, at: RepoKey<'_>, tag: &Tag, accept_key: &str) -> Option<TagRecord> {
-        match self.meta.get_tag(at, tag, accept_key).await {
+    /// What upstream last said of `tag`, one record per media type.
+    pub async fn last_tags(&self, at: RepoKey<'_>, tag: &Tag) -> Vec<TagRecord> {
+        match self.meta.get_tags(at, tag).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(repo = %at.repo, %tag, error = %e, "could not read tag record");
-                None
+                tracing::warn!(repo = %at.repo, %tag, error = %e, "could not read tag records");
+                Vec::new()
             }
         }
     }

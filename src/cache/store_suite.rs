@@ -86,6 +86,7 @@ pub async fn meta_store(s: &dyn MetaStore) {
         media_type: "t".into(),
         size: 1,
         public: true,
+        seen_ms: 1,
     };
     let alpine = RepoName::parse("library/alpine").unwrap();
     let nested = RepoName::parse("org/app/x").unwrap();
@@ -94,19 +95,43 @@ pub async fn meta_store(s: &dyn MetaStore) {
         upstream: "docker.io",
         repo,
     };
-    s.put_tag(hub(&alpine), &tag, "k", &rec).await.unwrap();
-    s.put_tag(hub(&nested), &tag, "k", &rec).await.unwrap();
-    assert_eq!(s.get_tag(hub(&alpine), &tag, "k").await.unwrap(), Some(rec.clone()));
-    assert_eq!(s.get_tag(hub(&alpine), &tag, "other").await.unwrap(), None);
+    s.put_tag(hub(&alpine), &tag, &rec).await.unwrap();
+    s.put_tag(hub(&nested), &tag, &rec).await.unwrap();
+    assert_eq!(s.get_tags(hub(&alpine), &tag).await.unwrap(), vec![rec.clone()]);
+    assert!(s
+        .get_tags(hub(&alpine), &Tag::parse("4").unwrap())
+        .await
+        .unwrap()
+        .is_empty());
     let quay = RepoKey {
         upstream: "quay.io",
         repo: &alpine,
     };
-    assert_eq!(
-        s.get_tag(quay, &tag, "k").await.unwrap(),
-        None,
+    assert!(
+        s.get_tags(quay, &tag).await.unwrap().is_empty(),
         "records are per upstream"
     );
+
+    // One record per media type: a second type is kept beside the first,
+    // a newer answer in the same type replaces it.
+    let other_type = TagRecord {
+        digest: Digest::of(b"n").to_string(),
+        media_type: "u".into(),
+        size: 2,
+        public: true,
+        seen_ms: 2,
+    };
+    s.put_tag(hub(&alpine), &tag, &other_type).await.unwrap();
+    let newer = TagRecord {
+        digest: Digest::of(b"o").to_string(),
+        seen_ms: 3,
+        ..rec.clone()
+    };
+    s.put_tag(hub(&alpine), &tag, &newer).await.unwrap();
+    let mut got = s.get_tags(hub(&alpine), &tag).await.unwrap();
+    got.sort_by(|a, b| a.media_type.cmp(&b.media_type));
+    assert_eq!(got, vec![newer, other_type]);
+
     assert_eq!(
         s.list_repositories("docker.io").await.unwrap(),
         vec!["library/alpine", "org/app/x"]

@@ -5,7 +5,10 @@
 //! carrying the client's Accept (cheap, and not counted against Docker Hub's
 //! pull limit); the answer's digest is then served from the store when
 //! present. When upstream fails (unreachable, 5xx, 429) the last digest seen
-//! for (repo, tag, Accept) is served with a `Warning: 110` header.
+//! for the tag is served with a `Warning: 110` header: records are kept per
+//! media type upstream answered with, so a tag docker pulled is served stale
+//! to podman or curl too, in the type the client's Accept prefers most among
+//! those recorded.
 
 use std::sync::Arc;
 
@@ -63,16 +66,93 @@ fn accept_of(headers: &HeaderMap) -> String {
     }
 }
 
-/// A stable key for a set of accepted media types, order and spacing ignored.
-pub fn accept_key(accept: &str) -> String {
-    let mut types: Vec<&str> = accept
+/// One media range of an Accept header: lower-cased type and its weight
+/// (`q` times 1000, so 0 means "not acceptable").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptRange {
+    pub media_type: String,
+    pub weight: u16,
+}
+
+/// The media ranges of an Accept value in the client's order. Malformed
+/// parts and weights are skipped or read as 1, never an error: the list
+/// only ranks what regmirror has recorded.
+pub fn parse_accept(accept: &str) -> Vec<AcceptRange> {
+    accept
         .split(',')
-        .map(|t| t.split(';').next().unwrap_or("").trim())
-        .filter(|t| !t.is_empty())
+        .filter_map(|part| {
+            let mut params = part.split(';');
+            let media_type = params.next()?.trim().to_ascii_lowercase();
+            if media_type.is_empty() || !media_type.contains('/') {
+                return None;
+            }
+            let mut weight = 1000;
+            for p in params {
+                if let Some((k, v)) = p.split_once('=') {
+                    if k.trim().eq_ignore_ascii_case("q") {
+                        weight = v
+                            .trim()
+                            .parse::<f32>()
+                            .ok()
+                            .filter(|q| q.is_finite())
+                            .map_or(1000, |q| (q.clamp(0.0, 1.0) * 1000.0).round() as u16);
+                    }
+                }
+            }
+            Some(AcceptRange { media_type, weight })
+        })
+        .collect()
+}
+
+/// How much the client wants `media_type`: (weight, how early it named
+/// it), from the most specific range that matches (RFC 9110, 12.5.1).
+/// `None` when no range admits it or the matching range has q=0.
+fn preference(ranges: &[AcceptRange], media_type: &str) -> Option<(u16, usize)> {
+    let t = media_type.trim().to_ascii_lowercase();
+    let major = t.split('/').next().unwrap_or("");
+    let specificity = |r: &AcceptRange| {
+        if r.media_type == t {
+            Some(2)
+        } else if r.media_type.strip_suffix("/*") == Some(major) {
+            Some(1)
+        } else if r.media_type == "*/*" {
+            Some(0)
+        } else {
+            None
+        }
+    };
+    let (pos, best) = ranges
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| specificity(r).map(|s| (s, i, r)))
+        .max_by_key(|(s, i, _)| (*s, std::cmp::Reverse(*i)))
+        .map(|(_, i, r)| (i, r))?;
+    (best.weight > 0).then_some((best.weight, pos))
+}
+
+/// The records a client with this Accept may be served, most wanted first:
+/// highest q, then the range it named first, then the newest answer.
+pub fn admissible(records: Vec<TagRecord>, accept: &str) -> Vec<TagRecord> {
+    let ranges = parse_accept(accept);
+    let mut ranked: Vec<((u16, usize), TagRecord)> = records
+        .into_iter()
+        .filter_map(|r| preference(&ranges, &r.media_type).map(|p| (p, r)))
         .collect();
-    types.sort_unstable();
-    types.dedup();
-    Digest::of(types.join(",").as_bytes()).hex()[..16].to_string()
+    ranked.sort_by(|((wa, pa), a), ((wb, pb), b)| wb.cmp(wa).then(pa.cmp(pb)).then(b.seen_ms.cmp(&a.seen_ms)));
+    ranked.into_iter().map(|(_, r)| r).collect()
+}
+
+/// A media type as upstream's `Content-Type` names it, without parameters;
+/// `None` when it names none.
+fn media_type_of(content_type: Option<&str>) -> Option<String> {
+    let t = content_type?.split(';').next()?.trim().to_ascii_lowercase();
+    (!t.is_empty() && t != "application/octet-stream").then_some(t)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn manifest_request(
@@ -236,7 +316,6 @@ async fn by_tag(
     access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
     let client = &app.upstream(r).client;
-    let key = accept_key(accept);
 
     let asked = client
         .get_ok(&manifest_request(
@@ -249,28 +328,30 @@ async fn by_tag(
         .await;
     let resp = match asked {
         Ok(resp) => resp,
-        Err(e) => return stale_or(app, r, tag, &key, head, e, access).await,
+        Err(e) => return stale_or(app, r, tag, accept, head, e, access).await,
     };
     access.note_public();
 
     let digest = resp.header("docker-content-digest").and_then(|v| Digest::parse(v).ok());
     let Some(digest) = digest else {
         // Upstream did not say which digest: one GET by tag, stored by the digest of its bytes.
-        return by_tag_without_digest(app, r, tag, accept, &key, head, access).await;
+        return by_tag_without_digest(app, r, tag, accept, head, access).await;
     };
-    let media_type = resp.header(header::CONTENT_TYPE).unwrap_or("").to_string();
     // A HEAD response has no body: read the announced length, not the received one.
     let size = resp
         .header(header::CONTENT_LENGTH)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let record = TagRecord {
-        digest: digest.to_string(),
-        media_type,
-        size,
-        public: access.answers_are_public(),
-    };
-    app.cache.record_tag(app.repo_key(r), tag, &key, &record).await;
+    if let Some(media_type) = media_type_of(resp.header(header::CONTENT_TYPE)) {
+        let record = TagRecord {
+            digest: digest.to_string(),
+            media_type,
+            size,
+            public: access.answers_are_public(),
+            seen_ms: now_ms(),
+        };
+        app.cache.record_tag(app.repo_key(r), tag, &record).await;
+    }
 
     if head && app.cache.stat(&digest).await.ok().flatten().is_none() {
         // Answer a HEAD miss with what upstream said; nothing to fetch yet.
@@ -291,7 +372,6 @@ async fn by_tag_without_digest(
     r: &RepoRequest,
     tag: &Tag,
     accept: &str,
-    key: &str,
     head: bool,
     access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
@@ -307,19 +387,22 @@ async fn by_tag_without_digest(
         .await
     {
         Ok(resp) => resp,
-        Err(e) => return stale_or(app, r, tag, key, head, e, access).await,
+        Err(e) => return stale_or(app, r, tag, accept, head, e, access).await,
     };
     let public = access.answers_are_public();
-    let media_type = resp.header(header::CONTENT_TYPE).map(str::to_string);
+    let media_type = media_type_of(resp.header(header::CONTENT_TYPE));
     let bytes = resp.bytes(MAX_MANIFEST, &format!("manifest {}:{tag}", r.repo)).await?;
     let digest = Digest::of(&bytes);
-    let record = TagRecord {
-        digest: digest.to_string(),
-        media_type: media_type.clone().unwrap_or_default(),
-        size: bytes.len() as u64,
-        public,
-    };
-    app.cache.record_tag(app.repo_key(r), tag, key, &record).await;
+    if let Some(media_type) = &media_type {
+        let record = TagRecord {
+            digest: digest.to_string(),
+            media_type: media_type.clone(),
+            size: bytes.len() as u64,
+            public,
+            seen_ms: now_ms(),
+        };
+        app.cache.record_tag(app.repo_key(r), tag, &record).await;
+    }
     let length = Some(bytes.len() as u64);
     let served = app
         .cache
@@ -343,13 +426,15 @@ async fn by_tag_without_digest(
     Ok(respond(&digest, manifest, head, None))
 }
 
-/// Upstream failed on a tag: serve the last digest seen for it when the
-/// failure is upstream's (down, 5xx, 429); pass other answers (404, 401) on.
+/// Upstream failed on a tag: when the failure is upstream's (down, 5xx,
+/// 429), serve the recorded answer the client's Accept admits, its most
+/// preferred type first, skipping any whose manifest is no longer stored;
+/// pass other answers (404, 401) on.
 async fn stale_or(
     app: &Arc<App>,
     r: &RepoRequest,
     tag: &Tag,
-    key: &str,
+    accept: &str,
     head: bool,
     err: upstream::Error,
     access: &Access<'_>,
@@ -363,23 +448,22 @@ async fn stale_or(
     if !err.is_transient() {
         return Err(refuse(err));
     }
-    let Some(record) = app.cache.last_tag(app.repo_key(r), tag, key).await else {
-        return Err(refuse(err));
-    };
-    if !access.may_read_recorded(record.public) {
-        return Err(refuse(err));
+    let records = admissible(app.cache.last_tags(app.repo_key(r), tag).await, accept);
+    let mut found = None;
+    for record in records {
+        if !access.may_read_recorded(record.public) {
+            continue;
+        }
+        let Ok(digest) = Digest::parse(&record.digest) else {
+            continue;
+        };
+        let stored = app.cache.open_stored(&digest).await.ok().flatten();
+        if let Some(m) = stored.and_then(Manifest::from_served) {
+            found = Some((digest, m));
+            break;
+        }
     }
-    let Ok(digest) = Digest::parse(&record.digest) else {
-        return Err(refuse(err));
-    };
-    let Some(manifest) = app
-        .cache
-        .open_stored(&digest)
-        .await
-        .ok()
-        .flatten()
-        .and_then(Manifest::from_served)
-    else {
+    let Some((digest, manifest)) = found else {
         return Err(refuse(err));
     };
     METRICS.stale_served.inc();
@@ -433,10 +517,63 @@ mod tests {
         );
     }
 
+    fn rec(t: &str, seen_ms: u64) -> TagRecord {
+        TagRecord {
+            digest: Digest::of(t.as_bytes()).to_string(),
+            media_type: t.into(),
+            size: 1,
+            public: true,
+            seen_ms,
+        }
+    }
+
+    fn picked(records: &[TagRecord], accept: &str) -> Vec<String> {
+        admissible(records.to_vec(), accept)
+            .into_iter()
+            .map(|r| r.media_type)
+            .collect()
+    }
+
+    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+    const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    const DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
     #[test]
-    fn accept_key_ignores_order_spacing_and_params() {
-        let a = accept_key("application/a, application/b;q=0.9");
-        assert_eq!(a, accept_key("application/b,application/a"));
-        assert_ne!(a, accept_key("application/a"));
+    fn stale_records_follow_the_clients_preference() {
+        let records = [rec(DOCKER_LIST, 1), rec(OCI_INDEX, 2), rec(DOCKER, 3)];
+        assert_eq!(picked(&records, OCI), Vec::<String>::new(), "nothing admissible");
+        assert_eq!(picked(&records, DOCKER), vec![DOCKER]);
+        assert_eq!(
+            picked(&records, &format!("{DOCKER_LIST}, {OCI_INDEX}")),
+            vec![DOCKER_LIST, OCI_INDEX],
+            "equal q: the client's order"
+        );
+        assert_eq!(
+            picked(&records, &format!("{DOCKER_LIST};q=0.5, {OCI_INDEX}")),
+            vec![OCI_INDEX, DOCKER_LIST],
+            "q before order"
+        );
+        assert_eq!(
+            picked(&records, &format!("{OCI_INDEX};q=0, application/*")),
+            vec![DOCKER, DOCKER_LIST],
+            "q=0 refuses a type a wildcard would admit; ties go to the newest"
+        );
+        assert_eq!(picked(&records, DEFAULT_ACCEPT), vec![OCI_INDEX, DOCKER_LIST, DOCKER]);
+        assert_eq!(
+            picked(&records, "APPLICATION/VND.DOCKER.DISTRIBUTION.MANIFEST.V2+JSON ; Q=0.9"),
+            vec![DOCKER],
+            "case and spacing do not matter"
+        );
+    }
+
+    #[test]
+    fn malformed_accept_values_rank_nothing_and_never_panic() {
+        for junk in ["", ",,;", ";q=", "a/b;q=nan", "x;q=2", "*/*;q=-1", "\u{0}/\u{0}"] {
+            let _ = parse_accept(junk);
+            let _ = admissible(vec![rec(OCI, 1)], junk);
+        }
+        assert_eq!(parse_accept("a/b;q=7")[0].weight, 1000, "q is capped at 1");
+        assert_eq!(parse_accept("a/b;q=zz")[0].weight, 1000);
     }
 }

@@ -1,0 +1,314 @@
+//! The cache over time: stale tags served to every client while upstream
+//! fails, the size bound with LRU eviction, disk-full pulls, the operator's
+//! `regmirror cache` commands and restarts after a crash.
+//!
+//! regmirror runs in-process (or as the binary, where a test needs a mount
+//! namespace or a kill -9) on `127.0.6.<n>:5000` with its own cache
+//! directory; fakes on `127.0.6.<100+n>:0`.
+
+#[path = "fake_upstream/mod.rs"]
+mod fake_upstream;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fake_upstream::{digest_of, FakeUpstream, Fault};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// What docker 20.10 sends for a tag.
+const DOCKER_CLIENT_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v1+prettyjws, application/json";
+
+// ---------------------------------------------------------------- harness
+
+#[allow(dead_code)] // used by the eviction tests that follow
+struct Mirror {
+    base: String,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), regmirror::StartError>>,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.abort();
+    }
+}
+
+fn config_toml(ip: &str, root: &Path, upstream_url: &str, cache_extra: &str) -> String {
+    let root = root.display();
+    format!(
+        r#"
+[server]
+http = "{ip}:5000"
+name = "regmirror.test"
+[ca]
+dir = '{root}/certs'
+[cache]
+dir = '{root}/data'
+max_size = "1GiB"
+{cache_extra}
+[[upstream]]
+name = "docker.io"
+hosts = ["registry-1.docker.io", "docker.io"]
+url = "{upstream_url}"
+namespace = "dockerhub"
+"#
+    )
+}
+
+#[allow(dead_code)]
+impl Mirror {
+    /// regmirror on `127.0.6.<n>:5000` in front of `upstream_url`; `cache`
+    /// replaces the `max_size` line of `[cache]`.
+    async fn start(n: u8, upstream_url: &str, cache: Option<&str>) -> Mirror {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = temp.path().to_path_buf();
+        Self::start_in(n, upstream_url, cache, dir, Some(temp)).await
+    }
+
+    async fn start_in(
+        n: u8,
+        upstream_url: &str,
+        cache: Option<&str>,
+        dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+    ) -> Mirror {
+        let ip = format!("127.0.6.{n}");
+        let mut toml = config_toml(&ip, &dir, upstream_url, "");
+        if let Some(c) = cache {
+            toml = toml.replace("max_size = \"1GiB\"\n", &format!("{c}\n"));
+        }
+        let settings = regmirror::config::Settings::from_toml(&toml, "lifecycle test").expect("test config is valid");
+        let (tx, rx) = oneshot::channel();
+        let mut task = tokio::spawn(regmirror::serve(settings, async move {
+            let _ = rx.await;
+        }));
+        let base = format!("http://{ip}:5000");
+        let c = client();
+        for _ in 0..500 {
+            if task.is_finished() {
+                let r = (&mut task).await;
+                panic!("regmirror on {ip} stopped during start-up: {r:?}");
+            }
+            if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
+                if r.status() == 200 {
+                    return Mirror {
+                        base,
+                        dir,
+                        _temp: temp,
+                        stop: Some(tx),
+                        task,
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("regmirror on {ip} did not answer GET /healthz with 200 within 10 s");
+    }
+
+    /// Stops serving and waits until the listener is closed.
+    async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+
+    /// `/v2/dockerhub/library/<repo>/<rest>` (explicit prefix mode).
+    fn url(&self, repo: &str, rest: &str) -> String {
+        format!("{}/v2/dockerhub/library/{repo}/{rest}", self.base)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        // A safety net so a hang fails the test instead of stalling it.
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("reqwest client")
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A manifest body of `media_type` that names `seed` (distinct seeds,
+/// distinct digests).
+fn manifest_of(media_type: &str, seed: &str) -> Vec<u8> {
+    let config = digest_of(seed.as_bytes());
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{media_type}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{}}},"layers":[]}}"#,
+        seed.len()
+    )
+    .into_bytes()
+}
+
+/// GET with one Accept value (or none): (status, Warning, digest, content type, body).
+async fn get_tag(
+    c: &reqwest::Client,
+    url: &str,
+    accept: Option<&str>,
+) -> (u16, Option<String>, Option<String>, Option<String>, Vec<u8>) {
+    let mut rb = c.get(url);
+    if let Some(a) = accept {
+        rb = rb.header("accept", a);
+    }
+    let r = rb.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let own = |n: &str| header(&r, n).map(str::to_string);
+    let (status, warning, digest, ctype) = (
+        r.status().as_u16(),
+        own("warning"),
+        own("docker-content-digest"),
+        own("content-type"),
+    );
+    let body = r.bytes().await.expect("body").to_vec();
+    (status, warning, digest, ctype, body)
+}
+
+fn oci_error_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not OCI error JSON ({e}): {}", String::from_utf8_lossy(body)));
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no errors[0].code in {v}"))
+        .to_string()
+}
+
+// ---------------------------------------------------------------- stale tags
+
+/// Rule 2 for every client: a tag pulled by docker (and once by an OCI
+/// client) is served while upstream answers 429, then 500, then is gone, to
+/// any client whose Accept admits a recorded type — the type it prefers —
+/// with `Warning: 110`; a client admitting none gets an OCI error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_tags_are_served_to_every_client_whose_accept_admits_a_recorded_type() {
+    let up = FakeUpstream::start("127.0.6.101:0").await;
+    let m = Mirror::start(1, &up.url(), None).await;
+    let c = client();
+    let tag_path = "/v2/library/app/manifests/v1";
+    let url = m.url("app", "manifests/v1");
+
+    // docker pulls first: upstream answers with a Docker manifest.
+    let docker = manifest_of(DOCKER_MANIFEST, "docker");
+    let docker_d = up.add_manifest("library/app", Some("v1"), DOCKER_MANIFEST, &docker);
+    let (status, warning, ..) = get_tag(&c, &url, Some(DOCKER_CLIENT_ACCEPT)).await;
+    assert_eq!((status, warning), (200, None));
+    // Later an OCI-only client: upstream answers with an OCI index.
+    let index = manifest_of(OCI_INDEX, "index");
+    let index_d = up.add_manifest("library/app", Some("v1"), OCI_INDEX, &index);
+    let (status, _, digest, ..) = get_tag(&c, &url, Some(OCI_INDEX)).await;
+    assert_eq!((status, digest.as_deref()), (200, Some(index_d.as_str())));
+
+    let expect_stale = |why: String, accept: Option<&'static str>, want: (&'static str, String, Vec<u8>)| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let (status, warning, digest, ctype, body) = get_tag(&c, &url, accept).await;
+            assert_eq!(
+                status,
+                200,
+                "{why}, Accept {accept:?}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            let w = warning.unwrap_or_else(|| panic!("{why}, Accept {accept:?}: no Warning"));
+            assert!(w.starts_with("110 "), "{why}: Warning {w:?}");
+            assert_eq!(ctype.as_deref(), Some(want.0), "{why}, Accept {accept:?}");
+            assert_eq!(digest, Some(want.1), "{why}, Accept {accept:?}");
+            assert_eq!(body, want.2, "{why}, Accept {accept:?}");
+        }
+    };
+    let as_docker = || (DOCKER_MANIFEST, docker_d.clone(), docker.clone());
+    let as_index = || (OCI_INDEX, index_d.clone(), index.clone());
+
+    for (why, fault) in [("429", Fault::TooMany { retry_after: 3 }), ("500", Fault::Status(500))] {
+        up.set_fault(tag_path, fault);
+        // podman / containerd / curl asking for one type each.
+        expect_stale(why.to_string(), Some(DOCKER_MANIFEST), as_docker()).await;
+        expect_stale(why.to_string(), Some(OCI_INDEX), as_index()).await;
+        // Several admissible: the client's own preference decides.
+        let prefers_docker: &'static str =
+            "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json;q=0.9";
+        expect_stale(why.to_string(), Some(prefers_docker), as_docker()).await;
+        expect_stale(why.to_string(), Some(DOCKER_CLIENT_ACCEPT), as_docker()).await;
+        // curl's `*/*`: regmirror asks for every manifest type, index first.
+        expect_stale(why.to_string(), None, as_index()).await;
+        // Nothing recorded in a type this client takes.
+        for accept in [OCI_MANIFEST, DOCKER_LIST] {
+            let (status, warning, _, _, body) = get_tag(&c, &url, Some(accept)).await;
+            assert!(
+                status == 429 || (500..600).contains(&status),
+                "{why}, Accept {accept}: {status}"
+            );
+            assert_eq!(warning, None, "{why}, Accept {accept}: served a type it does not take");
+            let code = oci_error_code(&body);
+            assert!(["TOOMANYREQUESTS", "UNAVAILABLE"].contains(&code.as_str()), "{code}");
+        }
+    }
+
+    up.clear_fault(tag_path);
+    up.stop().await;
+    expect_stale("unreachable".into(), Some(DOCKER_MANIFEST), as_docker()).await;
+    expect_stale("unreachable".into(), Some(OCI_INDEX), as_index()).await;
+    expect_stale("unreachable".into(), None, as_index()).await;
+    let (status, _, _, _, body) = get_tag(&c, &url, Some(OCI_MANIFEST)).await;
+    assert!(
+        (500..600).contains(&status),
+        "unreachable, nothing admissible: {status}"
+    );
+    assert_eq!(oci_error_code(&body), "UNAVAILABLE");
+}
+
+/// A store written before records were kept per media type (one record per
+/// Accept list) keeps serving its tags stale to any admitting client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_records_of_older_stores_are_served_stale() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data = temp.path().join("data");
+    let manifest = manifest_of(DOCKER_MANIFEST, "old store");
+    let d = digest_of(&manifest);
+    let hex = d.strip_prefix("sha256:").expect("sha256");
+    let blob_dir = data.join("blobs/sha256").join(&hex[..2]);
+    std::fs::create_dir_all(&blob_dir).expect("blob dir");
+    std::fs::write(blob_dir.join(hex), &manifest).expect("manifest");
+    std::fs::write(blob_dir.join(format!("{hex}.type")), DOCKER_MANIFEST).expect("type");
+    let tag_dir = data.join("meta/docker.io/library/old/_tags/1");
+    std::fs::create_dir_all(&tag_dir).expect("tag dir");
+    // What the previous version wrote: keyed by a hash of the Accept list.
+    std::fs::write(
+        tag_dir.join("9f86d081884c7d65.json"),
+        format!(
+            r#"{{"digest":"{d}","media_type":"{DOCKER_MANIFEST}","size":{}}}"#,
+            manifest.len()
+        ),
+    )
+    .expect("record");
+    std::fs::write(data.join(".regmirror-store"), "regmirror content store\n").expect("marker");
+
+    let up = FakeUpstream::start("127.0.6.102:0").await;
+    let url = up.url();
+    up.stop().await;
+    let m = Mirror::start_in(2, &url, None, temp.path().to_path_buf(), Some(temp)).await;
+    let (status, warning, digest, _, body) =
+        get_tag(&client(), &m.url("old", "manifests/1"), Some(DOCKER_MANIFEST)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(warning.is_some_and(|w| w.starts_with("110 ")));
+    assert_eq!(digest.as_deref(), Some(d.as_str()));
+    assert_eq!(body, manifest);
+}
