@@ -74,6 +74,9 @@ pub struct CaConfig {
 pub struct CacheConfig {
     pub dir: PathBuf,
     pub max_size: String,
+    /// Where eviction stops once the store passed `max_size`: a share of
+    /// it (`"90%"`, the default) or a size (`"45GiB"`).
+    pub low_water: Option<String>,
 }
 
 /// How upstream hostnames are resolved. regmirror never reads /etc/hosts for
@@ -117,6 +120,8 @@ pub struct Settings {
     pub ca_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub max_size: u64,
+    /// Bytes eviction brings the store down to (below `max_size`).
+    pub low_water: u64,
     pub resolver_overrides: BTreeMap<String, IpAddr>,
     /// Client networks allowed to connect; empty: everyone.
     pub access_allow: Vec<ipnet::IpNet>,
@@ -221,6 +226,35 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         return Err(invalid("cache.dir", "must not be empty"));
     }
     let max_size = parse_size(&raw.cache.max_size).map_err(|m| invalid("cache.max_size", m))?;
+    let low_water = match raw.cache.low_water.as_deref().map(str::trim) {
+        None => max_size / 10 * 9,
+        Some(v) => match v.strip_suffix('%') {
+            Some(pct) => {
+                let pct: f64 = pct
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|p: &f64| *p > 0.0 && *p < 100.0)
+                    .ok_or_else(|| {
+                        invalid(
+                            "cache.low_water",
+                            format!("{v:?} must be a percentage between 0% and 100%, like \"90%\""),
+                        )
+                    })?;
+                (max_size as f64 * pct / 100.0) as u64
+            }
+            None => {
+                let bytes = parse_size(v).map_err(|m| invalid("cache.low_water", m))?;
+                if bytes >= max_size {
+                    return Err(invalid(
+                        "cache.low_water",
+                        format!("{v:?} must be below cache.max_size ({})", raw.cache.max_size),
+                    ));
+                }
+                bytes
+            }
+        },
+    };
 
     let mut resolver_overrides = BTreeMap::new();
     for (name, addr) in raw.resolver.overrides {
@@ -377,6 +411,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         ca_dir: raw.ca.dir,
         cache_dir: raw.cache.dir,
         max_size,
+        low_water,
         resolver_overrides,
         access_allow,
         upstreams,
@@ -502,6 +537,27 @@ mod tests {
         assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
         assert!(parse_size("0").is_err());
         assert!(parse_size("ten").is_err());
+    }
+
+    #[test]
+    fn low_water_is_a_share_or_a_size_below_max_size() {
+        let with = |v: &str| {
+            DEFAULT_CONFIG.replace(
+                "max_size = \"50GiB\"",
+                &format!("max_size = \"1000B\"\nlow_water = {v}"),
+            )
+        };
+        assert_eq!(
+            Settings::load(None).unwrap().low_water,
+            (50u64 << 30) / 10 * 9,
+            "default 90%"
+        );
+        assert_eq!(Settings::from_toml(&with("\"75%\""), "t").unwrap().low_water, 750);
+        assert_eq!(Settings::from_toml(&with("\"600B\""), "t").unwrap().low_water, 600);
+        for bad in ["\"100%\"", "\"0%\"", "\"x%\"", "\"2000B\"", "\"lots\""] {
+            let e = err(&with(bad));
+            assert!(e.contains("cache.low_water"), "{bad}: {e}");
+        }
     }
 
     #[test]

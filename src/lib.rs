@@ -59,6 +59,10 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         &settings.cache_dir,
         namespace_moves,
         cache::DEFAULT_DOWNLOAD_CONCURRENCY,
+        cache::Limits {
+            max_size: settings.max_size,
+            low_water: settings.low_water,
+        },
     )
     .await
     .map_err(|source| StartError::Store {
@@ -73,18 +77,19 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
     let listeners = server::Listeners::bind(settings.https, settings.http)
         .await
         .map_err(StartError::Listen)?;
+    let cache = Arc::new(cache);
     let app = Arc::new(registry::App {
         routes: route::RouteTable::from_settings(&settings),
         upstreams,
-        cache: Arc::new(cache),
+        cache: cache.clone(),
         auth: auth::Auth::new(auth::access::ClientFilter::new(settings.access_allow.clone())),
         ca_pem,
         via,
         settings,
     });
-    server::run(app, issuer, listeners, shutdown)
-        .await
-        .map_err(StartError::Listen)
+    let served = server::run(app, issuer, listeners, shutdown).await;
+    cache.flush().await;
+    served.map_err(StartError::Listen)
 }
 
 /// A value unique to this process, for loop detection.

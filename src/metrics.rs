@@ -19,6 +19,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// For gauges: the value now, not a sum.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 pub struct Metrics {
@@ -34,6 +38,13 @@ pub struct Metrics {
     pub stale_served: Counter,
     pub bytes_fetched: Counter,
     pub bytes_served: Counter,
+    /// Content deleted to keep the store under `cache.max_size` (or a full disk).
+    pub evicted_blobs: Counter,
+    pub evicted_bytes: Counter,
+    /// Downloads served from upstream without being stored, for lack of disk space.
+    pub disk_full: Counter,
+    /// Gauge: bytes of content in the store, as the recency index counts them.
+    pub cache_bytes: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -47,11 +58,15 @@ pub static METRICS: Metrics = Metrics {
     stale_served: Counter::new(),
     bytes_fetched: Counter::new(),
     bytes_served: Counter::new(),
+    evicted_blobs: Counter::new(),
+    evicted_bytes: Counter::new(),
+    disk_full: Counter::new(),
+    cache_bytes: Counter::new(),
 };
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &Counter); 10] = [
+        let rows: [(&str, &str, &Counter); 13] = [
             ("regmirror_requests_total", "HTTP requests received", &self.requests),
             (
                 "regmirror_cache_hits_total",
@@ -98,6 +113,21 @@ impl Metrics {
                 "bytes sent to clients",
                 &self.bytes_served,
             ),
+            (
+                "regmirror_evicted_blobs_total",
+                "blobs deleted to stay under cache.max_size or free a full disk",
+                &self.evicted_blobs,
+            ),
+            (
+                "regmirror_evicted_bytes_total",
+                "bytes deleted to stay under cache.max_size or free a full disk",
+                &self.evicted_bytes,
+            ),
+            (
+                "regmirror_disk_full_total",
+                "downloads served without caching because the disk was full",
+                &self.disk_full,
+            ),
         ];
         let mut out = String::new();
         for (name, help, c) in rows {
@@ -106,6 +136,10 @@ impl Metrics {
                 c.get()
             ));
         }
+        out.push_str(&format!(
+            "# HELP regmirror_cache_bytes bytes of content in the store\n# TYPE regmirror_cache_bytes gauge\nregmirror_cache_bytes {}\n",
+            self.cache_bytes.get()
+        ));
         out
     }
 }

@@ -12,7 +12,7 @@ mod fake_upstream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fake_upstream::{digest_of, FakeUpstream, Fault};
+use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -28,7 +28,6 @@ application/vnd.docker.distribution.manifest.v1+prettyjws, application/json";
 
 // ---------------------------------------------------------------- harness
 
-#[allow(dead_code)] // used by the eviction tests that follow
 struct Mirror {
     base: String,
     dir: PathBuf,
@@ -68,7 +67,6 @@ namespace = "dockerhub"
     )
 }
 
-#[allow(dead_code)]
 impl Mirror {
     /// regmirror on `127.0.6.<n>:5000` in front of `upstream_url`; `cache`
     /// replaces the `max_size` line of `[cache]`.
@@ -311,4 +309,153 @@ async fn tag_records_of_older_stores_are_served_stale() {
     assert!(warning.is_some_and(|w| w.starts_with("110 ")));
     assert_eq!(digest.as_deref(), Some(d.as_str()));
     assert_eq!(body, manifest);
+}
+
+// ---------------------------------------------------------------- size bound
+
+/// An image of the fake upstream: one layer of `size` bytes and an OCI
+/// manifest naming it, tagged `1` in `library/<name>`.
+struct TestImage {
+    name: String,
+    layer: Vec<u8>,
+    layer_digest: String,
+    manifest: Vec<u8>,
+}
+
+fn push_image(up: &FakeUpstream, name: &str, size: usize) -> TestImage {
+    let layer = bytes_for(name, size);
+    let (layer_digest, _) = up.add_blob(&format!("library/{name}"), &layer);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{layer_digest}","size":{size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer_digest}","size":{size}}}]}}"#
+    )
+    .into_bytes();
+    up.add_manifest(&format!("library/{name}"), Some("1"), OCI_MANIFEST, &manifest);
+    TestImage {
+        name: name.into(),
+        layer,
+        layer_digest,
+        manifest,
+    }
+}
+
+/// What a client's pull of `img` does over HTTP: the tag, then the layer;
+/// both must arrive whole and byte-identical to upstream's.
+async fn pull(c: &reqwest::Client, m: &Mirror, img: &TestImage) {
+    let (status, _, _, _, body) = get_tag(c, &m.url(&img.name, "manifests/1"), Some(OCI_MANIFEST)).await;
+    assert_eq!(status, 200, "manifest of {}", img.name);
+    assert_eq!(body, img.manifest, "manifest of {}", img.name);
+    let url = m.url(&img.name, &format!("blobs/{}", img.layer_digest));
+    let r = c.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(r.status(), 200, "layer of {}", img.name);
+    let got = r.bytes().await.unwrap_or_else(|e| panic!("layer of {}: {e}", img.name));
+    assert!(got == img.layer, "layer of {} is not upstream's bytes", img.name);
+}
+
+fn blob_path(data: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    data.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// Bytes of content in the store, as `du` of the content files would say.
+fn stored_bytes(data: &Path) -> u64 {
+    let mut total = 0;
+    for prefix in std::fs::read_dir(data.join("blobs/sha256")).expect("blobs dir") {
+        for f in std::fs::read_dir(prefix.expect("entry").path()).expect("prefix dir") {
+            let f = f.expect("entry");
+            if !f.file_name().to_string_lossy().ends_with(".type") {
+                total += f.metadata().map_or(0, |m| m.len());
+            }
+        }
+    }
+    total
+}
+
+async fn settles_under(data: &Path, bound: u64) -> u64 {
+    let mut size = stored_bytes(data);
+    for _ in 0..300 {
+        if size <= bound {
+            return size;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        size = stored_bytes(data);
+    }
+    panic!("the store stayed at {size} bytes, over its bound of {bound}");
+}
+
+/// `cache.max_size` holds: filled past it, the store settles under the
+/// bound; recently used layers survive, the least recently used go first
+/// (manifests after every layer); an evicted image pulls again
+/// byte-identical; and after a restart the bound still holds with what was
+/// stored before it counted (the index survived; nothing was walked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_settles_under_max_size_keeping_what_was_used_last() {
+    const LAYER: usize = 200_000;
+    const MAX: u64 = 1 << 20;
+    let up = FakeUpstream::start("127.0.6.103:0").await;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = temp.path().to_path_buf();
+    let cache = r#"max_size = "1MiB""#;
+    let m = Mirror::start_in(3, &up.url(), Some(cache), dir.clone(), None).await;
+    let c = client();
+    let imgs: Vec<TestImage> = (0..9).map(|i| push_image(&up, &format!("evict{i}"), LAYER)).collect();
+
+    for img in &imgs[..5] {
+        pull(&c, &m, img).await;
+    }
+    // Images 0 and 1 are used again: they are now the most recent.
+    for img in &imgs[..2] {
+        pull(&c, &m, img).await;
+    }
+    for img in &imgs[5..7] {
+        pull(&c, &m, img).await;
+    }
+    let data = m.data();
+    let size = settles_under(&data, MAX).await;
+    let present = |img: &TestImage| blob_path(&data, &img.layer_digest).exists();
+    for img in [&imgs[0], &imgs[1], &imgs[6]] {
+        assert!(
+            present(img),
+            "{} was used recently but evicted (store {size} bytes)",
+            img.name
+        );
+    }
+    for img in [&imgs[2], &imgs[3]] {
+        assert!(!present(img), "{} was least recently used but kept", img.name);
+    }
+    for img in &imgs[..7] {
+        let d = digest_of(&img.manifest);
+        assert!(
+            blob_path(&data, &d).exists(),
+            "manifest of {} evicted before layers",
+            img.name
+        );
+    }
+    let no_tmp = std::fs::read_dir(data.join("tmp")).expect("tmp").count();
+    assert_eq!(no_tmp, 0, "eviction left temp files");
+
+    // The manifest is cached, its layer is not: the pull fetches the layer again.
+    let gets = |img: &TestImage| up.count("GET", &format!("/v2/library/{}/blobs/{}", img.name, img.layer_digest));
+    assert_eq!(gets(&imgs[2]), 1);
+    pull(&c, &m, &imgs[2]).await;
+    assert_eq!(gets(&imgs[2]), 2, "an evicted layer is fetched again");
+    settles_under(&data, MAX).await;
+
+    // Restart on the same store: the index knows what is there.
+    m.shutdown().await;
+    let m = Mirror::start_in(3, &up.url(), Some(cache), dir.clone(), Some(temp)).await;
+    for img in &imgs[7..9] {
+        pull(&c, &m, img).await;
+    }
+    let size = settles_under(&data, MAX).await;
+    for img in &imgs[7..9] {
+        assert!(
+            present(img),
+            "{} was just pulled but is gone (store {size} bytes)",
+            img.name
+        );
+    }
+    assert!(
+        blob_path(&data, &imgs[2].layer_digest).exists(),
+        "the image pulled again last before the restart survives"
+    );
 }

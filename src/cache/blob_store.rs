@@ -45,6 +45,21 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()>;
     /// Records that the content is public (see [`BlobInfo::public`]).
     async fn mark_public(&self, d: &Digest) -> io::Result<()>;
+    /// Everything stored, for the operator's commands and for indexing a
+    /// store that predates the recency index. Walks the store: never on a
+    /// request's path.
+    async fn list(&self) -> io::Result<Vec<ListedBlob>>;
+}
+
+/// One stored digest as [`BlobStore::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// Stored with a media type (a manifest).
+    pub manifest: bool,
+    /// Last modification, ms since the Unix epoch.
+    pub modified_ms: u64,
 }
 
 /// Stored content, opened.

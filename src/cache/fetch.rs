@@ -238,6 +238,7 @@ impl Cache {
         if public {
             self.mark_public(digest).await;
         }
+        self.added(digest, written, media_type.is_some());
         METRICS.bytes_fetched.add(written);
         Ok(written)
     }

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use tokio::fs;
 use tokio::io::AsyncWriteExt;
 
-use super::blob_store::{BlobInfo, BlobStore, ByteStream, GrowingBlob, PendingBlob, StoredBlob};
+use super::blob_store::{BlobInfo, BlobStore, ByteStream, GrowingBlob, ListedBlob, PendingBlob, StoredBlob};
 use super::meta_store::{MetaStore, RepoKey, TagRecord};
 use crate::reference::{Digest, RepoName, Tag};
 
@@ -65,6 +65,30 @@ impl LocalStore {
             root: root.to_path_buf(),
             counter: AtomicU64::new(0),
         })
+    }
+
+    /// Opens a store another process may be serving from, for the
+    /// operator's commands: nothing is created or cleared (its `tmp/` holds
+    /// that process's downloads), and a directory that is not a marked
+    /// store is refused.
+    pub fn attach(root: &Path) -> io::Result<Self> {
+        if !root.join(MARKER).is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} is not a regmirror store (no {MARKER}); is cache.dir right?",
+                    root.display()
+                ),
+            ));
+        }
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Moves metadata kept under a client-facing namespace (`tags/dockerhub`)
@@ -367,6 +391,51 @@ impl BlobStore for LocalStore {
     async fn mark_public(&self, d: &Digest) -> io::Result<()> {
         self.write_atomically(&self.public_path(d), b"").await
     }
+    async fn list(&self) -> io::Result<Vec<ListedBlob>> {
+        let root = self.root.join("blobs");
+        tokio::task::spawn_blocking(move || list_blobs(&root))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+/// Walks `blobs/<algorithm>/<aa>/<hex>`; names that are not digests (type
+/// files, strays) are skipped.
+fn list_blobs(root: &Path) -> io::Result<Vec<ListedBlob>> {
+    let mut out = Vec::new();
+    let Some(algos) = not_found_is_none(std::fs::read_dir(root))? else {
+        return Ok(out);
+    };
+    for algo in algos {
+        let algo = algo?;
+        let algo_name = algo.file_name().to_string_lossy().into_owned();
+        for prefix in std::fs::read_dir(algo.path())? {
+            let prefix = prefix?;
+            if !prefix.file_type()?.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(prefix.path())? {
+                let f = f?;
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Ok(digest) = Digest::parse(&format!("{algo_name}:{name}")) else {
+                    continue;
+                };
+                let Some(meta) = not_found_is_none(f.metadata())? else {
+                    continue;
+                };
+                if !meta.is_file() {
+                    continue;
+                }
+                out.push(ListedBlob {
+                    manifest: prefix.path().join(format!("{name}.type")).exists(),
+                    size: meta.len(),
+                    modified_ms: epoch_ms(meta.modified()),
+                    digest,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 struct LocalBlob {

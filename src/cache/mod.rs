@@ -1,7 +1,9 @@
 //! The content cache: verified, content-addressed bytes (`blob_store`),
 //! what upstream last said of tags (`meta_store`), their local-directory
 //! backend (`local`), the single-flight fetch that fills the cache
-//! (`fetch`) and the streams that serve from it (`served`).
+//! (`fetch`), the streams that serve from it (`served`), and the size bound:
+//! a recency index (`index`) and the evictor that keeps the store under
+//! `cache.max_size` (`evict`).
 //!
 //! The cache never sees a URL: callers hand it a digest and a function that
 //! opens a byte stream, and it calls that function at most once per cold
@@ -10,7 +12,9 @@
 
 pub mod blob_store;
 pub mod error;
+pub mod evict;
 pub mod fetch;
+pub mod index;
 pub mod local;
 pub mod meta_store;
 pub mod served;
@@ -26,12 +30,16 @@ use tokio::sync::Semaphore;
 
 pub use blob_store::{BlobInfo, BlobStore, ByteStream};
 pub use error::FetchError;
+pub use evict::{Lifecycle, Limits};
 pub use fetch::{OpenFuture, Source};
 pub use local::LocalStore;
 pub use meta_store::{MetaStore, RepoKey, TagRecord};
 pub use served::{Served, ServedInfo};
 
 use crate::reference::{Digest, Tag};
+
+/// The recency index's file under `cache.dir`.
+pub const INDEX_FILE: &str = "index.redb";
 
 /// How many upstream downloads run at once unless configured otherwise.
 pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 64;
@@ -47,6 +55,9 @@ pub struct Cache {
     /// Repositories with tag records, per upstream: walked from the store
     /// once, on first use, then kept up to date as tags are recorded.
     repositories: Mutex<HashMap<String, RepoIndex>>,
+    /// Recency notes and the evictor; `None` for a cache without a bound
+    /// (unit tests of the fetch path).
+    life: Option<Arc<Lifecycle>>,
 }
 
 #[derive(Default)]
@@ -63,17 +74,21 @@ impl Cache {
             inflight: Mutex::new(HashMap::new()),
             downloads: Arc::new(Semaphore::new(download_concurrency.max(1))),
             repositories: Mutex::new(HashMap::new()),
+            life: None,
         }
     }
 
     /// The cache on a local directory (the only backend so far), with
-    /// metadata kept under an old namespace name moved to its upstream's.
-    /// The directory work runs on a blocking thread.
+    /// metadata kept under an old namespace name moved to its upstream's,
+    /// kept under `limits` by an evictor started here. The directory work
+    /// runs on a blocking thread; the index opens in the background.
     pub async fn open_local(
         dir: &Path,
         namespace_moves: Vec<(String, String)>,
         download_concurrency: usize,
+        limits: Limits,
     ) -> io::Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
         let dir = dir.to_path_buf();
         let store = tokio::task::spawn_blocking(move || {
             let store = LocalStore::open_dir(&dir)?;
@@ -83,17 +98,66 @@ impl Cache {
         .await
         .map_err(io::Error::other)??;
         let store = Arc::new(store);
-        Ok(Cache::new(store.clone(), store, download_concurrency))
+        let mut cache = Cache::new(store.clone(), store, download_concurrency);
+        let life = Lifecycle::new(limits);
+        life.spawn(cache.blobs.clone(), index_path);
+        cache.life = Some(life);
+        Ok(cache)
+    }
+
+    /// Writes pending recency notes to the index (at shutdown).
+    pub async fn flush(&self) {
+        if let Some(life) = &self.life {
+            if let Err(e) = life.flush().await {
+                tracing::warn!(error = %e, "could not write the cache index at shutdown");
+            }
+        }
+    }
+
+    fn touch(&self, d: &Digest) {
+        if let Some(life) = &self.life {
+            life.touch(d);
+        }
+    }
+
+    /// Content was committed: counted towards the bound from now on.
+    pub(crate) fn added(&self, d: &Digest, size: u64, manifest: bool) {
+        if let Some(life) = &self.life {
+            let class = if manifest {
+                index::Class::Manifest
+            } else {
+                index::Class::Layer
+            };
+            life.added(d, size, class);
+        }
+    }
+
+    /// A write found the disk full: the evictor frees room.
+    #[allow(dead_code)] // the disk-full path of the fetch uses it next
+    pub(crate) fn disk_full(&self, needed: u64) {
+        if let Some(life) = &self.life {
+            life.disk_full(needed);
+        }
     }
 
     /// What is stored under `d`, without opening it.
+    /// A hit counts as a use for eviction.
     pub async fn stat(&self, d: &Digest) -> Result<Option<BlobInfo>, FetchError> {
-        self.blobs.stat(d).await.map_err(|e| FetchError::store(d, "stat", e))
+        let info = self.blobs.stat(d).await.map_err(|e| FetchError::store(d, "stat", e))?;
+        if info.is_some() {
+            self.touch(d);
+        }
+        Ok(info)
     }
 
-    /// Stored content, opened for serving; `None` when not stored.
+    /// Stored content, opened for serving; `None` when not stored. A hit
+    /// counts as a use for eviction; what is opened stays readable to the
+    /// end even if it is evicted meanwhile.
     pub async fn open_stored(&self, d: &Digest) -> Result<Option<Served>, FetchError> {
         let blob = self.blobs.open(d).await.map_err(|e| FetchError::store(d, "open", e))?;
+        if blob.is_some() {
+            self.touch(d);
+        }
         Ok(blob.map(|b| Served::stored(b, true)))
     }
 

@@ -78,6 +78,16 @@ pub async fn blob_store(s: &dyn BlobStore) {
         Some("application/vnd.oci.image.index.v1+json"),
         "a type learnt later is kept"
     );
+
+    // Listing: what is stored, each once, manifests marked.
+    let layer = Digest::of(b"layer");
+    let mut p = s.begin(&layer).await.unwrap();
+    p.write(b"layer").await.unwrap();
+    p.commit(None).await.unwrap();
+    let mut listed = s.list().await.unwrap();
+    listed.sort_by_key(|b| b.manifest);
+    let summary: Vec<(Digest, u64, bool)> = listed.into_iter().map(|b| (b.digest, b.size, b.manifest)).collect();
+    assert_eq!(summary, vec![(layer, 5, false), (other, 5, true)]);
 }
 
 pub async fn meta_store(s: &dyn MetaStore) {
