@@ -341,10 +341,16 @@ fn push_image(up: &FakeUpstream, name: &str, size: usize) -> TestImage {
 /// What a client's pull of `img` does over HTTP: the tag, then the layer;
 /// both must arrive whole and byte-identical to upstream's.
 async fn pull(c: &reqwest::Client, m: &Mirror, img: &TestImage) {
-    let (status, _, _, _, body) = get_tag(c, &m.url(&img.name, "manifests/1"), Some(OCI_MANIFEST)).await;
+    pull_from(c, &m.base, img).await
+}
+
+/// [`pull`] from the regmirror at `base` (`http://IP:5000`).
+async fn pull_from(c: &reqwest::Client, base: &str, img: &TestImage) {
+    let url = |rest: &str| format!("{base}/v2/dockerhub/library/{}/{rest}", img.name);
+    let (status, _, _, _, body) = get_tag(c, &url("manifests/1"), Some(OCI_MANIFEST)).await;
     assert_eq!(status, 200, "manifest of {}", img.name);
     assert_eq!(body, img.manifest, "manifest of {}", img.name);
-    let url = m.url(&img.name, &format!("blobs/{}", img.layer_digest));
+    let url = url(&format!("blobs/{}", img.layer_digest));
     let r = c.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
     assert_eq!(r.status(), 200, "layer of {}", img.name);
     let got = r.bytes().await.unwrap_or_else(|e| panic!("layer of {}: {e}", img.name));
@@ -457,5 +463,176 @@ async fn the_store_settles_under_max_size_keeping_what_was_used_last() {
     assert!(
         blob_path(&data, &imgs[2].layer_digest).exists(),
         "the image pulled again last before the restart survives"
+    );
+}
+
+// ---------------------------------------------------------------- disk full
+
+/// The regmirror binary, started by the test (for mount namespaces and
+/// kill -9), logging to `<dir>/regmirror.log`.
+struct Process {
+    child: std::process::Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "regmirror log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Process {
+    /// `regmirror serve` on `127.0.6.<n>:5000`, its store in `<dir>/data`;
+    /// with `tmpfs_size`, that directory is a tmpfs of that size mounted in
+    /// a mount namespace of regmirror's own (gone with the process).
+    async fn start(n: u8, dir: &Path, upstream_url: &str, tmpfs_size: Option<&str>) -> Process {
+        let ip = format!("127.0.6.{n}");
+        let config = dir.join("regmirror.toml");
+        std::fs::write(&config, config_toml(&ip, dir, upstream_url, "")).expect("config");
+        let log = dir.join("regmirror.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
+        let bin = env!("CARGO_BIN_EXE_regmirror");
+        let mut cmd = match tmpfs_size {
+            Some(size) => {
+                let data = dir.join("data");
+                std::fs::create_dir_all(&data).expect("mount point");
+                let mut c = std::process::Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(format!(
+                        "mount -t tmpfs -o size={size} tmpfs '{}' && exec '{bin}' serve --config '{}'",
+                        data.display(),
+                        config.display()
+                    ));
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new(bin);
+                c.arg("serve").arg("--config").arg(&config);
+                c
+            }
+        };
+        let child = cmd
+            .env("RUST_LOG", "regmirror=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn regmirror");
+        let mut p = Process {
+            child,
+            base: format!("http://{ip}:5000"),
+            log,
+        };
+        let c = client();
+        for _ in 0..500 {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("regmirror exited during start-up: {status}");
+            }
+            if c.get(format!("{}/healthz", p.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = p.child.kill();
+        panic!("regmirror on {ip} did not come up");
+    }
+
+    /// `<dir>/data` as regmirror sees it (through its mount namespace).
+    fn data(&self, dir: &Path) -> PathBuf {
+        let inside = dir.join("data");
+        PathBuf::from(format!("/proc/{}/root{}", self.child.id(), inside.display()))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Process {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.base
+    }
+}
+
+/// Disk full: a layer larger than the free space is still pulled whole and
+/// verified (streamed from upstream, not stored), nothing partial is left,
+/// a log line and a metric say why, eviction makes room, and the next
+/// layer that fits is cached again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_streams_uncached_and_evicts_to_make_room() {
+    let up = FakeUpstream::start("127.0.6.104:0").await;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let p = Process::start(4, temp.path(), &up.url(), Some("6m")).await;
+    let c = client();
+    let data = p.data(temp.path());
+    assert!(data.join(".regmirror-store").exists(), "store on the tmpfs");
+
+    let small = push_image(&up, "full-small", 1_500_000);
+    let huge = push_image(&up, "full-huge", 8_000_000);
+    let after = push_image(&up, "full-after", 2_500_000);
+    pull_from(&c, &p, &small).await;
+    assert!(
+        blob_path(&data, &small.layer_digest).exists(),
+        "cached while there is room"
+    );
+
+    pull_from(&c, &p, &huge).await;
+    assert!(
+        !blob_path(&data, &huge.layer_digest).exists(),
+        "more than the disk holds is not stored"
+    );
+    let tmp: Vec<_> = std::fs::read_dir(data.join("tmp")).expect("tmp").collect();
+    assert!(tmp.is_empty(), "partial files left: {tmp:?}");
+    let log = p.log();
+    assert!(log.contains("disk full"), "no log line says why:\n{log}");
+    let metrics = c
+        .get(format!("{}/metrics", &*p))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("regmirror_disk_full_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // The evictor made room: the next layer that fits is stored whole.
+    let mut evicted = false;
+    for _ in 0..100 {
+        if !blob_path(&data, &small.layer_digest).exists() {
+            evicted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(evicted, "nothing was evicted after the disk filled:\n{}", p.log());
+    pull_from(&c, &p, &after).await;
+    let stored = std::fs::read(blob_path(&data, &after.layer_digest)).expect("cached after eviction");
+    assert!(stored == after.layer, "the entry stored after a full disk is intact");
+    // And the oversized one still pulls, every time.
+    pull_from(&c, &p, &huge).await;
+    assert_eq!(
+        up.count("GET", &format!("/v2/library/full-huge/blobs/{}", huge.layer_digest)),
+        2
     );
 }

@@ -75,6 +75,12 @@ pub trait StoredBlob: Send {
 pub trait PendingBlob: Send {
     /// Appends `data`; once this returns, followers can read it.
     async fn write(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Claims room for `len` bytes before any is written, so that a full
+    /// disk shows here (the download then streams uncached) rather than
+    /// half-way through. Backends without the notion accept anything.
+    async fn reserve(&mut self, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// A reader of what has been written so far, valid after commit too.
     fn follower(&self) -> Arc<dyn GrowingBlob>;
     /// Makes the content durable and visible under its digest.

@@ -9,6 +9,13 @@
 //! only after the whole download has been verified against its digest and
 //! committed: a corrupt or short download reaches clients as a broken
 //! transfer, never as a complete one. The leader runs on when clients leave.
+//!
+//! When the disk is full (the store cannot take the download: no room for
+//! its announced length, or no room at all), nothing is stored: every
+//! waiter opens its own upstream stream and is served from it, verified
+//! just the same (its last byte held back until the digest matched), and
+//! the evictor is told to make room. Pulls go on succeeding; the cache
+//! fills again once there is space.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,9 +54,29 @@ pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Source, upstream::Error
 #[derive(Clone, Debug)]
 pub(crate) enum Progress {
     Opening,
-    Growing { written: u64 },
-    Done { size: u64 },
+    Growing {
+        written: u64,
+    },
+    Done {
+        size: u64,
+    },
     Failed(FetchError),
+    /// The store had no room: each waiter streams from upstream itself.
+    Uncached,
+}
+
+/// How a leader's download ended when it did not fail.
+enum Outcome {
+    Stored(u64),
+    Uncached,
+}
+
+/// True for "the file system is full" (ENOSPC, EDQUOT).
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 pub(crate) struct Inflight {
@@ -57,6 +84,9 @@ pub(crate) struct Inflight {
     follower: OnceLock<Arc<dyn GrowingBlob>>,
     /// (media type, length announced by upstream)
     meta: OnceLock<(Option<String>, Option<u64>)>,
+    /// The leader's upstream body when the store had no room for it: the
+    /// first waiter takes it, so one uncached pull costs one upstream GET.
+    spare: std::sync::Mutex<Option<Source>>,
 }
 
 impl Cache {
@@ -66,12 +96,14 @@ impl Cache {
     /// A requester that joined someone else's download and saw its source
     /// fail (that requester's upstream or repository may not have the
     /// digest, or may refuse it) tries again with its own source rather than
-    /// hand another client's error on.
+    /// hand another client's error on. `open` is called again only when
+    /// the disk is full, to stream without storing.
     pub async fn get_or_fetch<F>(self: &Arc<Self>, digest: &Digest, open: F) -> Result<Served, FetchError>
     where
-        F: FnOnce() -> OpenFuture + Send + 'static,
+        F: Fn() -> OpenFuture + Send + Sync + 'static,
     {
-        let mut open = Some(open);
+        let open = Arc::new(open);
+        let mut led_once = false;
         loop {
             if let Some(served) = self.open_stored(digest).await? {
                 METRICS.cache_hits.inc();
@@ -81,17 +113,25 @@ impl Cache {
             let rx = inflight.progress.subscribe();
             if leader {
                 METRICS.cache_misses.inc();
-                if let Some(open) = open.take() {
-                    self.spawn_leader(digest, inflight.clone(), open);
-                }
+                led_once = true;
+                self.spawn_leader(digest, inflight.clone(), open.clone());
             } else {
                 METRICS.cache_joins.inc();
             }
-            match self.follow(digest, inflight, rx).await {
-                Err(FetchError::Source(e)) if !leader && open.is_some() => {
+            match self.follow(digest, inflight.clone(), rx).await {
+                Err(FetchError::Source(e)) if !leader && !led_once => {
                     tracing::debug!(%digest, error = %e, "the download joined failed at its source; trying ours");
                 }
-                result => return result,
+                Ok(None) => {
+                    let spare = super::lock(&inflight.spare).take();
+                    let source = match spare {
+                        Some(s) => s,
+                        None => open().await?,
+                    };
+                    return Ok(Served::direct(digest.clone(), source));
+                }
+                Ok(Some(served)) => return Ok(served),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -107,6 +147,7 @@ impl Cache {
                     progress: tx,
                     follower: OnceLock::new(),
                     meta: OnceLock::new(),
+                    spare: std::sync::Mutex::new(None),
                 });
                 map.insert(digest.clone(), f.clone());
                 (f, true)
@@ -116,9 +157,9 @@ impl Cache {
 
     /// Runs the download as a task of its own, so it goes on when every
     /// client has left.
-    fn spawn_leader<F>(self: &Arc<Self>, digest: &Digest, inflight: Arc<Inflight>, open: F)
+    fn spawn_leader<F>(self: &Arc<Self>, digest: &Digest, inflight: Arc<Inflight>, open: Arc<F>)
     where
-        F: FnOnce() -> OpenFuture + Send + 'static,
+        F: Fn() -> OpenFuture + Send + Sync + 'static,
     {
         let cache = self.clone();
         let digest = digest.clone();
@@ -133,20 +174,21 @@ impl Cache {
             };
             // Waiters queue behind the cap with the leader; nothing is dropped.
             let result = match cache.downloads.clone().acquire_owned().await {
-                Ok(_permit) => cache.download(&digest, &inflight, open).await,
+                Ok(_permit) => cache.download(&digest, &inflight, || open()).await,
                 Err(_) => Err(FetchError::Abandoned { digest: digest.clone() }),
             };
             guard.finish(result);
         });
     }
 
-    /// Waits until the download has started, then attaches to it.
+    /// Waits until the download has started, then attaches to it; `None`
+    /// when nothing is being stored and the caller must stream for itself.
     async fn follow(
         &self,
         digest: &Digest,
         inflight: Arc<Inflight>,
         mut rx: watch::Receiver<Progress>,
-    ) -> Result<Served, FetchError> {
+    ) -> Result<Option<Served>, FetchError> {
         loop {
             let p = rx.borrow_and_update().clone();
             match p {
@@ -156,12 +198,13 @@ impl Cache {
                     }
                 }
                 Progress::Failed(e) => return Err(e),
+                Progress::Uncached => return Ok(None),
                 Progress::Done { .. } => {
                     // Finished before we attached: it is in the store now.
                     return match self.open_stored(digest).await? {
                         Some(mut s) => {
                             s.info.hit = false;
-                            Ok(s)
+                            Ok(Some(s))
                         }
                         None => Err(FetchError::store(
                             digest,
@@ -180,29 +223,25 @@ impl Cache {
                         media_type,
                         hit: false,
                     };
-                    return Ok(Served::growing(info, reader, rx));
+                    return Ok(Some(Served::growing(info, reader, rx)));
                 }
             }
         }
     }
 
     /// The leader's work: stream upstream into a pending blob, verify, commit.
-    async fn download<F>(&self, digest: &Digest, inflight: &Inflight, open: F) -> Result<u64, FetchError>
+    async fn download<F>(&self, digest: &Digest, inflight: &Inflight, open: F) -> Result<Outcome, FetchError>
     where
         F: FnOnce() -> OpenFuture,
     {
         if let Some(info) = self.stat(digest).await? {
             // Committed by a download that finished just before ours began.
-            return Ok(info.size);
+            return Ok(Outcome::Stored(info.size));
         }
-        let Source {
-            media_type,
-            length,
-            max_len,
-            public,
-            mut body,
-        } = open().await?;
+        let source = open().await?;
+        let public = source.public;
         METRICS.upstream_fetches.inc();
+        let (media_type, length, max_len) = (source.media_type.clone(), source.length, source.max_len);
         if let (Some(l), Some(max)) = (length, max_len) {
             if l > max {
                 return Err(FetchError::Long {
@@ -212,11 +251,30 @@ impl Cache {
             }
         }
         let limit = length.or(max_len);
-        let mut pending = self
-            .blobs
-            .begin(digest)
-            .await
-            .map_err(|e| FetchError::store(digest, "begin", e))?;
+        let begun = match self.blobs.begin(digest).await {
+            Ok(mut p) => match length {
+                Some(len) => p.reserve(len).await.map(|()| p),
+                None => Ok(p),
+            },
+            Err(e) => Err(e),
+        };
+        let mut pending = match begun {
+            Ok(p) => p,
+            Err(e) if is_disk_full(&e) => {
+                METRICS.disk_full.inc();
+                tracing::warn!(
+                    %digest,
+                    bytes = length,
+                    error = %e,
+                    "disk full: serving from upstream without caching; evicting to make room"
+                );
+                self.disk_full(length.unwrap_or(0));
+                *super::lock(&inflight.spare) = Some(source);
+                return Ok(Outcome::Uncached);
+            }
+            Err(e) => return Err(FetchError::store(digest, "begin", e)),
+        };
+        let mut body = source.body;
         let _ = inflight.follower.set(pending.follower());
         let _ = inflight.meta.set((media_type.clone(), length));
         inflight.progress.send_replace(Progress::Growing { written: 0 });
@@ -227,20 +285,31 @@ impl Cache {
                 if e.is_bad_content() {
                     METRICS.verify_failures.inc();
                 }
+                if let FetchError::Store { source, .. } = &e {
+                    if is_disk_full(source) {
+                        // Announced no length, so nothing was reserved: this
+                        // download breaks, later ones stream uncached.
+                        METRICS.disk_full.inc();
+                        self.disk_full(limit.unwrap_or(0));
+                    }
+                }
                 pending.abort().await;
                 return Err(e);
             }
         };
-        pending
-            .commit(media_type.as_deref())
-            .await
-            .map_err(|e| FetchError::store(digest, "commit", e))?;
+        if let Err(e) = pending.commit(media_type.as_deref()).await {
+            if is_disk_full(&e) {
+                METRICS.disk_full.inc();
+                self.disk_full(written);
+            }
+            return Err(FetchError::store(digest, "commit", e));
+        }
         if public {
             self.mark_public(digest).await;
         }
         self.added(digest, written, media_type.is_some());
         METRICS.bytes_fetched.add(written);
-        Ok(written)
+        Ok(Outcome::Stored(written))
     }
 }
 
@@ -255,14 +324,17 @@ struct LeaderGuard<'a> {
 }
 
 impl LeaderGuard<'_> {
-    fn finish(&mut self, result: Result<u64, FetchError>) {
+    fn finish(&mut self, result: Result<Outcome, FetchError>) {
         self.done = true;
         super::lock(&self.cache.inflight).remove(self.digest);
         let digest = self.digest;
         match result {
-            Ok(size) => {
+            Ok(Outcome::Stored(size)) => {
                 tracing::debug!(%digest, size, "download verified and stored");
                 self.inflight.progress.send_replace(Progress::Done { size });
+            }
+            Ok(Outcome::Uncached) => {
+                self.inflight.progress.send_replace(Progress::Uncached);
             }
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "download failed; nothing was stored");
@@ -426,6 +498,7 @@ mod tests {
                 let served = cache
                     .get_or_fetch(&d, move || {
                         opened.fetch_add(1, Ordering::SeqCst);
+                        let (gate, data) = (gate.clone(), data.clone());
                         Box::pin(async move {
                             let _ = gate.acquire().await;
                             Ok(source_now(data))
@@ -461,6 +534,7 @@ mod tests {
         let (c, dd, g) = (cache.clone(), d.clone(), gate.clone());
         let leader = tokio::spawn(async move {
             c.get_or_fetch(&dd, move || {
+                let g = g.clone();
                 Box::pin(async move {
                     let _ = g.acquire().await;
                     Err(upstream::Error::Status {
@@ -483,7 +557,7 @@ mod tests {
         .unwrap();
         let (c, dd) = (cache.clone(), d.clone());
         let joiner = tokio::spawn(async move {
-            let served = c.get_or_fetch(&dd, move || source(data)).await?;
+            let served = c.get_or_fetch(&dd, move || source(data.clone())).await?;
             Ok::<_, FetchError>(read_all(served).await.unwrap())
         });
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -519,6 +593,7 @@ mod tests {
                 let served = c
                     .get_or_fetch(&d, move || {
                         o.fetch_add(1, Ordering::SeqCst);
+                        let (g, data) = (g.clone(), data.clone());
                         Box::pin(async move {
                             let _ = g.acquire().await.map(|p| p.forget());
                             Ok(source_now(data))
@@ -569,6 +644,7 @@ mod tests {
         let d = Digest::of(&data);
         let served = cache
             .get_or_fetch(&d, move || {
+                let data = data.clone();
                 Box::pin(async move {
                     let mut s = source_now(data);
                     s.length = None;

@@ -523,6 +523,30 @@ impl PendingBlob for LocalPending {
         w.flush().await
     }
 
+    async fn reserve(&mut self, len: u64) -> io::Result<()> {
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| io::Error::other("pending blob already closed"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let file = w.try_clone().await?.into_std().await;
+        let reserved = tokio::task::spawn_blocking(move || {
+            // KEEP_SIZE: the blocks are claimed, the file's length still
+            // grows only with what is written.
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        match reserved {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => Err(e.into()),
+            // A file system that cannot preallocate: writes will tell.
+            Err(_) => Ok(()),
+        }
+    }
+
     fn follower(&self) -> Arc<dyn GrowingBlob> {
         self.reader.clone()
     }

@@ -133,7 +133,6 @@ impl Cache {
     }
 
     /// A write found the disk full: the evictor frees room.
-    #[allow(dead_code)] // the disk-full path of the fetch uses it next
     pub(crate) fn disk_full(&self, needed: u64) {
         if let Some(life) = &self.life {
             life.disk_full(needed);

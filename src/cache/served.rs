@@ -10,9 +10,10 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::blob_store::{ByteStream, GrowingBlob, StoredBlob};
-use super::fetch::Progress;
+use super::fetch::{Progress, Source};
 use super::local::READ_CHUNK;
 use crate::metrics::METRICS;
+use crate::reference::Digest;
 
 pub struct Served {
     pub info: ServedInfo,
@@ -33,6 +34,11 @@ enum ServedSource {
     Growing {
         reader: Arc<dyn GrowingBlob>,
         rx: watch::Receiver<Progress>,
+    },
+    /// Straight from upstream, not stored (the disk was full).
+    Direct {
+        digest: Digest,
+        source: Source,
     },
 }
 
@@ -56,6 +62,19 @@ impl Served {
         }
     }
 
+    /// Bytes streamed from upstream without being stored; verified like a
+    /// download (the last byte only once the digest matched).
+    pub(crate) fn direct(digest: Digest, source: Source) -> Self {
+        Served {
+            info: ServedInfo {
+                size: source.length,
+                media_type: source.media_type.clone(),
+                hit: false,
+            },
+            source: ServedSource::Direct { digest, source },
+        }
+    }
+
     /// The bytes `[start, end)` (end `None` = to the end) as a stream.
     pub fn into_stream(self, start: u64, end: Option<u64>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let stream: ByteStream = match self.source {
@@ -65,6 +84,7 @@ impl Served {
                 blob.read(start, end)
             }
             ServedSource::Growing { reader, rx } => Box::pin(follow(reader, rx, start, end)),
+            ServedSource::Direct { digest, source } => Box::pin(direct(digest, source, start, end)),
         };
         stream.inspect(|c| {
             if let Ok(c) = c {
@@ -110,6 +130,12 @@ fn follow(
                     st.failed = true;
                     return Some((Err(io::Error::other(e.to_string())), st));
                 }
+                // Set only before a download has bytes, so never seen by a
+                // follower already attached; a broken transfer if it were.
+                Progress::Uncached => {
+                    st.failed = true;
+                    return Some((Err(io::Error::other("download was not stored: disk full")), st));
+                }
                 Progress::Opening => 0,
                 Progress::Growing { written } => written.saturating_sub(1),
                 Progress::Done { size } => {
@@ -142,6 +168,87 @@ fn follow(
             if st.rx.changed().await.is_err() {
                 st.failed = true;
                 return Some((Err(io::Error::other("download ended without a result")), st));
+            }
+        }
+    })
+}
+
+/// Streams `[start, end)` of an upstream body that is not being stored,
+/// reading it whole to check its length and digest, and holding the last
+/// piece sent back until both are right: a wrong body reaches the client
+/// as a broken transfer, as it would through the store.
+fn direct(
+    digest: Digest,
+    source: Source,
+    start: u64,
+    end: Option<u64>,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    struct State {
+        digest: Digest,
+        body: ByteStream,
+        hasher: Option<crate::reference::Hasher>,
+        length: Option<u64>,
+        limit: Option<u64>,
+        pos: u64,
+        start: u64,
+        end: Option<u64>,
+        held: Option<Bytes>,
+        done: bool,
+    }
+    let state = State {
+        hasher: Some(digest.hasher()),
+        digest,
+        body: source.body,
+        length: source.length,
+        limit: source.length.or(source.max_len),
+        pos: 0,
+        start,
+        end,
+        held: None,
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            match st.body.next().await {
+                Some(Ok(chunk)) => {
+                    let at = st.pos;
+                    st.pos += chunk.len() as u64;
+                    if st.limit.is_some_and(|l| st.pos > l) {
+                        st.done = true;
+                        return Some((Err(io::Error::other("upstream sent more than announced")), st));
+                    }
+                    if let Some(h) = st.hasher.as_mut() {
+                        h.update(&chunk);
+                    }
+                    // The part of this chunk inside the requested range.
+                    let from = st.start.max(at);
+                    let to = st.end.map_or(st.pos, |e| e.min(st.pos));
+                    if from >= to {
+                        continue;
+                    }
+                    let piece = chunk.slice((from - at) as usize..(to - at) as usize);
+                    if let Some(prev) = st.held.replace(piece) {
+                        return Some((Ok(prev), st));
+                    }
+                }
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+                None => {
+                    st.done = true;
+                    let got = st.hasher.take().map(|h| h.finish());
+                    let short = st.length.is_some_and(|l| l != st.pos);
+                    if short || got.as_ref() != Some(&st.digest) {
+                        METRICS.verify_failures.inc();
+                        let e = io::Error::other(format!("upstream content does not match {}", st.digest));
+                        return Some((Err(e), st));
+                    }
+                    return st.held.take().map(|b| (Ok(b), st));
+                }
             }
         }
     })

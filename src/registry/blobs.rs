@@ -34,13 +34,13 @@ pub async fn serve(
     if head {
         return head_blob(app, r, d, plan.credential, plan.upstream_length).await;
     }
-    let app2 = app.clone();
-    let req = blob_request(r, d, Method::GET, plan.credential);
-    let upstream = r.upstream;
-    let public = plan.public;
+    let (app2, r2, d2) = (app.clone(), r.clone(), d.clone());
+    let (credential, public) = (plan.credential, plan.public);
     let served = app
         .cache
         .get_or_fetch(d, move || {
+            let (app2, req) = (app2.clone(), blob_request(&r2, &d2, Method::GET, credential.clone()));
+            let upstream = r2.upstream;
             Box::pin(async move {
                 let resp = app2.upstreams.get(upstream).client.get_ok(&req).await?;
                 let mut source = source_from(resp, None);

@@ -290,12 +290,15 @@ async fn fetch_served(
     accept: &str,
     plan: &FetchPlan,
 ) -> Result<Served, RegistryError> {
-    let app2 = app.clone();
-    let req = manifest_request(r, &d.to_string(), Method::GET, accept, plan.credential.clone());
-    let upstream = r.upstream;
-    let public = plan.public;
+    let (app2, r2, reference, accept) = (app.clone(), r.clone(), d.to_string(), accept.to_string());
+    let (credential, public) = (plan.credential.clone(), plan.public);
     app.cache
         .get_or_fetch(d, move || {
+            let (app2, req) = (
+                app2.clone(),
+                manifest_request(&r2, &reference, Method::GET, &accept, credential.clone()),
+            );
+            let upstream = r2.upstream;
             Box::pin(async move {
                 let resp = app2.upstreams.get(upstream).client.get_ok(&req).await?;
                 let mut source = source_from(resp, Some(MAX_MANIFEST as u64));
@@ -407,6 +410,7 @@ async fn by_tag_without_digest(
     let served = app
         .cache
         .get_or_fetch(&digest, move || {
+            let (bytes, media_type) = (bytes.clone(), media_type.clone());
             Box::pin(async move {
                 let body = futures_util::stream::once(async move { Ok(bytes) });
                 Ok(Source {
