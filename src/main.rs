@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod cache_cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -35,6 +37,13 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Inspect and maintain the cache (safe while `serve` runs on it).
+    Cache {
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Root CA operations.
     Ca {
         #[command(subcommand)]
@@ -54,6 +63,34 @@ enum Command {
         /// Write the files under this directory instead of printing them
         #[arg(long)]
         write: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Cached images: upstream, repository, tag, size, last use.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bytes stored, against cache.max_size.
+    Du,
+    /// Re-hash every blob; quarantine mismatches (exit 1 if any).
+    Verify,
+    /// Evict least recently used content now, down to --to (default cache.low_water).
+    Gc {
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Forget a cached image (`docker.io/library/alpine:3`) and delete its content.
+    Rm { image: String },
+    /// Pull images through the running server so they are cached before use.
+    Warm {
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// os/arch to take from a multi-platform image (default: this machine's)
+        #[arg(long)]
+        platform: Option<String>,
     },
 }
 
@@ -116,6 +153,17 @@ fn run(cli: Cli) -> Result<(), String> {
                 s.ca_dir.display(),
             );
             Ok(())
+        }
+        Command::Cache { config, action } => {
+            let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            match action {
+                CacheAction::Ls { json } => cache_cli::ls(&s, json),
+                CacheAction::Du => cache_cli::du(&s),
+                CacheAction::Verify => cache_cli::verify(&s),
+                CacheAction::Gc { to } => cache_cli::gc(&s, to.as_deref()),
+                CacheAction::Rm { image } => cache_cli::rm(&s, &image),
+                CacheAction::Warm { images, platform } => cache_cli::warm(&s, &images, platform.as_deref()),
+            }
         }
         Command::Ca {
             action: CaAction::Export { config },

@@ -636,3 +636,135 @@ async fn a_full_disk_streams_uncached_and_evicts_to_make_room() {
         2
     );
 }
+
+// ---------------------------------------------------------------- cache commands
+
+/// `regmirror cache ARGS --config <dir>/regmirror.toml`: (exit ok, stdout, stderr).
+async fn cache_cmd(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_regmirror"))
+        .arg("cache")
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("regmirror.toml"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run regmirror cache");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The operator's commands on a store filled by pulls, while `serve` runs
+/// on it: `warm` fills through the server, `ls --json` and `du` report what
+/// is there, `verify` finds a flipped byte (non-zero exit, quarantined, the
+/// next pull fetches it again intact), `rm` forgets an image, `gc --to 0`
+/// empties the store, and pulls go on working throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_commands_work_while_serve_runs() {
+    let up = FakeUpstream::start("127.0.6.105:0").await;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = temp.path();
+    let p = Process::start(5, dir, &up.url(), None).await;
+    let c = client();
+    let data = dir.join("data");
+    let imgs: Vec<TestImage> = (0..3)
+        .map(|i| push_image(&up, &format!("cmd{i}"), 300_000 + i))
+        .collect();
+    pull_from(&c, &p, &imgs[0]).await;
+    pull_from(&c, &p, &imgs[1]).await;
+
+    // warm: through the server, so upstream sees one GET per blob.
+    let (ok, out, err) = cache_cmd(dir, &["warm", "docker.io/library/cmd2:1"]).await;
+    assert!(ok, "warm failed:\n{out}\n{err}");
+    assert!(
+        blob_path(&data, &imgs[2].layer_digest).exists(),
+        "warm stored nothing:\n{out}"
+    );
+    assert_eq!(
+        up.count("GET", &format!("/v2/library/cmd2/blobs/{}", imgs[2].layer_digest)),
+        1
+    );
+    let (ok, _, err) = cache_cmd(dir, &["warm", "docker.io/library/nope:1"]).await;
+    assert!(!ok, "warming a missing image succeeded");
+    assert!(err.contains("nope"), "{err}");
+
+    // ls --json: every tag with its digest and size.
+    let (ok, out, err) = cache_cmd(dir, &["ls", "--json"]).await;
+    assert!(ok, "ls failed: {err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ls --json ({e}):\n{out}"));
+    for img in &imgs {
+        let repo = format!("library/{}", img.name);
+        let row = rows
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|r| r["repository"] == repo.as_str())
+            .unwrap_or_else(|| panic!("{repo} not listed:\n{out}"));
+        assert_eq!(row["upstream"], "docker.io");
+        assert_eq!(row["tag"], "1");
+        assert_eq!(row["digest"], digest_of(&img.manifest).as_str());
+        let want = (img.layer.len() + img.manifest.len()) as u64;
+        assert_eq!(row["size"].as_u64(), Some(want), "size of {repo}");
+        assert!(row["last_used_ms"].as_u64().is_some_and(|t| t > 0));
+    }
+    let (ok, out, _) = cache_cmd(dir, &["ls"]).await;
+    assert!(ok && out.contains("docker.io/library/cmd1"), "{out}");
+
+    // du: the bytes stored (the index catches up within a second or so).
+    let want: u64 = imgs.iter().map(|i| (i.layer.len() + i.manifest.len()) as u64).sum();
+    let mut du = String::new();
+    for _ in 0..100 {
+        du = cache_cmd(dir, &["du"]).await.1;
+        if du.contains(&format!("total_bytes {want}\n")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(du.contains(&format!("total_bytes {want}\n")), "du:\n{du}");
+
+    // verify: a flipped byte is found and quarantined, exit non-zero.
+    let victim = blob_path(&data, &imgs[1].layer_digest);
+    let mut bytes = std::fs::read(&victim).expect("layer");
+    bytes[1234] ^= 0x01;
+    std::fs::write(&victim, &bytes).expect("flip a byte");
+    let (ok, out, err) = cache_cmd(dir, &["verify"]).await;
+    assert!(!ok, "verify passed a flipped byte:\n{out}\n{err}");
+    assert!(
+        out.contains(&imgs[1].layer_digest),
+        "verify does not name the bad blob:\n{out}"
+    );
+    assert!(!victim.exists(), "the bad blob is still served from the store");
+    assert_eq!(
+        std::fs::read_dir(data.join("quarantine")).expect("quarantine").count(),
+        1
+    );
+    pull_from(&c, &p, &imgs[1]).await;
+    assert_eq!(std::fs::read(&victim).expect("fetched again"), imgs[1].layer);
+    let (ok, out, err) = cache_cmd(dir, &["verify"]).await;
+    assert!(ok, "verify after the fix:\n{out}\n{err}");
+
+    // rm: the image is forgotten, the others stay.
+    let (ok, out, err) = cache_cmd(dir, &["rm", "docker.io/library/cmd0:1"]).await;
+    assert!(ok, "rm failed:\n{out}\n{err}");
+    assert!(!blob_path(&data, &imgs[0].layer_digest).exists());
+    assert!(!blob_path(&data, &digest_of(&imgs[0].manifest)).exists());
+    assert!(
+        blob_path(&data, &imgs[2].layer_digest).exists(),
+        "rm took another image's layer"
+    );
+    let (_, out, _) = cache_cmd(dir, &["ls", "--json"]).await;
+    assert!(!out.contains("library/cmd0"), "{out}");
+    pull_from(&c, &p, &imgs[0]).await;
+
+    // gc --to 0: everything goes; pulls fetch it all again.
+    let (ok, out, err) = cache_cmd(dir, &["gc", "--to", "0"]).await;
+    assert!(ok, "gc failed:\n{out}\n{err}");
+    assert_eq!(stored_bytes(&data), 0, "gc --to 0 left content:\n{out}");
+    for img in &imgs {
+        pull_from(&c, &p, img).await;
+    }
+    assert!(p.log().lines().all(|l| !l.contains("panicked")));
+}

@@ -626,6 +626,25 @@ impl MetaStore for LocalStore {
         Ok(newest)
     }
 
+    async fn list_tags(&self, at: RepoKey<'_>) -> io::Result<Vec<Tag>> {
+        let Some(mut entries) = not_found_is_none(fs::read_dir(self.repo_dir(at).join("_tags")).await)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while let Some(e) = entries.next_entry().await? {
+            if let Ok(t) = Tag::parse(&e.file_name().to_string_lossy()) {
+                out.push(t);
+            }
+        }
+        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(out)
+    }
+
+    async fn delete_tag(&self, at: RepoKey<'_>, tag: &Tag) -> io::Result<()> {
+        not_found_is_none(fs::remove_dir_all(self.tag_dir(at, tag)).await)?;
+        Ok(())
+    }
+
     async fn put_tag_list(&self, at: RepoKey<'_>, key: &str, body: &[u8]) -> io::Result<()> {
         self.write_atomically(&self.list_path(at, key), body).await
     }

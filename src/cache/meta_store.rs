@@ -54,6 +54,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Every record of `tag`, one per media type (the most recent when
     /// older stores hold several), in no particular order.
     async fn get_tags(&self, at: RepoKey<'_>, tag: &Tag) -> io::Result<Vec<TagRecord>>;
+    /// Tags of a repository with at least one record, sorted.
+    async fn list_tags(&self, at: RepoKey<'_>) -> io::Result<Vec<Tag>>;
+    /// Forgets every record of `tag` (the operator's `cache rm`).
+    async fn delete_tag(&self, at: RepoKey<'_>, tag: &Tag) -> io::Result<()>;
     async fn put_tag_list(&self, at: RepoKey<'_>, key: &str, body: &[u8]) -> io::Result<()>;
     async fn get_tag_list(&self, at: RepoKey<'_>, key: &str) -> io::Result<Option<Vec<u8>>>;
     /// Repositories of `upstream` with at least one tag record, sorted.

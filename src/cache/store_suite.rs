@@ -141,6 +141,11 @@ pub async fn meta_store(s: &dyn MetaStore) {
     let mut got = s.get_tags(hub(&alpine), &tag).await.unwrap();
     got.sort_by(|a, b| a.media_type.cmp(&b.media_type));
     assert_eq!(got, vec![newer, other_type]);
+    assert_eq!(s.list_tags(hub(&alpine)).await.unwrap(), vec![tag.clone()]);
+    s.delete_tag(hub(&nested), &tag).await.unwrap();
+    assert!(s.get_tags(hub(&nested), &tag).await.unwrap().is_empty());
+    assert!(s.list_tags(hub(&nested)).await.unwrap().is_empty());
+    s.put_tag(hub(&nested), &tag, &rec).await.unwrap();
 
     assert_eq!(
         s.list_repositories("docker.io").await.unwrap(),

@@ -1,0 +1,582 @@
+//! `regmirror cache …`: the operator's commands on a store, safe while
+//! `serve` runs on it.
+//!
+//! They open the store without clearing anything (`LocalStore::attach`)
+//! and the recency index in redb's multi-writer mode, so `serve` keeps
+//! serving and sees their changes (totals, removals) on its next pass.
+//! Deleting under `serve` is as safe as eviction: what a client has open
+//! stays readable. `warm` goes through the running server's plain
+//! listener, so it fills the cache by the normal fetch path (single
+//! flight, verification, access rules) and never writes the store itself.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use regmirror::cache::blob_store::BlobStore;
+use regmirror::cache::evict::{evict_to, now_ms};
+use regmirror::cache::index::{Change, Class, Index};
+use regmirror::cache::{LocalStore, MetaStore, RepoKey, INDEX_FILE};
+use regmirror::config::{parse_size, Settings};
+use regmirror::reference::{Digest, RepoName, Tag};
+
+/// The manifest types `warm` asks for, index types first.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+type Res<T> = Result<T, String>;
+
+struct Store {
+    local: Arc<LocalStore>,
+    index: Arc<Index>,
+}
+
+fn open(s: &Settings) -> Res<Store> {
+    let local = LocalStore::attach(&s.cache_dir).map_err(|e| format!("cache.dir: {e}"))?;
+    let (index, _) = Index::open(&s.cache_dir.join(INDEX_FILE)).map_err(|e| format!("cache index: {e}"))?;
+    Ok(Store {
+        local: Arc::new(local),
+        index: Arc::new(index),
+    })
+}
+
+fn rt() -> Res<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+/// `1.5 MiB`
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn progress(len: u64, what: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})") {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_string());
+    Some(pb)
+}
+
+// ---------------------------------------------------------------- du
+
+pub fn du(s: &Settings) -> Res<()> {
+    let store = open(s)?;
+    let all = store.index.all().map_err(|e| e.to_string())?;
+    let total: u64 = all.iter().map(|e| e.size).sum();
+    let manifests = all.iter().filter(|e| e.class == Class::Manifest).count();
+    println!(
+        "{} in {} blobs ({} layers and configs, {} manifests); max_size {}, evicts down to {}",
+        human(total),
+        all.len(),
+        all.len() - manifests,
+        manifests,
+        human(s.max_size),
+        human(s.low_water)
+    );
+    println!("total_bytes {total}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- gc
+
+pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
+    let target = match to {
+        Some(t) => parse_size(t).or_else(|e| if t.trim() == "0" { Ok(0) } else { Err(e) })?,
+        None => s.low_water,
+    };
+    let store = open(s)?;
+    let done = rt()?
+        .block_on(evict_to(&store.index, store.local.as_ref(), target, &|_| false))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "evicted {} blobs ({}); store {} -> {}",
+        done.blobs,
+        human(done.bytes),
+        human(done.before),
+        human(done.after)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- verify
+
+/// Re-hashes every stored blob. A mismatch is moved to `quarantine/` (out
+/// of the store, kept for a look) and dropped from the index; blobs the
+/// index missed (a crash between commit and index write) are indexed, and
+/// index entries whose file is gone are dropped. Non-zero exit on any
+/// mismatch.
+pub fn verify(s: &Settings) -> Res<()> {
+    let store = open(s)?;
+    rt()?.block_on(verify_async(&store, &s.cache_dir))
+}
+
+async fn verify_async(store: &Store, root: &Path) -> Res<()> {
+    let listed = store.local.list().await.map_err(|e| e.to_string())?;
+    let bar = progress(listed.len() as u64, "verifying");
+    let mut bad = Vec::new();
+    let mut changes = Vec::new();
+    let indexed: std::collections::HashSet<String> = store
+        .index
+        .all()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|e| e.digest)
+        .collect();
+    let mut present = std::collections::HashSet::new();
+    for (i, b) in listed.iter().enumerate() {
+        let path = blob_file(root, &b.digest);
+        let d = b.digest.clone();
+        let ok = tokio::task::spawn_blocking(move || hash_file(&path, &d))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ok {
+            Ok(true) => {
+                present.insert(b.digest.to_string());
+                if !indexed.contains(&b.digest.to_string()) {
+                    changes.push(Change::Add {
+                        digest: b.digest.to_string(),
+                        size: b.size,
+                        class: if b.manifest { Class::Manifest } else { Class::Layer },
+                        at_ms: b.modified_ms,
+                    });
+                }
+            }
+            Ok(false) => {
+                let q = root.join("quarantine");
+                std::fs::create_dir_all(&q).map_err(|e| e.to_string())?;
+                let dest = q.join(format!("{}-{}", b.digest.hex(), now_ms()));
+                std::fs::rename(blob_file(root, &b.digest), &dest).map_err(|e| e.to_string())?;
+                let _ = store.local.delete(&b.digest).await;
+                changes.push(Change::Remove {
+                    digest: b.digest.to_string(),
+                });
+                let line = format!("MISMATCH {} quarantined to {}", b.digest, dest.display());
+                match &bar {
+                    Some(pb) => pb.println(&line),
+                    None => println!("{line}"),
+                }
+                bad.push(b.digest.to_string());
+            }
+            Err(e) => eprintln!("could not read {}: {e}", b.digest),
+        }
+        if let Some(pb) = &bar {
+            pb.set_position(i as u64 + 1);
+        }
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    for d in indexed.difference(&present) {
+        if !bad.contains(d) {
+            changes.push(Change::Remove { digest: d.clone() });
+        }
+    }
+    let index = store.index.clone();
+    tokio::task::spawn_blocking(move || index.apply(&changes))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    println!("verified {} blobs: {} mismatched", listed.len(), bad.len());
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} blob(s) did not match their digest and were quarantined",
+            bad.len()
+        ))
+    }
+}
+
+fn blob_file(root: &Path, d: &Digest) -> std::path::PathBuf {
+    root.join("blobs")
+        .join(d.algorithm().name())
+        .join(&d.hex()[..2])
+        .join(d.hex())
+}
+
+fn hash_file(path: &Path, d: &Digest) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = d.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(&h.finish() == d)
+}
+
+// ---------------------------------------------------------------- images
+
+/// An image name as users write it: `[registry/]repo[:tag|@digest]`.
+struct ImageRef {
+    upstream: usize,
+    repo: RepoName,
+    reference: String,
+}
+
+fn parse_image(s: &Settings, image: &str) -> Res<ImageRef> {
+    let (first, rest) = image.split_once('/').unwrap_or(("", image));
+    let is_host = first.contains('.') || first.contains(':') || first == "localhost";
+    let (host, path) = if is_host { (first, rest) } else { ("docker.io", image) };
+    let upstream = s
+        .upstreams
+        .iter()
+        .position(|u| u.name == host || u.hosts.iter().any(|h| h == host))
+        .ok_or_else(|| format!("{image}: no configured upstream serves {host}"))?;
+    let (name, reference) = match path.split_once('@') {
+        Some((n, d)) => (n, d.to_string()),
+        None => match path.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t.to_string()),
+            _ => (path, "latest".to_string()),
+        },
+    };
+    let mut repo = RepoName::parse(name).map_err(|e| format!("{image}: {e}"))?;
+    if s.upstreams[upstream].library_prefix {
+        repo = repo.with_library_prefix();
+    }
+    Ok(ImageRef {
+        upstream,
+        repo,
+        reference,
+    })
+}
+
+/// Digests a manifest names: config, layers, and (for an index) the
+/// platform manifests with their `os/arch`.
+fn references(manifest: &[u8]) -> (Vec<String>, Vec<(String, String)>) {
+    let v: serde_json::Value = serde_json::from_slice(manifest).unwrap_or_default();
+    let mut blobs = Vec::new();
+    if let Some(d) = v["config"]["digest"].as_str() {
+        blobs.push(d.to_string());
+    }
+    for l in v["layers"].as_array().into_iter().flatten() {
+        if let Some(d) = l["digest"].as_str() {
+            blobs.push(d.to_string());
+        }
+    }
+    let mut children = Vec::new();
+    for m in v["manifests"].as_array().into_iter().flatten() {
+        if let Some(d) = m["digest"].as_str() {
+            let p = &m["platform"];
+            let platform = format!(
+                "{}/{}",
+                p["os"].as_str().unwrap_or(""),
+                p["architecture"].as_str().unwrap_or("")
+            );
+            children.push((d.to_string(), platform));
+        }
+    }
+    (blobs, children)
+}
+
+async fn read_stored(store: &LocalStore, d: &Digest) -> Option<Vec<u8>> {
+    use futures_util::TryStreamExt;
+    let blob = store.open(d).await.ok()??;
+    let size = blob.info().size;
+    if size > 4 << 20 {
+        return None;
+    }
+    let chunks: Vec<bytes::Bytes> = blob.read(0, size).try_collect().await.ok()?;
+    Some(chunks.concat())
+}
+
+/// Every digest `root` reaches through the store: itself, and for a
+/// manifest its config and layers, for an index its stored manifests too.
+async fn closure(store: &LocalStore, root: &Digest) -> Vec<Digest> {
+    let mut out = vec![root.clone()];
+    let mut queue = vec![root.clone()];
+    while let Some(d) = queue.pop() {
+        let Some(bytes) = read_stored(store, &d).await else {
+            continue;
+        };
+        let (blobs, children) = references(&bytes);
+        for b in blobs.iter().chain(children.iter().map(|(d, _)| d)) {
+            if let Ok(b) = Digest::parse(b) {
+                if !out.contains(&b) {
+                    out.push(b.clone());
+                    queue.push(b);
+                }
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- ls
+
+#[derive(serde::Serialize)]
+struct Listed {
+    upstream: String,
+    repository: String,
+    tag: String,
+    digest: String,
+    media_type: String,
+    /// Bytes of the stored content the tag reaches (shared blobs counted in each tag).
+    size: u64,
+    /// Last use of the tag's manifest, ms since the Unix epoch (0: not stored).
+    last_used_ms: u64,
+}
+
+pub fn ls(s: &Settings, json: bool) -> Res<()> {
+    let store = open(s)?;
+    let rows = rt()?.block_on(ls_async(s, &store))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<16} {:>10}  {:<20} DIGEST",
+        "IMAGE", "TAG", "SIZE", "LAST USED"
+    );
+    for r in rows {
+        let last = if r.last_used_ms == 0 {
+            "-".to_string()
+        } else {
+            let ago = now_ms().saturating_sub(r.last_used_ms) / 1000;
+            format!("{}s ago", ago)
+        };
+        println!(
+            "{:<40} {:<16} {:>10}  {:<20} {}",
+            format!("{}/{}", r.upstream, r.repository),
+            r.tag,
+            human(r.size),
+            last,
+            r.digest
+        );
+    }
+    Ok(())
+}
+
+async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<Listed>> {
+    let mut rows = Vec::new();
+    for u in &s.upstreams {
+        let repos = store
+            .local
+            .list_repositories(&u.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        for repo in repos {
+            let Ok(name) = RepoName::parse(&repo) else { continue };
+            let at = RepoKey {
+                upstream: &u.name,
+                repo: &name,
+            };
+            for tag in store.local.list_tags(at).await.map_err(|e| e.to_string())? {
+                for rec in store.local.get_tags(at, &tag).await.map_err(|e| e.to_string())? {
+                    let Ok(d) = Digest::parse(&rec.digest) else { continue };
+                    let mut size = 0;
+                    for b in closure(&store.local, &d).await {
+                        if let Ok(Some(e)) = store.index.get(&b.to_string()) {
+                            size += e.size;
+                        }
+                    }
+                    let last_used_ms = store
+                        .index
+                        .get(&rec.digest)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |e| e.last_used_ms);
+                    rows.push(Listed {
+                        upstream: u.name.clone(),
+                        repository: repo.clone(),
+                        tag: tag.as_str().to_string(),
+                        digest: rec.digest,
+                        media_type: rec.media_type,
+                        size,
+                        last_used_ms,
+                    });
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- rm
+
+/// Forgets a tag (every media type recorded) and deletes its manifests and
+/// the blobs they name, except what another recorded tag still reaches.
+pub fn rm(s: &Settings, image: &str) -> Res<()> {
+    let img = parse_image(s, image)?;
+    let store = open(s)?;
+    rt()?.block_on(async {
+        let u = &s.upstreams[img.upstream];
+        let at = RepoKey {
+            upstream: &u.name,
+            repo: &img.repo,
+        };
+        let mut roots = Vec::new();
+        match Tag::parse(&img.reference) {
+            Ok(tag) if Digest::parse(&img.reference).is_err() => {
+                for rec in store.local.get_tags(at, &tag).await.map_err(|e| e.to_string())? {
+                    roots.extend(Digest::parse(&rec.digest).ok());
+                }
+                store.local.delete_tag(at, &tag).await.map_err(|e| e.to_string())?;
+            }
+            _ => roots.extend(Digest::parse(&img.reference).ok()),
+        }
+        if roots.is_empty() {
+            return Err(format!("{image}: nothing cached"));
+        }
+        let mut doomed = Vec::new();
+        for r in &roots {
+            for d in closure(&store.local, r).await {
+                if !doomed.contains(&d) {
+                    doomed.push(d);
+                }
+            }
+        }
+        // Keep what any other recorded tag reaches.
+        let others = ls_async(s, &store).await?;
+        for row in others {
+            if let Ok(d) = Digest::parse(&row.digest) {
+                for keep in closure(&store.local, &d).await {
+                    doomed.retain(|x| x != &keep);
+                }
+            }
+        }
+        let mut changes = Vec::new();
+        let mut bytes = 0;
+        for d in &doomed {
+            if let Ok(Some(info)) = store.local.stat(d).await {
+                bytes += info.size;
+            }
+            store.local.delete(d).await.map_err(|e| e.to_string())?;
+            changes.push(Change::Remove { digest: d.to_string() });
+        }
+        store.index.apply(&changes).map_err(|e| e.to_string())?;
+        println!("removed {image}: {} blobs ({})", doomed.len(), human(bytes));
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- warm
+
+/// Pulls images through the running server's plain listener, so they are
+/// fetched, verified and stored exactly as a client's pull would be.
+pub fn warm(s: &Settings, images: &[String], platform: Option<&str>) -> Res<()> {
+    let addr = s
+        .http
+        .ok_or("cache warm pulls through server.http, which is not configured")?;
+    let host = if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    let platform = platform.map(str::to_string).unwrap_or_else(|| {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        format!("linux/{arch}")
+    });
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt()?.block_on(async {
+        for image in images {
+            let img = parse_image(s, image)?;
+            let base = format!("http://{host}/v2/{}/{}", s.upstreams[img.upstream].namespace, img.repo);
+            let (n, bytes) = warm_one(&client, &base, &img.reference, &platform, image).await?;
+            println!("warmed {image}: {n} blobs ({})", human(bytes));
+        }
+        Ok(())
+    })
+}
+
+async fn get_all(client: &reqwest::Client, url: &str, accept: bool, bar: Option<&ProgressBar>) -> Res<Vec<u8>> {
+    let mut rb = client.get(url);
+    if accept {
+        rb = rb.header("accept", MANIFEST_ACCEPT);
+    }
+    let mut resp = rb
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e} (is regmirror serve running?)"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(format!("{url}: {status} {body}"));
+    }
+    let mut out = Vec::new();
+    while let Some(c) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        if let Some(pb) = bar {
+            pb.inc(c.len() as u64);
+        }
+        // Layers are only read to the end (the server stores them); keep manifests.
+        if accept {
+            out.extend_from_slice(&c);
+        }
+    }
+    Ok(out)
+}
+
+async fn warm_one(
+    client: &reqwest::Client,
+    base: &str,
+    reference: &str,
+    platform: &str,
+    image: &str,
+) -> Res<(usize, u64)> {
+    let mut manifest = get_all(client, &format!("{base}/manifests/{reference}"), true, None).await?;
+    let (mut blobs, children) = references(&manifest);
+    if !children.is_empty() {
+        let child = children
+            .iter()
+            .find(|(_, p)| p == platform)
+            .ok_or_else(|| format!("{image}: no {platform} image in its index"))?;
+        manifest = get_all(client, &format!("{base}/manifests/{}", child.0), true, None).await?;
+        blobs = references(&manifest).0;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&manifest).unwrap_or_default();
+    let total: u64 = v["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&v["config"]))
+        .filter_map(|l| l["size"].as_u64())
+        .sum();
+    let bar = progress(total, image);
+    if let Some(pb) = &bar {
+        pb.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    }
+    for b in &blobs {
+        get_all(client, &format!("{base}/blobs/{b}"), false, bar.as_ref()).await?;
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    Ok((blobs.len(), total))
+}
