@@ -768,3 +768,70 @@ async fn cache_commands_work_while_serve_runs() {
     }
     assert!(p.log().lines().all(|l| !l.contains("panicked")));
 }
+
+// ---------------------------------------------------------------- crash
+
+/// kill -9 while 20 cold downloads are half-way: the next start removes
+/// every temp file, nothing half-written is in the store, and every later
+/// pull is byte-identical to upstream (and `cache verify` agrees).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_20_cold_downloads_leaves_nothing_half_written() {
+    let up = FakeUpstream::start("127.0.6.106:0").await;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = temp.path();
+    let data = dir.join("data");
+    let imgs: Vec<TestImage> = (0..20)
+        .map(|i| push_image(&up, &format!("crash{i}"), 400_000 + i))
+        .collect();
+    for img in &imgs {
+        up.gate(&format!("/v2/library/{}/blobs/{}", img.name, img.layer_digest));
+    }
+    let p = Process::start(6, dir, &up.url(), None).await;
+    let c = client();
+    let mut pulls = Vec::new();
+    for img in &imgs {
+        let url = format!("{}/v2/dockerhub/library/{}/blobs/{}", &*p, img.name, img.layer_digest);
+        let c = c.clone();
+        pulls.push(tokio::spawn(async move {
+            let _ = c.get(&url).send().await.map(|r| r.bytes());
+        }));
+    }
+    let tmp_count = || std::fs::read_dir(data.join("tmp")).map_or(0, |d| d.count());
+    let mut in_flight = 0;
+    for _ in 0..400 {
+        in_flight = tmp_count();
+        if in_flight >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(in_flight >= 20, "only {in_flight} downloads in flight");
+    drop(p); // SIGKILL
+    for t in pulls {
+        let _ = t.await;
+    }
+    assert!(
+        tmp_count() >= 20,
+        "the crash left its temp files (the test would prove nothing)"
+    );
+
+    up.open_gate();
+    let p = Process::start(6, dir, &up.url(), None).await;
+    assert_eq!(tmp_count(), 0, "temp files survived the restart");
+    for img in &imgs {
+        assert!(
+            !blob_path(&data, &img.layer_digest).exists(),
+            "{} is in the store though its download was cut",
+            img.name
+        );
+    }
+    for img in &imgs {
+        pull_from(&c, &p, img).await;
+        assert_eq!(
+            std::fs::read(blob_path(&data, &img.layer_digest)).expect("stored"),
+            img.layer
+        );
+    }
+    let (ok, out, err) = cache_cmd(dir, &["verify"]).await;
+    assert!(ok, "verify after the crash:\n{out}\n{err}");
+}
