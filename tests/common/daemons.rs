@@ -143,6 +143,20 @@ impl Containerd {
         (out, digest)
     }
 
+    /// `ctr images pull FLAGS REF` (e.g. `--user u:p`, `--plain-http`); the
+    /// output and, on success, the digest `ctr images ls` shows for REF.
+    pub fn pull_flags(&self, sb: &Sandbox, reference: &str, flags: &[&str]) -> (Output, Option<String>) {
+        let mut args = vec!["images", "pull"];
+        args.extend_from_slice(flags);
+        args.push(reference);
+        let out = self.ctr(sb, &args);
+        if !out.success() {
+            return (out, None);
+        }
+        let digest = self.image_digest(sb, reference);
+        (out, digest)
+    }
+
     /// The DIGEST column of `ctr images ls` for `reference`.
     pub fn image_digest(&self, sb: &Sandbox, reference: &str) -> Option<String> {
         let out = self.ctr(sb, &["images", "ls"]);
@@ -226,11 +240,44 @@ impl Dockerd {
 
     /// `docker -H unix://SOCK ARGS` with a private client config dir.
     pub fn docker(&self, args: &[&str]) -> Output {
-        let host = format!("unix://{}", self.sock.display());
         let cfg = self.dir.path().join("cli");
+        self.docker_as(&cfg, args)
+    }
+
+    /// A fresh docker CLI config dir (`DOCKER_CONFIG`, holding `{}`) under
+    /// the daemon's temp dir: logins made with it stay in it.
+    pub fn cli_config(&self, name: &str) -> PathBuf {
+        let cfg = self.dir.path().join(format!("cli-{name}"));
+        std::fs::create_dir_all(&cfg).expect("docker config dir");
+        std::fs::write(cfg.join("config.json"), "{}").expect("docker config.json");
+        cfg
+    }
+
+    /// `docker -H unix://SOCK ARGS` with `config` as `DOCKER_CONFIG` (and HOME).
+    pub fn docker_as(&self, config: &Path, args: &[&str]) -> Output {
+        let host = format!("unix://{}", self.sock.display());
         let mut all = vec!["-H", &host];
         all.extend_from_slice(args);
-        run("docker", &all, &[("DOCKER_CONFIG", &cfg), ("HOME", &cfg)])
+        run("docker", &all, &[("DOCKER_CONFIG", config), ("HOME", config)])
+    }
+
+    /// `docker login [SERVER] -u USER -p PASSWORD` with `config` as the CLI
+    /// config (where the credentials are stored on success).
+    pub fn login(&self, config: &Path, server: Option<&str>, user: &str, password: &str) -> Output {
+        let mut args = vec!["login", "-u", user, "-p", password];
+        args.extend(server);
+        self.docker_as(config, &args)
+    }
+
+    /// `docker pull IMAGE` with `config` as the CLI config; the output and,
+    /// on success, the RepoDigests digest of IMAGE's repository.
+    pub fn pull_as(&self, config: &Path, image: &str) -> (Output, Option<String>) {
+        let out = self.docker_as(config, &["pull", image]);
+        if !out.success() {
+            return (out, None);
+        }
+        let digest = self.repo_digest(image);
+        (out, digest)
     }
 
     /// `docker pull [--platform P] IMAGE`; the output and, on success, the

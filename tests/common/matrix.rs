@@ -28,9 +28,15 @@ pub struct Stack {
 
 impl Stack {
     pub fn start() -> Stack {
-        let env = UpstreamEnv::start(UpstreamEnvOpts::default());
+        Stack::start_with(UpstreamEnvOpts::default(), |cfg| cfg)
+    }
+
+    /// [`Stack::start`] with other upstream options (e.g. a token policy
+    /// with private repositories) and a changed regmirror config.
+    pub fn start_with(opts: UpstreamEnvOpts, configure: impl FnOnce(Config) -> Config) -> Stack {
+        let env = UpstreamEnv::start(opts);
         let cfg = Config::new(alloc_ip()).with_standard_upstreams(UPSTREAM_HOST, env.upstream.ip, &env.ca_file);
-        let rm = Regmirror::start(cfg);
+        let rm = Regmirror::start(configure(cfg));
         Stack {
             rm,
             env,

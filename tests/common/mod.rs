@@ -77,6 +77,12 @@ pub fn keep_temp() -> bool {
 
 /// A client-side HTTP client that trusts exactly the given PEM roots.
 pub fn http_client(ca_pem: &[u8]) -> reqwest::Client {
+    http_client_resolving(ca_pem, &[])
+}
+
+/// [`http_client`] that resolves each `(name, address)` pair to that address
+/// (a private /etc/hosts for this client only).
+pub fn http_client_resolving(ca_pem: &[u8], resolve: &[(&str, SocketAddr)]) -> reqwest::Client {
     init_crypto();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile_certs(ca_pem) {
@@ -86,11 +92,13 @@ pub fn http_client(ca_pem: &[u8]) -> reqwest::Client {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
+        .timeout(Duration::from_secs(60));
+    for (name, addr) in resolve {
+        builder = builder.resolve(name, *addr);
+    }
+    builder.build().expect("reqwest client")
 }
 
 /// Parses every `CERTIFICATE` block of a PEM bundle.

@@ -259,6 +259,21 @@ impl Upstream {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// Kills distribution and waits until its address refuses connections
+    /// (the access-log helpers cannot be used afterwards).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let refused = super::wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err()
+        });
+        assert!(
+            refused,
+            "upstream {} still accepts connections after being killed",
+            self.addr
+        );
+    }
 }
 
 impl Drop for Upstream {
