@@ -43,6 +43,8 @@ const PUBLIC_PROOF: Duration = Duration::from_secs(600);
 const OPAQUE_TOKEN_CHECK: Duration = Duration::from_secs(60);
 /// The longest a check is trusted, whatever the token says.
 const MAX_TOKEN_CHECK: Duration = Duration::from_secs(3600);
+/// How long upstream's word that a digest is in a repository is trusted.
+const IN_REPOSITORY_PROOF: Duration = Duration::from_secs(3600);
 
 /// Who is asking.
 #[derive(Clone, Debug)]
@@ -103,6 +105,10 @@ pub struct Auth {
     checked: Remembered<(String, String, String)>,
     /// (upstream, repository) read anonymously, lately.
     public_repos: Remembered<(String, String)>,
+    /// (upstream, repository, digest) upstream served or confirmed in that
+    /// repository: a token checked for a repository reads only content that
+    /// is in it (upstream would not serve another repository's content).
+    in_repository: Remembered<(String, String, String)>,
 }
 
 /// The request was refused for want of a usable credential: a 401 with a
@@ -135,6 +141,13 @@ impl Auth {
             Some(h) if is_anonymous_token(h) => Ok(Identity::Anonymous),
             Some(h) => Ok(Identity::Client(ClientToken::new(h.clone()))),
         }
+    }
+
+    /// Records that upstream served `d` in `repo` (a fetch by digest there
+    /// succeeded).
+    pub fn note_in_repository(&self, upstream: &str, repo: &str, d: &Digest) {
+        self.in_repository
+            .remember((upstream.into(), repo.into(), d.to_string()), IN_REPOSITORY_PROOF);
     }
 
     /// Who asks, where no challenge is due (listings across upstreams).
@@ -295,10 +308,16 @@ impl<'a> Access<'a> {
             }
             Identity::Client(t) => {
                 let key = self.checked_key(t);
+                let here = (self.upstream.name().to_string(), self.repo.to_string(), d.to_string());
+                // A stored digest is served to a checked token only where
+                // upstream has it: through another repository's name,
+                // upstream is asked (and says no).
+                let unproven_here = stored.is_some() && !self.auth.in_repository.holds(&here);
                 let mut upstream_length = None;
-                if !stored_public && !self.auth.checked.holds(&key) {
+                if !stored_public && (!self.auth.checked.holds(&key) || unproven_here) {
                     upstream_length = self.probe(d, kind, Credential::Client(t.header.clone())).await?;
                     self.auth.checked.remember(key, t.lifetime);
+                    self.auth.in_repository.remember(here, IN_REPOSITORY_PROOF);
                 }
                 Ok(FetchPlan {
                     credential: Credential::Client(t.header.clone()),

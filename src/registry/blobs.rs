@@ -36,13 +36,17 @@ pub async fn serve(
     }
     let (app2, r2, d2) = (app.clone(), r.clone(), d.clone());
     let (credential, public) = (plan.credential, plan.public);
+    let (repo, digest) = (r.repo.to_string(), d.clone());
     let served = app
         .cache
         .get_or_fetch(d, move || {
             let (app2, req) = (app2.clone(), blob_request(&r2, &d2, Method::GET, credential.clone()));
             let upstream = r2.upstream;
+            let (repo, digest) = (repo.clone(), digest.clone());
             Box::pin(async move {
-                let resp = app2.upstreams.get(upstream).client.get_ok(&req).await?;
+                let up = app2.upstreams.get(upstream);
+                let resp = up.client.get_ok(&req).await?;
+                app2.auth.note_in_repository(up.name(), &repo, &digest);
                 let mut source = source_from(resp, None);
                 // Layers are opaque bytes; whatever upstream called them.
                 source.media_type = None;

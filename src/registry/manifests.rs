@@ -292,6 +292,7 @@ async fn fetch_served(
 ) -> Result<Served, RegistryError> {
     let (app2, r2, reference, accept) = (app.clone(), r.clone(), d.to_string(), accept.to_string());
     let (credential, public) = (plan.credential.clone(), plan.public);
+    let (repo, digest) = (r.repo.to_string(), d.clone());
     app.cache
         .get_or_fetch(d, move || {
             let (app2, req) = (
@@ -299,8 +300,11 @@ async fn fetch_served(
                 manifest_request(&r2, &reference, Method::GET, &accept, credential.clone()),
             );
             let upstream = r2.upstream;
+            let (repo, digest) = (repo.clone(), digest.clone());
             Box::pin(async move {
-                let resp = app2.upstreams.get(upstream).client.get_ok(&req).await?;
+                let up = app2.upstreams.get(upstream);
+                let resp = up.client.get_ok(&req).await?;
+                app2.auth.note_in_repository(up.name(), &repo, &digest);
                 let mut source = source_from(resp, Some(MAX_MANIFEST as u64));
                 source.public = public;
                 Ok(source)
