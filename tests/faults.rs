@@ -1909,3 +1909,59 @@ async fn the_root_certificate_is_served_and_its_key_never_is() {
         );
     }
 }
+
+/// Rule 11 and single flight: a token checked for one repository does not
+/// join a download of another repository's private content in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_repository_cannot_join_a_private_download() {
+    let up = FakeUpstream::start("127.0.3.142:0").await;
+    up.require_bearer(true);
+    up.set_user("alice", "pw");
+    up.private_prefix("library/private");
+    let m = Mirror::start(42, &up.url()).await;
+    let secret = bytes_for("in-flight-private", 400_000);
+    let (d, path) = up.add_blob("library/private", &secret);
+    let (public_d, _) = up.add_blob("library/app", b"a public layer");
+    up.gate(&path);
+    let token_for = |repo: &str| {
+        let (c, url) = (
+            client(),
+            format!("{}/token?scope=repository:dockerhub/library/{repo}:pull", m.base),
+        );
+        async move {
+            token_of(
+                c.get(url)
+                    .header("authorization", basic("alice", "pw"))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let private = client_with_auth(&format!("Bearer {}", token_for("private").await));
+    let app_only = client_with_auth(&format!("Bearer {}", token_for("app").await));
+    // The app-only token is checked for library/app.
+    assert_eq!(
+        get_ok(&app_only, &m.url("app", &format!("blobs/{public_d}"))).await.1,
+        b"a public layer"
+    );
+
+    let leader = tokio::spawn({
+        let url = m.url("private", &format!("blobs/{d}"));
+        async move { private.get(url).send().await.unwrap().bytes().await.map(|b| b.to_vec()) }
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while up.count("GET", &path) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the private download starts");
+    let r = app_only.get(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    assert_ne!(r.status(), 200, "joined another repository's private download");
+    let body = r.bytes().await.unwrap();
+    assert!(body.len() < 1000, "no content bytes reached the other token");
+    up.open_gate();
+    assert_eq!(leader.await.unwrap().unwrap(), secret);
+}

@@ -312,7 +312,10 @@ impl<'a> Access<'a> {
                 // A stored digest is served to a checked token only where
                 // upstream has it: through another repository's name,
                 // upstream is asked (and says no).
-                let unproven_here = stored.is_some() && !self.auth.in_repository.holds(&here);
+                // The same holds for a download in flight for someone else:
+                // joining it would hand over bytes fetched in another
+                // repository.
+                let unproven_here = (stored.is_some() || cache.downloading(d)) && !self.auth.in_repository.holds(&here);
                 let mut upstream_length = None;
                 if !stored_public && (!self.auth.checked.holds(&key) || unproven_here) {
                     upstream_length = self.probe(d, kind, Credential::Client(t.header.clone())).await?;

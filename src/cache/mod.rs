@@ -149,6 +149,12 @@ impl Cache {
         Ok(info)
     }
 
+    /// True while a download of `d` is in progress (joining it would hand
+    /// over bytes fetched for another client).
+    pub fn downloading(&self, d: &Digest) -> bool {
+        lock(&self.inflight).contains_key(d)
+    }
+
     /// Stored content, opened for serving; `None` when not stored. A hit
     /// counts as a use for eviction; what is opened stays readable to the
     /// end even if it is evicted meanwhile.
