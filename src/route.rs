@@ -122,6 +122,8 @@ pub enum Endpoint {
     },
     Repo(RepoRequest),
     Health,
+    /// `/readyz`: the store takes writes, the CA is loaded, listeners bound.
+    Ready,
     Metrics,
     /// `/token`: regmirror's token endpoint (the realm of its challenges).
     Token,
@@ -148,6 +150,9 @@ pub const MAX_PAGE: u32 = 10_000;
 pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&str>) -> Result<Endpoint, RouteError> {
     if path == "/healthz" {
         return Ok(Endpoint::Health);
+    }
+    if path == "/readyz" {
+        return Ok(Endpoint::Ready);
     }
     if path == "/token" {
         return Ok(Endpoint::Token);

@@ -1965,3 +1965,25 @@ async fn a_token_for_another_repository_cannot_join_a_private_download() {
     up.open_gate();
     assert_eq!(leader.await.unwrap().unwrap(), secret);
 }
+
+/// `/healthz` says the process is up; `/readyz` also that the store takes
+/// writes (the CA and listeners are up if it answers at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_whether_the_store_can_be_written() {
+    let up = FakeUpstream::start("127.0.3.143:0").await;
+    let m = Mirror::start(43, &up.url()).await;
+    let c = client();
+    let get = |path: &str| {
+        let (c, url) = (c.clone(), format!("{}{path}", m.base));
+        async move { c.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!((get("/healthz").await, get("/readyz").await), (200, 200));
+    // Root ignores permissions: make the download directory unusable instead.
+    let tmp = m.dir.path().join("data/tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+    assert_eq!((get("/healthz").await, get("/readyz").await), (200, 503));
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    assert_eq!(get("/readyz").await, 200);
+}

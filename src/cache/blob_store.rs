@@ -49,6 +49,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// store that predates the recency index. Walks the store: never on a
     /// request's path.
     async fn list(&self) -> io::Result<Vec<ListedBlob>>;
+    /// Whether new content can be written now (`/readyz`): writes and
+    /// removes a small probe where downloads go.
+    async fn check_writable(&self) -> io::Result<()>;
 }
 
 /// One stored digest as [`BlobStore::list`] reports it.

@@ -391,6 +391,12 @@ impl BlobStore for LocalStore {
     async fn mark_public(&self, d: &Digest) -> io::Result<()> {
         self.write_atomically(&self.public_path(d), b"").await
     }
+    async fn check_writable(&self) -> io::Result<()> {
+        let probe = self.temp_path("ready");
+        fs::write(&probe, b"ready").await?;
+        fs::remove_file(&probe).await
+    }
+
     async fn list(&self) -> io::Result<Vec<ListedBlob>> {
         let root = self.root.join("blobs");
         tokio::task::spawn_blocking(move || list_blobs(&root))

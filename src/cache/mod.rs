@@ -149,6 +149,11 @@ impl Cache {
         Ok(info)
     }
 
+    /// Whether the store takes new content now, for readiness checks.
+    pub async fn check_writable(&self) -> io::Result<()> {
+        self.blobs.check_writable().await
+    }
+
     /// True while a download of `d` is in progress (joining it would hand
     /// over bytes fetched for another client).
     pub fn downloading(&self, d: &Digest) -> bool {

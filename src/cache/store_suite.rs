@@ -15,6 +15,7 @@ async fn read_range(s: &dyn BlobStore, d: &Digest, start: u64, end: u64) -> Vec<
 }
 
 pub async fn blob_store(s: &dyn BlobStore) {
+    s.check_writable().await.expect("a fresh store is writable");
     let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
     let d = Digest::of(&data);
     assert!(s.stat(&d).await.unwrap().is_none());

@@ -204,6 +204,14 @@ where
     };
     match endpoint {
         Endpoint::Health => Ok(text(StatusCode::OK, "ok\n", "text/plain")),
+        // Serving at all means the CA loaded and the listeners are bound.
+        Endpoint::Ready => match app.cache.check_writable().await {
+            Ok(()) => Ok(text(StatusCode::OK, "ready\n", "text/plain")),
+            Err(e) => {
+                tracing::warn!(error = %e, "not ready: the store cannot be written");
+                Err(RegistryError::unavailable(format!("the store cannot be written: {e}")))
+            }
+        },
         Endpoint::Metrics => Ok(text(StatusCode::OK, METRICS.render(), "text/plain; version=0.0.4")),
         Endpoint::CaCert if read_only => Ok(text(StatusCode::OK, app.ca_pem.clone(), "application/x-pem-file")),
         Endpoint::Token if method == Method::GET || method == Method::POST => {
