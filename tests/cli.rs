@@ -80,3 +80,58 @@ fn check_reports_a_ca_that_no_longer_covers_the_configured_hosts() {
     assert!(!ok);
     assert!(err.contains("registry.example.org"), "{err}");
 }
+
+/// `--log-format json`: every log line is one JSON object a log shipper can
+/// read, with the message and its fields.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[server]
+http = "127.0.3.251:5000"
+name = "regmirror.test"
+[ca]
+dir = "{d}/certs"
+[cache]
+dir = "{d}/data"
+max_size = "1GiB"
+[[upstream]]
+name = "docker.io"
+hosts = ["registry-1.docker.io"]
+url = "https://127.0.0.9"
+namespace = "dockerhub"
+"#,
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regmirror"))
+        .args(["--log-format", "json", "serve", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let ready = line.contains("listener ready");
+        lines.push(line);
+        if ready || lines.len() > 20 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(lines.iter().any(|l| l.contains("listener ready")), "{lines:#?}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["message"].is_string() && v["level"].is_string(), "{l}");
+    }
+    let ready: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(ready["addr"], "127.0.3.251:5000", "fields are top-level keys");
+}
