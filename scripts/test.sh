@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo podman containerd docker.io)
-tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare)
+packages=(docker-registry skopeo podman containerd docker.io systemd)
+tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -135,3 +135,36 @@ namespace = "dockerhub"
     let ready: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(ready["addr"], "127.0.3.251:5000", "fields are top-level keys");
 }
+
+/// The systemd unit in scripts/ is one systemd accepts (`systemd-analyze
+/// verify`), runs the binary without root but with CAP_NET_BIND_SERVICE, and
+/// keeps its store and CA in a state directory.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/regmirror.service")).unwrap();
+    for needed in [
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "StateDirectory=regmirror",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+    ] {
+        assert!(unit.contains(needed), "the unit lacks {needed}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("regmirror.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/regmirror", env!("CARGO_BIN_EXE_regmirror")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (package systemd) is installed");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
