@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -41,6 +42,25 @@ pub struct Config {
     pub access: AccessConfig,
     #[serde(rename = "upstream", default)]
     pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what one client, or all of them together, can make regmirror
+/// hold. Every key is optional; an absent key keeps its safe default (see
+/// [`Limits::default`]). Durations are strings with a unit (`"500ms"`,
+/// `"10s"`, `"2m"`), sizes strings like `"64MiB"`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
+    pub handshake_timeout: Option<String>,
+    pub first_request_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub h2_max_streams: Option<u32>,
+    pub memory_budget: Option<String>,
+    pub download_concurrency: Option<usize>,
 }
 
 /// Who may use the proxy at all, by client address.
@@ -126,6 +146,51 @@ pub struct Settings {
     /// Client networks allowed to connect; empty: everyone.
     pub access_allow: Vec<ipnet::IpNet>,
     pub upstreams: Vec<Upstream>,
+    pub limits: Limits,
+}
+
+/// The validated `[limits]`: bounds on what clients can make regmirror hold,
+/// so that no single client (or a crowd of idle sockets) takes the mirror
+/// down for everyone else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections on both listeners together. At the cap, the
+    /// connection idle the longest is closed to make room; a new one is
+    /// refused only when every connection has a request in flight.
+    pub max_connections: usize,
+    /// Open connections from one client IP address; at the cap that
+    /// client's own longest-idle connection makes room.
+    pub max_connections_per_client: usize,
+    /// From accept to the end of the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// From accept (or the end of the handshake) to a complete first
+    /// request head; also bounds the reading of every later HTTP/1 head.
+    pub first_request_timeout: Duration,
+    /// How long a connection may have nothing to do (no request in flight,
+    /// or only responses the client has stopped reading) before it is closed.
+    pub idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_streams: u32,
+    /// Bytes of response bodies in flight (read from the store and not yet
+    /// written to a socket) across all connections.
+    pub memory_budget: u64,
+    /// Concurrent upstream downloads.
+    pub download_concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            max_connections_per_client: 256,
+            handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            h2_max_streams: 16,
+            memory_budget: 32 << 20,
+            download_concurrency: 16,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +469,8 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         });
     }
 
+    let limits = validate_limits(raw.limits)?;
+
     Ok(Settings {
         https,
         http,
@@ -415,7 +482,95 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         resolver_overrides,
         access_allow,
         upstreams,
+        limits,
     })
+}
+
+fn validate_limits(raw: LimitsConfig) -> Result<Limits, Invalid> {
+    let d = Limits::default();
+    let count = |key: &str, v: Option<usize>, default: usize| match v {
+        None => Ok(default),
+        Some(0) => Err(invalid(format!("limits.{key}"), "must be at least 1")),
+        Some(n) => Ok(n),
+    };
+    let duration = |key: &str, v: Option<&str>, default: Duration| match v {
+        None => Ok(default),
+        Some(v) => parse_duration(v).map_err(|m| invalid(format!("limits.{key}"), m)),
+    };
+    let max_connections = count("max_connections", raw.max_connections, d.max_connections)?;
+    let max_connections_per_client = count(
+        "max_connections_per_client",
+        raw.max_connections_per_client,
+        d.max_connections_per_client.min(max_connections),
+    )?;
+    if max_connections_per_client > max_connections {
+        return Err(invalid(
+            "limits.max_connections_per_client",
+            format!("{max_connections_per_client} is more than limits.max_connections ({max_connections})"),
+        ));
+    }
+    let h2_max_streams = match raw.h2_max_streams {
+        None => d.h2_max_streams,
+        Some(n @ 1..=1000) => n,
+        Some(n) => {
+            return Err(invalid(
+                "limits.h2_max_streams",
+                format!("{n} is not between 1 and 1000"),
+            ))
+        }
+    };
+    let memory_budget = match raw.memory_budget.as_deref() {
+        None => d.memory_budget,
+        Some(v) => {
+            let n = parse_size(v).map_err(|m| invalid("limits.memory_budget", m))?;
+            if n < 1 << 20 {
+                return Err(invalid("limits.memory_budget", format!("{v:?} is less than 1MiB")));
+            }
+            n
+        }
+    };
+    Ok(Limits {
+        max_connections,
+        max_connections_per_client,
+        handshake_timeout: duration(
+            "handshake_timeout",
+            raw.handshake_timeout.as_deref(),
+            d.handshake_timeout,
+        )?,
+        first_request_timeout: duration(
+            "first_request_timeout",
+            raw.first_request_timeout.as_deref(),
+            d.first_request_timeout,
+        )?,
+        idle_timeout: duration("idle_timeout", raw.idle_timeout.as_deref(), d.idle_timeout)?,
+        h2_max_streams,
+        memory_budget,
+        download_concurrency: count("download_concurrency", raw.download_concurrency, d.download_concurrency)?,
+    })
+}
+
+/// Parses durations like `"500ms"`, `"10s"`, `"2m"`, `"1h"`: a whole number
+/// and a unit, more than zero. A bare number is refused so that nobody
+/// wonders whether it means seconds or milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"10s\" (units ms, s, m, h)"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "" => return Err(format!("{s:?} needs a unit, like \"{n}s\" (units ms, s, m, h)")),
+        other => return Err(format!("unknown unit {other:?} in {s:?} (use ms, s, m, h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?} must be more than zero"));
+    }
+    Ok(d)
 }
 
 fn parse_addr(key: &str, value: Option<&str>) -> Result<Option<SocketAddr>, Invalid> {
@@ -558,6 +713,74 @@ mod tests {
             let e = err(&with(bad));
             assert!(e.contains("cache.low_water"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn limits_default_and_validate() {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.limits, Limits::default(), "config.toml spells out the defaults");
+        let base = &DEFAULT_CONFIG[..DEFAULT_CONFIG.find("[limits]").unwrap()];
+        assert_eq!(Settings::from_toml(base, "t").unwrap().limits, Limits::default());
+        let text = format!(
+            "{base}\n[limits]\nmax_connections = 100\nmax_connections_per_client = 10\n\
+             handshake_timeout = \"500ms\"\nidle_timeout = \"2m\"\nmemory_budget = \"16MiB\"\n\
+             h2_max_streams = 8\ndownload_concurrency = 4\n"
+        );
+        let l = Settings::from_toml(&text, "t").unwrap().limits;
+        assert_eq!(l.max_connections, 100);
+        assert_eq!(l.max_connections_per_client, 10);
+        assert_eq!(l.handshake_timeout, Duration::from_millis(500));
+        assert_eq!(l.first_request_timeout, Limits::default().first_request_timeout);
+        assert_eq!(l.idle_timeout, Duration::from_secs(120));
+        assert_eq!(l.memory_budget, 16 << 20);
+        assert_eq!((l.h2_max_streams, l.download_concurrency), (8, 4));
+        // A small max_connections pulls the per-client default down with it.
+        let small = format!("{base}\n[limits]\nmax_connections = 10\n");
+        assert_eq!(
+            Settings::from_toml(&small, "t")
+                .unwrap()
+                .limits
+                .max_connections_per_client,
+            10
+        );
+
+        let limits = |body: &str| err(&format!("{base}\n[limits]\n{body}\n"));
+        for (body, key) in [
+            ("idle_timeout = \"10\"", "limits.idle_timeout"),
+            ("idle_timeout = \"0s\"", "limits.idle_timeout"),
+            ("handshake_timeout = \"ten seconds\"", "limits.handshake_timeout"),
+            (
+                "first_request_timeout = \"3 fortnights\"",
+                "limits.first_request_timeout",
+            ),
+            ("max_connections = 0", "limits.max_connections"),
+            (
+                "max_connections = 5\nmax_connections_per_client = 6",
+                "limits.max_connections_per_client",
+            ),
+            ("h2_max_streams = 0", "limits.h2_max_streams"),
+            ("memory_budget = \"lots\"", "limits.memory_budget"),
+            ("memory_budget = \"4KiB\"", "limits.memory_budget"),
+            ("download_concurrency = 0", "limits.download_concurrency"),
+            ("idle_timout = \"1s\"", "idle_timout"),
+        ] {
+            let e = limits(body);
+            assert!(e.contains(key), "{body}: {e}");
+        }
+        let e = limits("idle_timeout = 10");
+        assert!(e.contains("idle_timeout"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("0ms").is_err());
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("s").is_err());
     }
 
     #[test]
