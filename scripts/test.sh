@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo podman containerd docker.io systemd)
-tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze)
+packages=(docker-registry skopeo podman containerd docker.io systemd nghttp2-client)
+tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze h2load)
 
 missing=()
 for p in "${packages[@]}"; do
