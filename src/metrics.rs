@@ -45,6 +45,8 @@ pub struct Metrics {
     pub disk_full: Counter,
     /// Gauge: bytes of content in the store, as the recency index counts them.
     pub cache_bytes: Counter,
+    /// Connections closed at once because the client address is not in `[access] allow`.
+    pub connections_refused: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -62,11 +64,17 @@ pub static METRICS: Metrics = Metrics {
     evicted_bytes: Counter::new(),
     disk_full: Counter::new(),
     cache_bytes: Counter::new(),
+    connections_refused: Counter::new(),
 };
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &Counter); 13] = [
+        let rows: [(&str, &str, &Counter); 14] = [
+            (
+                "regmirror_connections_refused_total",
+                "connections from addresses outside [access] allow",
+                &self.connections_refused,
+            ),
             ("regmirror_requests_total", "HTTP requests received", &self.requests),
             (
                 "regmirror_cache_hits_total",

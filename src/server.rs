@@ -160,6 +160,12 @@ async fn accept_loop(
                 }
             },
         };
+        // `[access] allow`: networks outside it never get a handshake.
+        if !app.auth.clients.allows(peer.ip()) {
+            crate::metrics::METRICS.connections_refused.inc();
+            tracing::warn!(%peer, "connection refused: client address not in [access] allow");
+            continue;
+        }
         let conn = match table.admit(peer.ip()) {
             Ok(c) => c,
             Err(refused) => {

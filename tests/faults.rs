@@ -1987,3 +1987,74 @@ async fn readiness_follows_whether_the_store_can_be_written() {
     std::fs::create_dir(&tmp).unwrap();
     assert_eq!(get("/readyz").await, 200);
 }
+
+/// `[access] allow`: a client outside the allowed networks is refused at
+/// the connection, before any request is read; one inside is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_access_allow_are_refused_at_the_connection() {
+    let up = FakeUpstream::start("127.0.3.144:0").await;
+    let inside = Mirror::start_with(44, &up.url(), "[access]\nallow = [\"127.0.0.1/32\", \"10.0.0.0/8\"]").await;
+    assert_eq!(
+        client()
+            .get(format!("{}/v2/", inside.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Mirror::start waits for an answer, which this one never gives: start it by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+http = "127.0.3.45:5000"
+name = "regmirror.test"
+[ca]
+dir = '{d}/certs'
+[cache]
+dir = '{d}/data'
+max_size = "1GiB"
+[[upstream]]
+name = "docker.io"
+hosts = ["docker.io"]
+url = "{url}"
+namespace = "dockerhub"
+[access]
+allow = ["10.0.0.0/8"]
+"#,
+        d = dir.path().display(),
+        url = up.url()
+    );
+    let settings = regmirror::config::Settings::from_toml(&toml, "test").unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(regmirror::serve(settings, async move {
+        let _ = rx.await;
+    }));
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tokio::net::TcpStream::connect("127.0.3.45:5000").await {
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(mut s) => {
+                    let _ = s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                    let mut buf = Vec::new();
+                    let _ = s.read_to_end(&mut buf).await;
+                    return buf;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the listener comes up");
+    assert!(
+        refused.is_empty(),
+        "a refused client got an answer: {}",
+        String::from_utf8_lossy(&refused)
+    );
+    assert!(
+        up.seen().iter().all(|s| s.path == "/v2/"),
+        "nothing of it reached upstream"
+    );
+    let _ = tx.send(());
+    task.abort();
+}
