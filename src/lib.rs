@@ -58,7 +58,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
     let cache = cache::Cache::open_local(
         &settings.cache_dir,
         namespace_moves,
-        cache::DEFAULT_DOWNLOAD_CONCURRENCY,
+        settings.limits.download_concurrency,
         cache::Limits {
             max_size: settings.max_size,
             low_water: settings.low_water,

@@ -313,6 +313,9 @@ async fn pread(file: Arc<std::fs::File>, pos: u64, max: usize) -> io::Result<Byt
         let mut buf = vec![0u8; max];
         let n = file.read_at(&mut buf, pos)?;
         buf.truncate(n);
+        // A short read keeps only what it holds: chunks are counted
+        // against the memory budget by their length.
+        buf.shrink_to_fit();
         Ok(Bytes::from(buf))
     })
     .await

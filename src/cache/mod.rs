@@ -41,9 +41,6 @@ use crate::reference::{Digest, Tag};
 /// The recency index's file under `cache.dir`.
 pub const INDEX_FILE: &str = "index.redb";
 
-/// How many upstream downloads run at once unless configured otherwise.
-pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 64;
-
 pub struct Cache {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
