@@ -255,6 +255,22 @@ impl Settings {
         self.upstreams.iter().position(|u| u.library_prefix).unwrap_or(0)
     }
 
+    /// What an operator should know about this configuration though it is
+    /// valid: said by `check` and logged by `serve`.
+    pub fn warnings(&self) -> Vec<String> {
+        let names = self.tls_names();
+        let mut out = Vec::new();
+        for parent in &names {
+            let under: Vec<&String> = names.iter().filter(|n| n.ends_with(&format!(".{parent}"))).collect();
+            if !under.is_empty() {
+                out.push(format!(
+                    "host {parent:?} is a parent of {under:?}: the CA's name constraints then admit every name under {parent:?} (e.g. auth.{parent}); list only the hosts clients connect to"
+                ));
+            }
+        }
+        out
+    }
+
     /// Every hostname the CA may sign for: the upstreams' plus our own.
     pub fn tls_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.upstreams.iter().flat_map(|u| u.hosts.iter().cloned()).collect();
@@ -647,6 +663,20 @@ mod tests {
         let s = Settings::load(None).unwrap();
         assert_eq!(s.upstreams.len(), 3);
         assert_eq!(s.upstreams[s.default_upstream()].name, "docker.io");
+        assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+        assert!(
+            !s.tls_names()
+                .iter()
+                .any(|n| "auth.docker.io".ends_with(&format!(".{n}"))),
+            "the default CA does not admit Docker Hub's auth server: {:?}",
+            s.tls_names()
+        );
+        let parent = DEFAULT_CONFIG.replace(
+            r#"hosts = ["registry-1.docker.io", "index.docker.io"]"#,
+            r#"hosts = ["registry-1.docker.io", "docker.io"]"#,
+        );
+        let w = Settings::from_toml(&parent, "t").unwrap().warnings();
+        assert!(w.len() == 1 && w[0].contains("auth.docker.io"), "{w:?}");
         assert!(s.upstreams[0].library_prefix && !s.upstreams[1].library_prefix);
         assert_eq!(s.max_size, 50 << 30);
         assert!(s.tls_names().contains(&"regmirror.local".to_string()));

@@ -139,6 +139,9 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            for w in settings.warnings() {
+                tracing::warn!("{w}");
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -148,6 +151,9 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Check { config } => {
             let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+            for w in s.warnings() {
+                println!("warning: {w}");
+            }
             // An existing CA must still cover every configured hostname.
             if CertificateAuthority::cert_path(&s.ca_dir).exists() {
                 CertificateAuthority::load_or_create(&s.ca_dir, &s.tls_names()).map_err(|e| format!("ca.dir: {e}"))?;

@@ -287,7 +287,7 @@ mod tests {
         .unwrap();
         assert!(f[0]
             .content
-            .contains("192.0.2.7 docker.io ghcr.io index.docker.io quay.io registry-1.docker.io regmirror.local"));
+            .contains("192.0.2.7 ghcr.io index.docker.io quay.io registry-1.docker.io regmirror.local"));
     }
 
     #[test]
