@@ -2058,3 +2058,141 @@ allow = ["10.0.0.0/8"]
     let _ = tx.send(());
     task.abort();
 }
+
+/// Listings leak nothing: a private repository cached for one client is
+/// not in anyone else's catalog, and its tag list needs the client's own
+/// token (upstream is asked with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_show_only_what_the_client_may_read() {
+    let up = FakeUpstream::start("127.0.3.146:0").await;
+    up.require_bearer(true);
+    up.set_user("alice", "pw");
+    up.private_prefix("library/private");
+    let m = Mirror::start(46, &up.url()).await;
+    let manifest = manifest_bytes("listing");
+    up.add_manifest("library/private", Some("1"), OCI_MANIFEST, &manifest);
+    up.add_manifest("library/app", Some("1"), OCI_MANIFEST, &manifest);
+    for repo in ["private", "app"] {
+        up.put(
+            &format!("/v2/library/{repo}/tags/list"),
+            Resource {
+                body: format!(r#"{{"name":"library/{repo}","tags":["1"]}}"#).into(),
+                content_type: "application/json".into(),
+                digest: None,
+            },
+        );
+    }
+    let token = token_of(
+        client()
+            .get(format!(
+                "{}/token?scope=repository:dockerhub/library/private:pull",
+                m.base
+            ))
+            .header("authorization", basic("alice", "pw"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let alice = client_with_auth(&format!("Bearer {token}"));
+    let anonymous = anonymous_client(&m).await;
+    for (c, repo) in [(&alice, "private"), (&anonymous, "app")] {
+        let r = c
+            .get(m.url(repo, "manifests/1"))
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{repo}");
+    }
+    let catalog = |c: reqwest::Client| {
+        let url = format!("{}/v2/_catalog", m.base);
+        async move {
+            let body = c.get(url).send().await.unwrap().bytes().await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["repositories"].clone()
+        }
+    };
+    assert_eq!(
+        catalog(anonymous.clone()).await,
+        serde_json::json!(["dockerhub/library/app"])
+    );
+    assert_eq!(
+        catalog(alice.clone()).await,
+        serde_json::json!(["dockerhub/library/app", "dockerhub/library/private"])
+    );
+    let r = anonymous.get(m.url("private", "tags/list")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the private tag list needs the client's own token");
+    let r = alice.get(m.url("private", "tags/list")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// share_private = true: what regmirror's own credentials can read is
+/// served to every client of the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_private_serves_what_the_proxy_credentials_can_read() {
+    let up = FakeUpstream::start("127.0.3.147:0").await;
+    up.require_bearer(true);
+    up.set_user("proxy", "pw");
+    up.private_prefix("library/private");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "pw\n").unwrap();
+    let keys = |share: bool| {
+        format!(
+            "username = \"proxy\"\npassword_file = '{}'\nshare_private = {share}",
+            pw.display()
+        )
+    };
+    let secret = bytes_for("shared-private", 20_000);
+    let (d, _) = up.add_blob("library/private", &secret);
+    let not_shared = Mirror::start_with(47, &up.url(), &keys(false)).await;
+    let r = anonymous_client(&not_shared)
+        .await
+        .get(not_shared.url("private", &format!("blobs/{d}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "proxy credentials alone share nothing private");
+    let shared = Mirror::start_with(48, &up.url(), &keys(true)).await;
+    let (_, body) = get_ok(
+        &anonymous_client(&shared).await,
+        &shared.url("private", &format!("blobs/{d}")),
+    )
+    .await;
+    assert_eq!(body, secret);
+    assert!(up.token_users().iter().any(|u| u.as_deref() == Some("proxy")));
+}
+
+/// `repositories = [...]`: only those may be pulled through the proxy, by
+/// tag and by digest alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_repositories_are_served() {
+    let up = FakeUpstream::start("127.0.3.149:0").await;
+    let m = Mirror::start_with(49, &up.url(), r#"repositories = ["library/app", "myorg/**"]"#).await;
+    let c = client();
+    let manifest = manifest_bytes("allowed");
+    let d = up.add_manifest("library/app", Some("1"), OCI_MANIFEST, &manifest);
+    up.add_manifest("library/other", Some("1"), OCI_MANIFEST, &manifest);
+    let layer = bytes_for("allowed-layer", 1000);
+    let (ld, _) = up.add_blob("library/app", &layer);
+    up.add_blob("library/other", &layer);
+    assert_eq!(get_ok(&c, &m.url("app", "manifests/1")).await.1, manifest);
+    assert_eq!(get_ok(&c, &m.url("app", &format!("blobs/{ld}"))).await.1, layer);
+    for path in [
+        "manifests/1".to_string(),
+        format!("manifests/{d}"),
+        format!("blobs/{ld}"),
+    ] {
+        let r = c.get(m.url("other", &path)).send().await.unwrap();
+        let (status, code) = oci_error(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (403, "DENIED"),
+            "library/other/{path}, though cached"
+        );
+    }
+    assert!(
+        up.seen().iter().all(|s| !s.path.contains("library/other")),
+        "nothing asked upstream for it"
+    );
+}
