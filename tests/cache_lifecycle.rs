@@ -63,6 +63,9 @@ name = "docker.io"
 hosts = ["registry-1.docker.io", "docker.io"]
 url = "{upstream_url}"
 namespace = "dockerhub"
+[limits]
+# Room for the 20 concurrent downloads of the crash test.
+download_concurrency = 32
 "#
     )
 }

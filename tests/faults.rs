@@ -1664,6 +1664,21 @@ fn basic(user: &str, password: &str) -> String {
     )
 }
 
+/// A token upstream issues to the fake's user `alice` (password `pw`) for
+/// `library/<repo>`, asked of regmirror's /token as a logged-in client would.
+async fn alice_token(m: &Mirror, repo: &str) -> String {
+    let url = format!("{}/token?scope=repository:dockerhub/library/{repo}:pull", m.base);
+    token_of(
+        client()
+            .get(url)
+            .header("authorization", basic("alice", "pw"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 async fn token_of(r: reqwest::Response) -> String {
     assert_eq!(r.status(), 200, "token request");
     let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
@@ -1806,22 +1821,7 @@ async fn private_content_is_served_only_to_clients_upstream_accepts() {
     up.add_blob("library/app", b"public layer");
     let url = m.url("private", &format!("blobs/{d}"));
 
-    let token_for = |repo: &str| {
-        let (c, url) = (
-            client(),
-            format!("{}/token?scope=repository:dockerhub/library/{repo}:pull", m.base),
-        );
-        async move {
-            token_of(
-                c.get(url)
-                    .header("authorization", basic("alice", "pw"))
-                    .send()
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }
-    };
+    let token_for = |repo: &'static str| alice_token(&m, repo);
     let alice = client_with_auth(&format!("Bearer {}", token_for("private").await));
     let (_, body) = get_ok(&alice, &url).await;
     assert_eq!(body, secret);
@@ -1923,22 +1923,7 @@ async fn a_token_for_another_repository_cannot_join_a_private_download() {
     let (d, path) = up.add_blob("library/private", &secret);
     let (public_d, _) = up.add_blob("library/app", b"a public layer");
     up.gate(&path);
-    let token_for = |repo: &str| {
-        let (c, url) = (
-            client(),
-            format!("{}/token?scope=repository:dockerhub/library/{repo}:pull", m.base),
-        );
-        async move {
-            token_of(
-                c.get(url)
-                    .header("authorization", basic("alice", "pw"))
-                    .send()
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }
-    };
+    let token_for = |repo: &'static str| alice_token(&m, repo);
     let private = client_with_auth(&format!("Bearer {}", token_for("private").await));
     let app_only = client_with_auth(&format!("Bearer {}", token_for("app").await));
     // The app-only token is checked for library/app.
