@@ -129,6 +129,8 @@ pub enum Endpoint {
     Token,
     /// `/ca.crt`: the root CA's certificate, for client setup.
     CaCert,
+    /// `/hostnames`: the names clients point at regmirror, for client setup.
+    Hostnames,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +161,9 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     }
     if path == "/ca.crt" {
         return Ok(Endpoint::CaCert);
+    }
+    if path == "/hostnames" {
+        return Ok(Endpoint::Hostnames);
     }
     if path == "/metrics" {
         return Ok(Endpoint::Metrics);

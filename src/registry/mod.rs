@@ -213,6 +213,13 @@ where
             }
         },
         Endpoint::Metrics => Ok(text(StatusCode::OK, METRICS.render(), "text/plain; version=0.0.4")),
+        // One per line: the intercepted upstream hosts, then the proxy's own
+        // name (what scripts/install-ca.sh puts in /etc/hosts and certs.d).
+        Endpoint::Hostnames if read_only => {
+            let mut names: Vec<String> = app.settings.upstreams.iter().flat_map(|u| u.hosts.clone()).collect();
+            names.push(app.settings.server_name.clone());
+            Ok(text(StatusCode::OK, names.join("\n") + "\n", "text/plain"))
+        }
         Endpoint::CaCert if read_only => Ok(text(StatusCode::OK, app.ca_pem.clone(), "application/x-pem-file")),
         Endpoint::Token if method == Method::GET || method == Method::POST => {
             let (parts, body) = req.into_parts();
@@ -227,7 +234,7 @@ where
             "{method} is not supported: regmirror is a read-only pull-through cache"
         ))),
         Endpoint::Token => Err(RegistryError::unsupported("HEAD /token")),
-        Endpoint::CaCert => Err(RegistryError::unsupported("only GET /ca.crt")),
+        Endpoint::CaCert | Endpoint::Hostnames => Err(RegistryError::unsupported("only GET")),
         Endpoint::Ping => ping(app, host, &origin, req.headers()).await,
         Endpoint::Catalog { upstream } => {
             let identity = app.auth.identity_of(req.headers());
