@@ -505,12 +505,51 @@ pub fn warm(s: &Settings, images: &[String], platform: Option<&str>) -> Res<()> 
     rt()?.block_on(async {
         for image in images {
             let img = parse_image(s, image)?;
-            let base = format!("http://{host}/v2/{}/{}", s.upstreams[img.upstream].namespace, img.repo);
+            let name = format!("{}/{}", s.upstreams[img.upstream].namespace, img.repo);
+            let base = format!("http://{host}/v2/{name}");
+            let client = with_token(&client, &host, &name).await?;
             let (n, bytes) = warm_one(&client, &base, &img.reference, &platform, image).await?;
             println!("warmed {image}: {n} blobs ({})", human(bytes));
         }
         Ok(())
     })
+}
+
+/// A client that carries the token regmirror issues anonymously for
+/// `name`, when the upstream authenticates (warm fills the cache with what
+/// anyone may pull: public images).
+async fn with_token(client: &reqwest::Client, host: &str, name: &str) -> Res<reqwest::Client> {
+    let ping = client
+        .get(format!("http://{host}/v2/{name}/tags/list"))
+        .send()
+        .await
+        .map_err(|e| format!("http://{host}: {e} (is regmirror serve running?)"))?;
+    if ping.status() != reqwest::StatusCode::UNAUTHORIZED {
+        return Ok(client.clone());
+    }
+    let url = format!("http://{host}/token?scope=repository:{name}:pull");
+    let body = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
+    let token = v["token"]
+        .as_str()
+        .ok_or_else(|| format!("{url}: no token in the answer"))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?,
+    );
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 async fn get_all(client: &reqwest::Client, url: &str, accept: bool, bar: Option<&ProgressBar>) -> Res<Vec<u8>> {

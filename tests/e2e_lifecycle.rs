@@ -113,4 +113,55 @@ fn real_pulls_settle_under_max_size_and_evicted_images_pull_again() {
         listed.contains("library/ev-3"),
         "cache ls lists what real pulls cached: {listed}"
     );
+
+    let cache = |args: &[&str]| {
+        let out = std::process::Command::new(common::regmirror::binary())
+            .arg("cache")
+            .args(args)
+            .arg("--config")
+            .arg(&rm.config_path)
+            .output()
+            .expect("regmirror cache");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "cache {args:?}: {said}");
+        said
+    };
+    assert!(cache(&["du"]).contains("total_bytes"));
+
+    // gc empties the store; warm fills it again through the normal fetch
+    // path (with regmirror's anonymous token: upstream authenticates), so
+    // the next pull costs upstream only the tag HEAD.
+    cache(&["gc", "--to", "0"]);
+    assert_eq!(stored_bytes(&rm.cache_dir), 0);
+    cache(&["warm", &name(2)]);
+    assert!(stored(&rm.cache_dir, &layer_of(&images[2])), "warm stored the layer");
+    let mark = env.upstream.mark();
+    assert_pulled(
+        &name(2),
+        &client.skopeo_copy(&name(2), None),
+        &images[2].manifest_digest,
+    );
+    let blob_gets: Vec<_> = env
+        .upstream
+        .entries_since(mark)
+        .into_iter()
+        .filter(|e| e.blob_digest().is_some())
+        .collect();
+    assert!(
+        blob_gets.is_empty(),
+        "a warmed image fetched blobs again: {blob_gets:#?}"
+    );
+
+    // rm forgets one image; it pulls again, byte-identical.
+    cache(&["rm", &name(2)]);
+    assert!(!stored(&rm.cache_dir, &layer_of(&images[2])));
+    assert_pulled(
+        &name(2),
+        &client.podman_pull(&name(2), None),
+        &images[2].manifest_digest,
+    );
 }
