@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs every regmirror test: installs the real clients and the real upstream
-# registry the end-to-end tests drive, then cargo's tests, fmt and clippy.
+# registry the end-to-end tests drive, then cargo's tests, fmt and clippy,
+# then `scripts/bench.sh --quick` (checks the benchmark still runs; its
+# figures are not asserted).
 # Needs root (the e2e tests use private mount namespaces and port 443 on
 # loopback addresses). A missing tool is an error, never a skipped test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo podman containerd docker.io systemd nghttp2-client)
-tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze h2load)
+packages=(docker-registry skopeo podman containerd docker.io systemd nghttp2-client nginx-light curl openssl python3)
+tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze h2load nginx curl openssl python3)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -37,3 +39,5 @@ echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
+echo "==> scripts/bench.sh --quick"
+scripts/bench.sh --quick

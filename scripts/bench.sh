@@ -1,0 +1,457 @@
+#!/usr/bin/env bash
+# regmirror and its peers side by side, in one run, against one upstream and
+# the same generated image (issue 16). Prints a table of ratios and, unless
+# --quick, writes docs/BENCHMARKS.md.
+#
+#   scripts/bench.sh            full run (~200 MiB blob, 3 alternating repetitions; < 15 min)
+#   scripts/bench.sh --quick    tiny sizes, 1 repetition, debug build: proves the script works (CI)
+#   scripts/bench.sh --reps N   repetitions (default 3)
+#   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
+#
+# Everything runs on loopback (127.0.9.1-5), behind TLS, and is stopped on exit:
+#   127.0.9.1  direct        Debian's docker-registry (CNCF distribution), the upstream itself
+#   127.0.9.2  regmirror     release build, transparent mode (SNI registry-1.docker.io)
+#   127.0.9.3  dist-proxy    a second docker-registry with proxy.remoteurl = the upstream
+#   127.0.9.4  nginx-cache   nginx proxy_cache + proxy_cache_lock, blobs and digest manifests by URI
+#   127.0.9.5  nginx-static  nginx serving the same bytes as files (the ceiling for warm content)
+# Clients address every peer as https://registry-1.docker.io (curl --resolve,
+# h2load --connect-to, skopeo in a mount namespace with its own /etc/hosts).
+# Needs root (port 443, unshare --mount). Installs its tools with apt when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo_root=$(pwd)
+
+args="$*"
+quick=0
+reps=3
+out=""
+while (($#)); do
+  case "$1" in
+    --quick) quick=1 ;;
+    --reps) reps="$2"; shift ;;
+    --out) out="$2"; shift ;;
+    *) echo "usage: $0 [--quick] [--reps N] [--out FILE]" >&2; exit 2 ;;
+  esac
+  shift
+done
+command_line="scripts/bench.sh${args:+ $args}"
+if ((quick)); then
+  reps=1
+  big_mib=4; small_mib=(0.5 0.5 0.5 0.5)
+  dur=1; head_n=20; conns_many=200
+else
+  big_mib=200; small_mib=(40 40 40 40)
+  dur=4; head_n=60; conns_many=1000
+  [[ -n $out ]] || out=docs/BENCHMARKS.md
+fi
+
+# ---------------------------------------------------------------- tools
+packages=(docker-registry nginx-light nghttp2-client skopeo curl openssl python3 util-linux)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  [[ $(id -u) -eq 0 ]] || { echo "bench: missing ${missing[*]} and not root" >&2; exit 1; }
+  echo "==> installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+[[ $(id -u) -eq 0 ]] || { echo "bench: needs root (port 443, unshare --mount)" >&2; exit 1; }
+for t in docker-registry nginx h2load skopeo curl openssl python3 unshare; do
+  command -v "$t" >/dev/null || [[ -x /usr/sbin/$t ]] || { echo "bench: $t not found" >&2; exit 1; }
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+if ((quick)); then
+  # Quick proves the script works (CI, after `cargo test` built the debug
+  # binary); its figures mean nothing, so it skips the long release build.
+  echo "==> cargo build (debug: --quick)"
+  cargo build --locked --quiet
+  RM_BIN=$repo_root/target/debug/regmirror
+else
+  echo "==> cargo build --release"
+  cargo build --release --locked --quiet
+  RM_BIN=$repo_root/target/release/regmirror
+fi
+
+# ---------------------------------------------------------------- processes
+W=$(mktemp -d /tmp/regmirror-bench.XXXXXX)
+declare -A PID=()
+stop() { # stop NAME: SIGTERM, then SIGKILL after 5 s
+  local p=${PID[$1]:-}
+  [[ -n $p ]] || return 0
+  kill "$p" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  unset "PID[$1]"
+}
+cleanup() {
+  local n
+  for n in "${!PID[@]}"; do stop "$n"; done
+  [[ -n ${BENCH_KEEP:-} ]] && echo "bench: kept $W" >&2 || rm -rf "$W"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_tls() { # wait_tls IP: until something answers TLS on IP:443
+  for _ in $(seq 100); do
+    curl -sk -o /dev/null --max-time 1 "https://$1/v2/" && return 0
+    sleep 0.1
+  done
+  echo "bench: nothing answers on $1:443" >&2
+  return 1
+}
+
+H=registry-1.docker.io
+UP=127.0.9.1 RM=127.0.9.2 DP=127.0.9.3 NC=127.0.9.4 NS=127.0.9.5
+declare -A IP=([direct]=$UP [regmirror]=$RM [dist-proxy]=$DP [nginx-cache]=$NC [nginx-static]=$NS)
+
+# ---------------------------------------------------------------- certificates
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/ca.key" \
+  -out "$W/ca.pem" -days 2 -subj "/CN=regmirror bench CA" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/leaf.key" \
+  -out "$W/leaf.csr" -subj "/CN=$H" 2>/dev/null
+printf 'subjectAltName=DNS:%s,DNS:upstream.bench,IP:%s,IP:%s,IP:%s,IP:%s\nextendedKeyUsage=serverAuth\n' \
+  "$H" "$UP" "$DP" "$NC" "$NS" >"$W/leaf.ext"
+openssl x509 -req -in "$W/leaf.csr" -CA "$W/ca.pem" -CAkey "$W/ca.key" -CAcreateserial \
+  -days 2 -extfile "$W/leaf.ext" -out "$W/leaf.pem" 2>/dev/null
+cat "$W/leaf.pem" "$W/ca.pem" >"$W/chain.pem"
+
+# ---------------------------------------------------------------- upstream + image
+start_registry() { # start_registry NAME IP DIR [proxy]
+  local name=$1 ip=$2 dir=$3 proxy=${4:-}
+  mkdir -p "$dir/store"
+  {
+    echo "version: 0.1"
+    echo "log: {level: warn, accesslog: {disabled: false}}"
+    echo "storage: {filesystem: {rootdirectory: $dir/store}, delete: {enabled: true}}"
+    echo "http: {addr: \"$ip:443\", tls: {certificate: $W/chain.pem, key: $W/leaf.key}}"
+    [[ -n $proxy ]] && echo "proxy: {remoteurl: \"https://$UP\"}"
+  } >"$dir/config.yml"
+  # distribution reads REGISTRY_* variables as configuration: start it without any.
+  env -i PATH="$PATH" SSL_CERT_FILE="$W/ca.pem" docker-registry serve "$dir/config.yml" \
+    >"$dir/log" 2>&1 &
+  PID[$name]=$!
+  wait_tls "$ip"
+}
+start_registry direct "$UP" "$W/up"
+
+echo "==> generating the image (layers: ${big_mib} MiB + ${small_mib[*]} MiB)"
+python3 scripts/bench_image.py "$W/oci" 1 "$big_mib" "${small_mib[@]}" >"$W/image.txt"
+read -r MANIFEST MANIFEST_SIZE < <(sed -n 1p "$W/image.txt")
+read -r BIG BIG_SIZE < <(sed -n 2p "$W/image.txt")
+IMAGE_BYTES=$(awk '{s += $2} END {print s}' "$W/image.txt")
+mkdir -p "$W/certdir" && cp "$W/ca.pem" "$W/certdir/ca.crt"
+skopeo copy -q --dest-cert-dir "$W/certdir" "oci:$W/oci:1" "docker://$UP/library/bench:1"
+MT=application/vnd.oci.image.manifest.v1+json
+REPO_URL=https://$H/v2/library/bench
+
+# ---------------------------------------------------------------- peers
+rm_config() {
+  cat >"$W/rm/config.toml" <<EOF
+[server]
+https = "$RM:443"
+http = "$RM:5000"
+name = "regmirror.bench"
+
+[ca]
+dir = "$W/rm/certs"
+
+[cache]
+dir = "$W/rm/data"
+max_size = "20GiB"
+
+[resolver]
+overrides = { "upstream.bench" = "$UP" }
+
+[[upstream]]
+name = "docker.io"
+hosts = ["$H"]
+url = "https://upstream.bench"
+namespace = "dockerhub"
+ca_file = "$W/ca.pem"
+EOF
+}
+start_regmirror() {
+  mkdir -p "$W/rm"
+  rm_config
+  "$RM_BIN" serve --config "$W/rm/config.toml" >>"$W/rm/log" 2>&1 &
+  PID[regmirror]=$!
+  for _ in $(seq 100); do [[ -f $W/rm/certs/ca.pem ]] && break; sleep 0.1; done
+  wait_tls "$RM" 2>/dev/null || curl -s -o /dev/null --max-time 2 "http://$RM:5000/healthz" || true
+  for _ in $(seq 100); do
+    curl -s -o /dev/null --max-time 1 --resolve "$H:443:$RM" --cacert "$W/rm/certs/ca.pem" "https://$H/v2/" && return 0
+    sleep 0.1
+  done
+  echo "bench: regmirror did not start (log: $(tail -5 "$W/rm/log"))" >&2
+  return 1
+}
+
+nginx_common() { # nginx_common NAME: the parts every nginx shares
+  cat <<EOF
+user root;
+worker_processes auto;
+pid $W/$1/nginx.pid;
+error_log $W/$1/error.log warn;
+daemon off;
+events { worker_connections 8192; }
+http {
+  access_log $W/$1/access.log;
+  client_body_temp_path $W/$1/client_body;
+  proxy_temp_path $W/$1/proxy_temp;
+  fastcgi_temp_path $W/$1/fastcgi; uwsgi_temp_path $W/$1/uwsgi; scgi_temp_path $W/$1/scgi;
+  sendfile on;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  ssl_certificate $W/chain.pem;
+  ssl_certificate_key $W/leaf.key;
+  ssl_session_cache shared:SSL:10m;
+EOF
+}
+start_nginx() { # start_nginx NAME IP
+  mkdir -p "$W/$1"
+  {
+    nginx_common "$1"
+    if [[ $1 == nginx-cache ]]; then
+      cat <<EOF
+  proxy_cache_path $W/$1/cache levels=1:2 keys_zone=registry:32m max_size=20g inactive=7d use_temp_path=off;
+  upstream registry { server $UP:443; keepalive 64; }
+  server {
+    listen $2:443 ssl http2;
+    client_max_body_size 0;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host \$host;
+    proxy_ssl_server_name on;
+    proxy_ssl_name upstream.bench;
+    proxy_ssl_verify on;
+    proxy_ssl_trusted_certificate $W/ca.pem;
+    proxy_ssl_session_reuse on;
+    # Immutable content (blobs, manifests by digest) is cached by URI.
+    location ~ "^/v2/.+/(blobs|manifests)/sha256:[0-9a-f]{64}\$" {
+      proxy_pass https://registry;
+      proxy_cache registry;
+      proxy_cache_key \$uri;
+      proxy_cache_valid 200 7d;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 10m;
+      proxy_cache_lock_age 10m;
+      proxy_ignore_headers Cache-Control Expires Set-Cookie;
+      proxy_read_timeout 10m;
+      add_header X-Cache \$upstream_cache_status;
+    }
+    location / { proxy_pass https://registry; }
+  }
+}
+EOF
+    else
+      cat <<EOF
+  types { }
+  server {
+    listen $2:443 ssl http2;
+    root $W/static;
+    location /v2/library/bench/manifests/ { default_type $MT; }
+    location /v2/library/bench/blobs/ { default_type application/octet-stream; }
+    location = /v2/ { default_type application/json; return 200 "{}"; }
+  }
+}
+EOF
+    fi
+  } >"$W/$1/nginx.conf"
+  "$NGINX" -c "$W/$1/nginx.conf" -p "$W/$1" >"$W/$1/stdout" 2>&1 &
+  PID[$1]=$!
+  wait_tls "$2"
+}
+
+# nginx static: the image's bytes as files under the URLs clients ask for.
+mkdir -p "$W/static/v2/library/bench/manifests" "$W/static/v2/library/bench/blobs"
+for f in "$W"/oci/blobs/sha256/*; do
+  d=sha256:$(basename "$f")
+  ln "$f" "$W/static/v2/library/bench/blobs/$d"
+  [[ $d == "$MANIFEST" ]] && ln "$f" "$W/static/v2/library/bench/manifests/$d"
+done
+
+start_peer() {
+  case "$1" in
+    regmirror) start_regmirror ;;
+    dist-proxy) start_registry dist-proxy "$DP" "$W/dp" proxy ;;
+    nginx-cache | nginx-static) start_nginx "$1" "${IP[$1]}" ;;
+    direct) ;;
+  esac
+}
+wipe_peer() { # stops a caching peer and empties its cache
+  case "$1" in
+    regmirror) stop regmirror; rm -rf "$W/rm/data" ;;
+    dist-proxy) stop dist-proxy; rm -rf "$W/dp/store" ;;
+    nginx-cache) stop nginx-cache; rm -rf "$W/nginx-cache/cache" ;;
+  esac
+}
+
+echo "==> starting peers"
+for p in regmirror dist-proxy nginx-cache nginx-static; do start_peer "$p"; done
+cat "$W/ca.pem" "$W/rm/certs/ca.pem" >"$W/trust.pem"
+cp "$W/rm/certs/ca.pem" "$W/certdir/regmirror.crt"
+for p in "${!IP[@]}"; do printf '127.0.0.1 localhost\n%s %s\n' "${IP[$p]}" "$H" >"$W/hosts-$p"; done
+
+# ---------------------------------------------------------------- measurements
+RESULTS=$W/results.tsv
+: >"$RESULTS"
+record() { # record FIGURE PEER VALUE; an empty value is a measurement that failed (said why above)
+  [[ -n $3 ]] || { echo "bench: measuring $1 of $2 failed" >&2; exit 1; }
+  printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"
+}
+fail() { echo "bench: $*" >&2; exit 1; }
+
+c() { # c PEER ARGS...: curl at a peer under the shared name
+  curl -sS --resolve "$H:443:${IP[$1]}" --cacert "$W/trust.pem" "${@:2}"
+}
+
+warm() { # warm PEER: every digest URL once, so caches hold them
+  c "$1" -f -o /dev/null -H "Accept: $MT" "$REPO_URL/manifests/$MANIFEST"
+  c "$1" -f -o /dev/null "$REPO_URL/blobs/$BIG"
+}
+
+h2() { # h2 ARGS...: h2load, failing unless every request finished with a 2xx
+  local o
+  o=$(h2load "$@" 2>&1) || fail "h2load $*: $o"
+  # With -D, requests still in flight at the end count as started, not done.
+  grep -q '^requests: .* [1-9][0-9]* succeeded, 0 failed, 0 errored, 0 timeout' <<<"$o" &&
+    grep -q '^status codes: [1-9][0-9]* 2xx, 0 3xx, 0 4xx, 0 5xx' <<<"$o" ||
+    fail "h2load $*:"$'\n'"$o"
+  echo "$o"
+}
+
+manifest_rate() { # manifest_rate PEER h1|h2 → req/s, 64 keep-alive connections
+  local flag=() streams=1
+  [[ $2 == h1 ]] && flag=(--h1) || streams=4
+  h2 "${flag[@]}" -c 64 -m "$streams" -t 2 -D "$dur" --warm-up-time=1 -H "Accept: $MT" \
+    --connect-to="${IP[$1]}:443" "$REPO_URL/manifests/$MANIFEST" |
+    sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p'
+}
+
+blob_one() { # blob_one PEER → MiB/s of one GET of the big blob over HTTP/1.1
+  local r
+  r=$(c "$1" --http1.1 -f -o /dev/null -w '%{time_total} %{size_download}' "$REPO_URL/blobs/$BIG")
+  [[ ${r#* } == "$BIG_SIZE" ]] || fail "$1: short blob ($r)"
+  awk -v t="${r% *}" -v n="$BIG_SIZE" 'BEGIN {printf "%.1f", n / 1048576 / t}'
+}
+
+blob_many() { # blob_many PEER → aggregate MiB/s of 64 concurrent GETs of the big blob
+  local o secs
+  o=$(h2 --h1 -c 64 -n 64 -t 2 --connect-to="${IP[$1]}:443" "$REPO_URL/blobs/$BIG")
+  secs=$(sed -n 's/^finished in \([0-9.]*\)\(m\?s\),.*/\1 \2/p' <<<"$o")
+  awk -v s="$secs" -v n="$BIG_SIZE" 'BEGIN {split(s, a, " "); t = a[1]; if (a[2] == "ms") t /= 1000;
+    printf "%.1f", 64 * n / 1048576 / t}'
+}
+
+cold_blob() { # cold_blob PEER → seconds for the first GET of the big blob
+  local r
+  r=$(c "$1" --http1.1 -f -o /dev/null -w '%{time_total} %{size_download}' "$REPO_URL/blobs/$BIG")
+  [[ ${r#* } == "$BIG_SIZE" ]] || fail "$1: short cold blob ($r)"
+  echo "${r% *}"
+}
+
+tag_head() { # tag_head PEER → median ms of HEAD by tag on one kept-alive connection
+  local urls=() i
+  for ((i = 0; i < head_n; i++)); do urls+=(-o /dev/null "$REPO_URL/manifests/1"); done
+  c "$1" --http1.1 -f -I -H "Accept: $MT" -w '%{time_total}\n' "${urls[@]}" |
+    tail -n +2 | sort -g | awk '{a[NR] = $1} END {printf "%.3f", a[int((NR + 1) / 2)] * 1000}'
+}
+
+many_conns() { # many_conns PEER → seconds for N new TLS connections × 5 manifest GETs
+  local o secs
+  o=$(h2 --h1 -c "$conns_many" -n $((conns_many * 5)) -t 2 -H "Accept: $MT" \
+    --connect-to="${IP[$1]}:443" "$REPO_URL/manifests/$MANIFEST")
+  secs=$(sed -n 's/^finished in \([0-9.]*\)\(m\?s\),.*/\1 \2/p' <<<"$o")
+  awk -v s="$secs" 'BEGIN {split(s, a, " "); t = a[1]; if (a[2] == "ms") t /= 1000; printf "%.3f", t}'
+}
+
+hwm_kib() { # peak RSS (VmHWM) of a peer's processes, KiB
+  local pids=${PID[$1]}
+  [[ $1 == nginx-* ]] && pids="$pids $(pgrep -P "${PID[$1]}" | tr '\n' ' ')"
+  local sum=0 p v
+  for p in $pids; do
+    v=$(awk '/^VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    sum=$((sum + ${v:-0}))
+  done
+  echo "$sum"
+}
+
+pull() { # pull PEER OUT: skopeo copy of the image by tag, as a client addressing registry-1.docker.io
+  unshare --mount -- sh -c 'mount --bind "$1" /etc/hosts && exec skopeo copy -q --src-cert-dir "$2" "docker://$3/library/bench:1" "dir:$4"' \
+    sh "$W/hosts-$1" "$W/certdir" "$H" "$2" >/dev/null
+}
+
+timed() { # timed CMD...: seconds the command took
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$@"
+  t1=$(date +%s.%N)
+  awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}'
+}
+
+upstream_blob_bytes() { # bytes of blob GETs in the upstream's access log so far
+  awk '/"GET \/v2\/[^ ]*\/blobs\/sha256:/ { for (i = 1; i < NF; i++) if ($i ~ /^HTTP\/[0-9.]+"$/) { s += $(i + 2); break } } END {print s + 0}' "$W/up/log"
+}
+
+concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls and the upstream bytes
+  # (not in a $(...) subshell: it restarts the peer, whose new pid the exit trap must see)
+  local before after t0 t1 i pids=()
+  wipe_peer "$1"; start_peer "$1"
+  before=$(upstream_blob_bytes)
+  t0=$(date +%s.%N)
+  for i in $(seq 8); do pull "$1" "$W/pull-$1-$i" & pids+=($!); done
+  for i in "${pids[@]}"; do wait "$i" || fail "$1: a concurrent cold pull failed"; done
+  t1=$(date +%s.%N)
+  after=$(upstream_blob_bytes)
+  rm -rf "$W"/pull-*
+  record cold8_upstream_bytes "$1" "$(awk -v a="$before" -v b="$after" -v n="$IMAGE_BYTES" 'BEGIN {printf "%.2f", (b - a) / n}')"
+  record cold8_s "$1" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
+}
+
+cached_peers=(regmirror nginx-cache dist-proxy)
+all_peers=(direct regmirror nginx-cache nginx-static dist-proxy)
+rotate() { # rotate REP PEERS...: the peers in an order that shifts each repetition
+  local r=$1; shift
+  local a=("$@") n=$#
+  local i
+  for ((i = 0; i < n; i++)); do echo "${a[$(((i + r) % n))]}"; done
+}
+
+for ((rep = 0; rep < reps; rep++)); do
+  echo "==> repetition $((rep + 1))/$reps"
+  # Cold first: each caching peer restarts empty, so its peak RSS below
+  # covers a cold pull and then everything warm.
+  for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
+    [[ $p == direct ]] || { wipe_peer "$p"; start_peer "$p"; }
+    record cold_blob_s "$p" "$(cold_blob "$p")"
+  done
+  for p in "${all_peers[@]}"; do warm "$p"; done
+  for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h1 "$p" "$(manifest_rate "$p" h1)"; done
+  for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h2 "$p" "$(manifest_rate "$p" h2)"; done
+  for p in $(rotate "$rep" "${all_peers[@]}"); do record blob1_mibs "$p" "$(blob_one "$p")"; done
+  # 64 × the big blob: only where a target is (distribution takes minutes).
+  for p in $(rotate "$rep" regmirror nginx-cache nginx-static); do record blob64_mibs "$p" "$(blob_many "$p")"; done
+  for p in $(rotate "$rep" direct "${cached_peers[@]}"); do record tag_head_ms "$p" "$(tag_head "$p")"; done
+  for p in $(rotate "$rep" "${all_peers[@]}"); do record conns_s "$p" "$(many_conns "$p")"; done
+  for p in "${cached_peers[@]}"; do record rss_mib "$p" "$(($(hwm_kib "$p") / 1024))"; done
+  record rss_mib nginx-static "$(($(hwm_kib nginx-static) / 1024))"
+  for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
+    pull "$p" "$W/pull-warm-$p" # warm-up (tag, manifests, blobs)
+    rm -rf "$W/pull-warm-$p"
+    record pull_warm_s "$p" "$(timed pull "$p" "$W/pull-warm-$p")"
+    rm -rf "$W/pull-warm-$p"
+  done
+  for p in $(rotate "$rep" "${cached_peers[@]}"); do concurrent_cold_pulls "$p"; done
+done
+
+# ---------------------------------------------------------------- report
+machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -r)"
+versions="regmirror $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+dirty'), \
+$("$NGINX" -v 2>&1 | sed 's/.*: //'), docker-registry $(dpkg-query -W -f '${Version}' docker-registry), \
+h2load $(dpkg-query -W -f '${Version}' nghttp2-client), skopeo $(dpkg-query -W -f '${Version}' skopeo)"
+python3 scripts/bench_report.py "$RESULTS" \
+  --command "$command_line" --reps "$reps" --big-mib "$big_mib" --conns "$conns_many" \
+  --image-mib "$(awk -v n="$IMAGE_BYTES" 'BEGIN {printf "%.0f", n / 1048576}')" \
+  --machine "$machine" --versions "$versions" ${out:+--out "$out"}

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Turns scripts/bench.sh's measurements (figure, peer, value per line, one
+line per repetition) into the table of ratios. Prints it; with --out, puts it
+between the markers in that file (the rest of the file is kept), creating the
+file when missing."""
+
+import argparse
+import os
+import statistics
+import sys
+
+PEERS = ["direct", "dist-proxy", "nginx-cache", "nginx-static", "regmirror"]
+
+# key: (label, unit, [(peer, comparison, target ratio regmirror/peer)])
+# A peer of None compares regmirror's own value with the target.
+FIGURES = [
+    ("manifest_h1", "warm manifest-by-digest GET/s, 64 connections, HTTP/1.1", "req/s", [("nginx-cache", ">=", 1.0)]),
+    ("manifest_h2", "warm manifest-by-digest GET/s, 64 connections × 4 streams, HTTP/2", "req/s", [("nginx-cache", ">=", 1.0)]),
+    ("tag_head_ms", "warm tag HEAD round trip (median of a kept-alive series)", "ms", [("direct", "<=", 1.1)]),
+    ("blob1_mibs", "warm {big} MiB blob GET, 1 client (HTTP/1.1)", "MiB/s", [("nginx-cache", ">=", 1.0), ("nginx-static", ">=", 0.9)]),
+    ("blob64_mibs", "warm {big} MiB blob GET, 64 concurrent clients (HTTP/1.1), aggregate", "MiB/s", [("nginx-cache", ">=", 1.0), ("nginx-static", ">=", 0.9)]),
+    ("cold_blob_s", "cold {big} MiB blob GET, time", "s", [("direct", "<=", 1.5)]),
+    ("cold8_upstream_bytes", "8 concurrent cold pulls of one image (skopeo): upstream blob bytes / image size", "×", [(None, "<=", 1.0)]),
+    ("cold8_s", "8 concurrent cold pulls of one image (skopeo), time", "s", [("nginx-cache", "<=", 1.0)]),
+    ("pull_warm_s", "warm whole-image pull (skopeo, {image} MiB, 5 layers), time", "s", [("direct", "<=", 1.0)]),
+    ("rss_mib", "peak RSS (VmHWM, all processes): cold pull, then every warm figure incl. 64 × {big} MiB", "MiB", [("nginx-cache", "<=", 1.5)]),
+    ("conns_s", "{conns} new TLS connections × 5 manifest GETs (HTTP/1.1), time", "s", [("nginx-cache", "<=", 1.0)]),
+]
+
+BEGIN = "<!-- bench:begin (written by scripts/bench.sh; edit outside the markers) -->"
+END = "<!-- bench:end -->"
+
+
+def fmt(v):
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def cell(values):
+    if not values:
+        return "–"
+    m = statistics.median(values)
+    if len(values) == 1:
+        return fmt(m)
+    return f"{fmt(m)} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def holds(ratio, op, target):
+    return ratio >= target if op == ">=" else ratio <= target
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--command", required=True)
+    ap.add_argument("--reps", type=int, required=True)
+    ap.add_argument("--big-mib", required=True)
+    ap.add_argument("--image-mib", required=True)
+    ap.add_argument("--conns", default="1000")
+    ap.add_argument("--machine", default="")
+    ap.add_argument("--versions", default="")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+
+    data = {}  # (figure, peer) -> [values in repetition order]
+    with open(a.results) as f:
+        for line in f:
+            fig, peer, value = line.rstrip("\n").split("\t")
+            if value:
+                data.setdefault((fig, peer), []).append(float(value))
+
+    head = "| figure | unit | " + " | ".join(PEERS) + " | regmirror / peer (target) | met |"
+    rows = [head, "|" + "---|" * (len(PEERS) + 4)]
+    missed = 0
+    for key, label, unit, targets in FIGURES:
+        label = label.format(big=a.big_mib, image=a.image_mib, conns=a.conns)
+        cells = [cell(data.get((key, p), [])) for p in PEERS]
+        mine = data.get((key, "regmirror"), [])
+        ratios, met = [], []
+        for peer, op, target in targets:
+            if peer is None:
+                r = mine
+                name = "itself"
+            else:
+                theirs = data.get((key, peer), [])
+                # Paired by repetition: each ratio compares runs made side by side.
+                r = [x / y for x, y in zip(mine, theirs) if y]
+                name = peer
+            if not r:
+                ratios.append(f"{name}: – ({op} {target})")
+                met.append("?")
+                continue
+            med = statistics.median(r)
+            spread = "" if len(r) == 1 else f" ({min(r):.2f}–{max(r):.2f})"
+            ratios.append(f"{name}: **{med:.2f}×**{spread} ({op} {target})")
+            ok = holds(med, op, target)
+            missed += not ok
+            met.append("yes" if ok else "**no**")
+        rows.append(f"| {label} | {unit} | " + " | ".join(cells) + " | " + "<br>".join(ratios) + " | " + "<br>".join(met) + " |")
+    table = "\n".join(rows)
+
+    body = "\n".join(
+        [
+            BEGIN,
+            "",
+            f"Command: `{a.command}` (as root; {a.reps} repetition{'s' if a.reps != 1 else ''}, peers alternating in a rotating order).",
+            f"Machine: {a.machine}." if a.machine else "",
+            f"Versions: {a.versions}." if a.versions else "",
+            "",
+            "Each cell: median (min–max) over the repetitions. Ratios are regmirror / peer, computed per repetition",
+            "(runs made side by side) and then the median taken. Everything shares one machine, the load generator",
+            "included: treat differences under ~10% as noise.",
+            "",
+            table,
+            "",
+            f"Targets missed: {missed}.",
+            "",
+            END,
+        ]
+    )
+    print(table)
+    print(f"\ntargets missed: {missed}")
+    if a.out:
+        old = ""
+        if os.path.exists(a.out):
+            with open(a.out) as f:
+                old = f.read()
+        if BEGIN in old and END in old:
+            new = old[: old.index(BEGIN)] + body + old[old.index(END) + len(END) :]
+        else:
+            new = "# Benchmarks\n\n" + body + "\n" + old
+        with open(a.out, "w") as f:
+            f.write(new)
+        print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
