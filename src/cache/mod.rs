@@ -14,6 +14,7 @@ pub mod blob_store;
 pub mod error;
 pub mod evict;
 pub mod fetch;
+pub mod hot;
 pub mod index;
 pub mod local;
 pub mod meta_store;
@@ -55,6 +56,23 @@ pub struct Cache {
     /// Recency notes and the evictor; `None` for a cache without a bound
     /// (unit tests of the fetch path).
     life: Option<Arc<Lifecycle>>,
+    /// Recently served manifests, answered without the store.
+    hot: hot::HotManifests,
+    /// Tag records written lately, so that upstream repeating the same
+    /// answer does not rewrite the same file on every tag request.
+    written_tags: Mutex<lru::LruCache<TagKey, (TagRecord, std::time::Instant)>>,
+}
+
+/// (upstream, repository, tag, media type) of a tag record.
+type TagKey = (String, String, String, String);
+
+/// How long a tag record written is not written again with the same
+/// answer: its `seen_ms` (which only ranks equally preferred answers when
+/// upstream is down) is at most this old.
+const TAG_REWRITE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn same_answer(a: &TagRecord, b: &TagRecord) -> bool {
+    a.digest == b.digest && a.media_type == b.media_type && a.size == b.size && a.public == b.public
 }
 
 #[derive(Default)]
@@ -72,6 +90,10 @@ impl Cache {
             downloads: Arc::new(Semaphore::new(download_concurrency.max(1))),
             repositories: Mutex::new(HashMap::new()),
             life: None,
+            hot: hot::HotManifests::default(),
+            written_tags: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -139,6 +161,14 @@ impl Cache {
     /// What is stored under `d`, without opening it.
     /// A hit counts as a use for eviction.
     pub async fn stat(&self, d: &Digest) -> Result<Option<BlobInfo>, FetchError> {
+        if let Some(h) = self.hot.get(d) {
+            self.touch(d);
+            return Ok(Some(BlobInfo {
+                size: h.bytes.len() as u64,
+                media_type: Some(h.media_type),
+                public: h.public,
+            }));
+        }
         let info = self.blobs.stat(d).await.map_err(|e| FetchError::store(d, "stat", e))?;
         if info.is_some() {
             self.touch(d);
@@ -160,17 +190,39 @@ impl Cache {
     /// Stored content, opened for serving; `None` when not stored. A hit
     /// counts as a use for eviction; what is opened stays readable to the
     /// end even if it is evicted meanwhile.
+    /// A small manifest is read whole and kept in memory for the next
+    /// requests (see [`hot`]).
     pub async fn open_stored(&self, d: &Digest) -> Result<Option<Served>, FetchError> {
-        let blob = self.blobs.open(d).await.map_err(|e| FetchError::store(d, "open", e))?;
-        if blob.is_some() {
+        if let Some(h) = self.hot.get(d) {
             self.touch(d);
+            return Ok(Some(Served::memory(h.bytes, Some(h.media_type))));
         }
-        Ok(blob.map(|b| Served::stored(b, true)))
+        let Some(blob) = self.blobs.open(d).await.map_err(|e| FetchError::store(d, "open", e))? else {
+            return Ok(None);
+        };
+        self.touch(d);
+        let info = blob.info().clone();
+        match info.media_type {
+            Some(media_type) if info.size <= hot::HOT_MAX_ENTRY => {
+                let bytes = read_whole(blob, info.size)
+                    .await
+                    .map_err(|e| FetchError::store(d, "read", e))?;
+                let manifest = hot::HotManifest {
+                    bytes: bytes.clone(),
+                    media_type: media_type.clone(),
+                    public: info.public,
+                };
+                self.hot.insert(d, manifest);
+                Ok(Some(Served::memory(bytes, Some(media_type))))
+            }
+            _ => Ok(Some(Served::stored(blob, true))),
+        }
     }
 
     /// Records the media type of content stored without one. A failure is
     /// logged: the type is asked of upstream again next time.
     pub async fn set_media_type(&self, d: &Digest, media_type: &str) {
+        self.hot.forget(d);
         if let Err(e) = self.blobs.set_media_type(d, media_type).await {
             tracing::warn!(digest = %d, error = %e, "could not record a media type");
         }
@@ -179,16 +231,31 @@ impl Cache {
     /// Records that stored content is public. A failure is logged: the
     /// content is then proven public again when next asked for.
     pub async fn mark_public(&self, d: &Digest) {
-        if let Err(e) = self.blobs.mark_public(d).await {
-            tracing::warn!(digest = %d, error = %e, "could not record provenance");
+        match self.blobs.mark_public(d).await {
+            Ok(()) => self.hot.mark_public(d),
+            Err(e) => tracing::warn!(digest = %d, error = %e, "could not record provenance"),
         }
     }
 
     /// Remembers upstream's answer for a tag. A failure is logged, not
     /// returned: the answer is served either way.
     pub async fn record_tag(&self, at: RepoKey<'_>, tag: &Tag, rec: &TagRecord) {
+        let key: TagKey = (
+            at.upstream.to_string(),
+            at.repo.to_string(),
+            tag.as_str().to_string(),
+            rec.media_type.clone(),
+        );
+        let now = std::time::Instant::now();
+        let unchanged = lock(&self.written_tags)
+            .get(&key)
+            .is_some_and(|(last, at)| same_answer(last, rec) && now.duration_since(*at) < TAG_REWRITE_AFTER);
+        if unchanged {
+            return;
+        }
         match self.meta.put_tag(at, tag, rec).await {
             Ok(()) => {
+                lock(&self.written_tags).put(key, (rec.clone(), now));
                 let mut index = lock(&self.repositories);
                 index
                     .entry(at.upstream.to_string())
@@ -244,6 +311,22 @@ impl Cache {
             .map(|i| i.names.iter().cloned().collect())
             .unwrap_or_default())
     }
+}
+
+/// Stored content of `size` bytes, read into one buffer.
+async fn read_whole(blob: Box<dyn blob_store::StoredBlob>, size: u64) -> io::Result<bytes::Bytes> {
+    use futures_util::StreamExt;
+    let mut stream = blob.read(0, size);
+    let first = stream.next().await.transpose()?.unwrap_or_default();
+    if first.len() as u64 == size {
+        return Ok(first);
+    }
+    let mut buf = bytes::BytesMut::with_capacity(size as usize);
+    buf.extend_from_slice(&first);
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk?);
+    }
+    Ok(buf.freeze())
 }
 
 /// A std mutex whose poisoning (a panic elsewhere while holding it) does

@@ -31,6 +31,8 @@ pub struct ServedInfo {
 
 enum ServedSource {
     Stored(Box<dyn StoredBlob>),
+    /// Held in memory (a hot manifest).
+    Memory(Bytes),
     Growing {
         reader: Arc<dyn GrowingBlob>,
         rx: watch::Receiver<Progress>,
@@ -52,6 +54,30 @@ impl Served {
                 hit,
             },
             source: ServedSource::Stored(blob),
+        }
+    }
+
+    /// Bytes held in memory, as stored under their digest.
+    pub(crate) fn memory(bytes: Bytes, media_type: Option<String>) -> Self {
+        Served {
+            info: ServedInfo {
+                size: Some(bytes.len() as u64),
+                media_type,
+                hit: true,
+            },
+            source: ServedSource::Memory(bytes),
+        }
+    }
+
+    /// The whole content when it is held in memory (cheap: shared, not
+    /// copied), counted as served.
+    pub fn in_memory(&self) -> Option<Bytes> {
+        match &self.source {
+            ServedSource::Memory(b) => {
+                METRICS.bytes_served.add(b.len() as u64);
+                Some(b.clone())
+            }
+            _ => None,
         }
     }
 
@@ -82,6 +108,12 @@ impl Served {
                 let size = blob.info().size;
                 let end = end.map_or(size, |e| e.min(size));
                 blob.read(start, end)
+            }
+            ServedSource::Memory(b) => {
+                let len = b.len() as u64;
+                let (start, end) = (start.min(len), end.map_or(len, |e| e.min(len)));
+                let piece = b.slice(start as usize..end.max(start) as usize);
+                Box::pin(futures_util::stream::iter((!piece.is_empty()).then_some(Ok(piece))))
             }
             ServedSource::Growing { reader, rx } => Box::pin(follow(reader, rx, start, end)),
             ServedSource::Direct { digest, source } => Box::pin(direct(digest, source, start, end)),

@@ -488,7 +488,10 @@ async fn stale_or(
 fn respond(digest: &Digest, manifest: Manifest, head: bool, warning: Option<String>) -> Response<Body> {
     let mut resp = match (head, manifest.body) {
         (true, _) => Response::new(super::body::empty()),
-        (false, ManifestBody::Served(served)) => Response::new(stream(served.into_stream(0, None))),
+        (false, ManifestBody::Served(served)) => match served.in_memory() {
+            Some(bytes) => Response::new(super::body::full(bytes)),
+            None => Response::new(stream(served.into_stream(0, None))),
+        },
         (false, ManifestBody::Fetched(bytes)) => Response::new(super::body::full(bytes)),
     };
     let h = resp.headers_mut();
