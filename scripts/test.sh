@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker-registry skopeo podman containerd docker.io systemd nghttp2-client nginx-light curl openssl python3)
-tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze h2load nginx curl openssl python3)
+tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze h2load curl openssl python3)
 
 missing=()
 for p in "${packages[@]}"; do
