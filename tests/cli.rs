@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod standalone;
+
 fn regmirror(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_regmirror"))
         .args(args)
@@ -87,34 +89,9 @@ fn check_reports_a_ca_that_no_longer_covers_the_configured_hosts() {
 fn json_logs_are_one_object_per_line() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[server]
-http = "127.0.3.251:5000"
-name = "regmirror.test"
-[ca]
-dir = "{d}/certs"
-[cache]
-dir = "{d}/data"
-max_size = "1GiB"
-[[upstream]]
-name = "docker.io"
-hosts = ["registry-1.docker.io"]
-url = "https://127.0.0.9"
-namespace = "dockerhub"
-"#,
-            d = dir.path().display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_regmirror"))
-        .args(["--log-format", "json", "serve", "--config", cfg.to_str().unwrap()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let cfg = standalone::write_config(dir.path(), "127.0.3.251:5000", &["registry-1.docker.io"]);
+    let mut serving = standalone::spawn(&cfg, &["--log-format", "json"], std::process::Stdio::piped());
+    let child = &mut serving.0;
     let stderr = child.stderr.take().unwrap();
     let mut lines = Vec::new();
     for line in BufReader::new(stderr).lines() {
@@ -125,8 +102,7 @@ namespace = "dockerhub"
             break;
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(serving);
     assert!(lines.iter().any(|l| l.contains("listener ready")), "{lines:#?}");
     for l in &lines {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));

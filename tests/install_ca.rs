@@ -5,55 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-struct Serving(Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &Path, addr: &str) -> Serving {
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[server]
-http = "{addr}"
-name = "regmirror.test"
-[ca]
-dir = "{d}/certs"
-[cache]
-dir = "{d}/data"
-max_size = "1GiB"
-[[upstream]]
-name = "docker.io"
-hosts = ["registry-1.docker.io", "index.docker.io"]
-url = "https://127.0.0.9"
-namespace = "dockerhub"
-"#,
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_regmirror"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let serving = Serving(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "regmirror on {addr} never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    serving
-}
+mod standalone;
 
 /// Every file under `root` (path → content), for before/after comparisons.
 fn snapshot(root: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -99,7 +53,9 @@ fn run(root: &Path, shims: &Path, args: &[&str]) -> String {
 fn install_ca_on_each_layout_is_idempotent_and_undone() {
     let dir = tempfile::tempdir().unwrap();
     let addr = "127.0.3.252:5000";
-    let _regmirror = serve(dir.path(), addr);
+    let cfg = standalone::write_config(dir.path(), addr, &["registry-1.docker.io", "index.docker.io"]);
+    let _regmirror = standalone::spawn(&cfg, &[], std::process::Stdio::null());
+    standalone::wait_listening(addr);
     let ca = std::fs::read(dir.path().join("certs/ca.pem")).unwrap();
     let url = format!("http://{addr}");
     let names = ["registry-1.docker.io", "index.docker.io", "regmirror.test"];

@@ -6,21 +6,14 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
+mod standalone;
+
 const BLOBS: usize = 100_000;
-
-struct Serving(Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn write_blobs(data: &Path) -> Vec<(String, Vec<u8>)> {
     let mut samples = Vec::new();
@@ -48,37 +41,9 @@ fn a_store_of_100k_blobs_serves_at_once_and_is_indexed_in_the_background() {
     let data = dir.path().join("data");
     let samples = write_blobs(&data);
     let addr = "127.0.3.253:5000";
-    let cfg = dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[server]
-http = "{addr}"
-name = "regmirror.test"
-[ca]
-dir = "{d}/certs"
-[cache]
-dir = "{d}/data"
-max_size = "1GiB"
-[[upstream]]
-name = "docker.io"
-hosts = ["registry-1.docker.io"]
-url = "http://127.0.0.9"
-namespace = "dockerhub"
-"#,
-            d = dir.path().display()
-        ),
-    )
-    .unwrap();
+    let cfg = standalone::write_config(dir.path(), addr, &["registry-1.docker.io"]);
     let started = Instant::now();
-    let _serving = Serving(
-        Command::new(env!("CARGO_BIN_EXE_regmirror"))
-            .args(["serve", "--config", cfg.to_str().unwrap()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _serving = standalone::spawn(&cfg, &[], std::process::Stdio::null());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
