@@ -38,10 +38,10 @@ command_line="scripts/bench.sh${args:+ $args}"
 if ((quick)); then
   reps=1
   big_mib=4; small_mib=(0.5 0.5 0.5 0.5)
-  dur=1; head_n=20; conns_many=200
+  dur=1; head_n=20; conns_many=200; lat_n=400
 else
   big_mib=200; small_mib=(40 40 40 40)
-  dur=4; head_n=60; conns_many=1000
+  dur=4; head_n=60; conns_many=1000; lat_n=4000
   [[ -n $out ]] || out=docs/BENCHMARKS.md
 fi
 
@@ -141,6 +141,7 @@ echo "==> generating the image (layers: ${big_mib} MiB + ${small_mib[*]} MiB)"
 python3 scripts/bench_image.py "$W/oci" 1 "$big_mib" "${small_mib[@]}" >"$W/image.txt"
 read -r MANIFEST MANIFEST_SIZE < <(sed -n 1p "$W/image.txt")
 read -r BIG BIG_SIZE < <(sed -n 2p "$W/image.txt")
+read -r SMALL _ < <(sed -n 3p "$W/image.txt")
 IMAGE_BYTES=$(awk '{s += $2} END {print s}' "$W/image.txt")
 mkdir -p "$W/certdir" && cp "$W/ca.pem" "$W/certdir/ca.crt"
 skopeo copy -q --dest-cert-dir "$W/certdir" "oci:$W/oci:1" "docker://$UP/library/bench:1"
@@ -412,6 +413,40 @@ concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls an
 
 cached_peers=(regmirror nginx-cache dist-proxy)
 all_peers=(direct regmirror nginx-cache nginx-static dist-proxy)
+p99_ms() { # p99_ms PATH [ACCEPT] → p99 latency (ms) of lat_n warm GETs at regmirror, 8 connections
+  local log=$W/latency.log hdr=()
+  [[ -n ${2:-} ]] && hdr=(-H "Accept: $2")
+  rm -f "$log"
+  h2 --h1 -c 8 -n "$lat_n" -t 1 "${hdr[@]}" --log-file="$log" --connect-to="$RM:443" "$REPO_URL/$1" >/dev/null
+  # h2load's log: start time, status, duration in microseconds (tab-separated).
+  awk -F'\t' '{print $3}' "$log" | sort -n | awk '{a[NR] = $1} END {printf "%.3f", a[int(NR * 0.99)] / 1000}'
+}
+
+churn() { # until $W/churn is removed: evict the big layer (cache gc) and fetch it again from upstream
+  while [[ -e $W/churn ]]; do
+    "$RM_BIN" cache gc --to "$((IMAGE_BYTES - BIG_SIZE))B" --config "$W/rm/config.toml" >/dev/null 2>&1 || true
+    c regmirror -s -o /dev/null "$REPO_URL/blobs/$BIG" || true
+  done
+}
+
+eviction_stalls() { # records p99 of warm manifest and blob GETs while eviction runs, over p99 while idle
+  local m_idle b_idle m_busy b_busy
+  m_idle=$(p99_ms "manifests/$MANIFEST" "$MT")
+  b_idle=$(p99_ms "blobs/$SMALL")
+  touch "$W/churn"
+  churn &
+  local churner=$!
+  sleep 1
+  m_busy=$(p99_ms "manifests/$MANIFEST" "$MT")
+  b_busy=$(p99_ms "blobs/$SMALL")
+  rm -f "$W/churn"
+  wait "$churner" || true
+  c regmirror -f -o /dev/null "$REPO_URL/blobs/$BIG" # leave the big layer cached for what follows
+  echo "bench: p99 ms idle/evicting: manifest $m_idle/$m_busy, blob $b_idle/$b_busy" >&2
+  record p99_manifest_evicting regmirror "$(awk -v a="$m_busy" -v b="$m_idle" 'BEGIN {printf "%.2f", a / (b > 0 ? b : 0.001)}')"
+  record p99_blob_evicting regmirror "$(awk -v a="$b_busy" -v b="$b_idle" 'BEGIN {printf "%.2f", a / (b > 0 ? b : 0.001)}')"
+}
+
 rotate() { # rotate REP PEERS...: the peers in an order that shifts each repetition
   local r=$1; shift
   local a=("$@") n=$#
@@ -444,6 +479,7 @@ for ((rep = 0; rep < reps; rep++)); do
     rm -rf "$W/pull-warm-$p"
   done
   for p in $(rotate "$rep" "${cached_peers[@]}"); do concurrent_cold_pulls "$p"; done
+  eviction_stalls
 done
 
 # ---------------------------------------------------------------- report

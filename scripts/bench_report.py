@@ -25,6 +25,9 @@ FIGURES = [
     ("pull_warm_s", "warm whole-image pull (skopeo, {image} MiB, 5 layers), time", "s", [("direct", "<=", 1.0)]),
     ("rss_mib", "peak RSS (VmHWM, all processes): cold pull, then every warm figure incl. 64 × {big} MiB", "MiB", [("nginx-cache", "<=", 1.5)]),
     ("conns_s", "{conns} new TLS connections × 5 manifest GETs (HTTP/1.1), time", "s", [("nginx-cache", "<=", 1.0)]),
+    # No stall: eviction (cache gc of the big layer, refetched from upstream, in a loop) beside warm requests.
+    ("p99_manifest_evicting", "p99 of warm manifest GETs while eviction runs / while idle", "×", [(None, "<=", 2.0)]),
+    ("p99_blob_evicting", "p99 of warm small-blob GETs while eviction runs / while idle", "×", [(None, "<=", 2.0)]),
 ]
 
 BEGIN = "<!-- bench:begin (written by scripts/bench.sh; edit outside the markers) -->"
