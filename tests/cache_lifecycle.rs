@@ -838,3 +838,42 @@ async fn kill_9_during_20_cold_downloads_leaves_nothing_half_written() {
     let (ok, out, err) = cache_cmd(dir, &["verify"]).await;
     assert!(ok, "verify after the crash:\n{out}\n{err}");
 }
+
+// ---------------------------------------------------------------- portability
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// A cache directory copied to another place (another machine) serves
+/// there as is: no absolute path, no host-specific state inside it. With
+/// upstream gone, the copy still answers tags (stale) and blobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_cache_directory_serves_as_is() {
+    let up = FakeUpstream::start("127.0.6.108:0").await;
+    let url = up.url();
+    let first = tempfile::tempdir().expect("tempdir");
+    let m = Mirror::start_in(8, &url, None, first.path().to_path_buf(), None).await;
+    let c = client();
+    let imgs: Vec<TestImage> = (0..2).map(|i| push_image(&up, &format!("moved{i}"), 50_000)).collect();
+    for img in &imgs {
+        pull(&c, &m, img).await;
+    }
+    m.shutdown().await;
+    let second = tempfile::tempdir().expect("tempdir");
+    copy_dir(&first.path().join("data"), &second.path().join("data"));
+    drop(first);
+    up.stop().await;
+    let m = Mirror::start_in(9, &url, None, second.path().to_path_buf(), Some(second)).await;
+    for img in &imgs {
+        pull(&c, &m, img).await;
+    }
+}
