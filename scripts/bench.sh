@@ -172,6 +172,11 @@ hosts = ["$H"]
 url = "https://upstream.bench"
 namespace = "dockerhub"
 ca_file = "$W/ca.pem"
+
+[limits]
+# Every load generator connects from one address: lift the per-client cap
+# (its purpose, fairness between clients, does not apply to one client).
+max_connections_per_client = 4096
 EOF
 }
 start_regmirror() {
