@@ -27,7 +27,7 @@ FIGURES = [
     ("conns_s", "{conns} new TLS connections × 5 manifest GETs (HTTP/1.1), time", "s", [("nginx-cache", "<=", 1.0)]),
     # No stall: eviction (cache gc of the big layer, refetched from upstream, in a loop) beside warm requests.
     ("p99_manifest_evicting", "p99 of warm manifest GETs while eviction runs / while idle", "×", [(None, "<=", 2.0)]),
-    ("p99_blob_evicting", "p99 of warm small-blob GETs while eviction runs / while idle", "×", [(None, "<=", 2.0)]),
+    ("p99_blob_evicting", "p99 of warm GETs of a small layer (the 40 MiB ones; 0.5 MiB with --quick) while eviction runs / while idle", "×", [(None, "<=", 2.0)]),
 ]
 
 BEGIN = "<!-- bench:begin (written by scripts/bench.sh; edit outside the markers) -->"
