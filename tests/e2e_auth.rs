@@ -99,6 +99,15 @@ fn prefixed(s: &Stack, repo: &str) -> String {
     format!("{}/dockerhub/{repo}:1", s.plain())
 }
 
+/// `repo:1` as a client names it in `mode` ("prefix" or transparent).
+fn image_name(s: &Stack, mode: &str, repo: &str) -> String {
+    if mode == "prefix" {
+        prefixed(s, repo)
+    } else {
+        transparent(repo)
+    }
+}
+
 /// A refused pull: the client failed with an authorization error (whatever
 /// words it uses for it), never a TLS or protocol error.
 #[track_caller]
@@ -607,11 +616,7 @@ fn docker_login_and_private_images() {
             &img.manifest_digest,
         );
         assert_relayed(&s, mark, repo, mode);
-        let public = if mode == "prefix" {
-            prefixed(&s, pub_repo)
-        } else {
-            transparent(pub_repo)
-        };
+        let public = image_name(&s, mode, pub_repo);
         assert_pulled(
             &format!("{mode}: docker pull, anonymous"),
             &dockerd.pull_as(&anon, &public),
@@ -672,11 +677,7 @@ fn containerd_private_images() {
             &img.manifest_digest,
         );
         assert_relayed(&s, mark, repo, mode);
-        let public = if mode == "prefix" {
-            prefixed(&s, pub_repo)
-        } else {
-            transparent(pub_repo)
-        };
+        let public = image_name(&s, mode, pub_repo);
         assert_pulled(
             &format!("{mode}: ctr anonymous"),
             &ctrd.pull_flags(&sb, &public, flags),
