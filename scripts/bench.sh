@@ -408,10 +408,18 @@ concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls an
   before=$(upstream_blob_bytes)
   t0=$(date +%s.%N)
   for i in $(seq 8); do pull "$1" "$W/pull-$1-$i" & pids+=($!); done
-  for i in "${pids[@]}"; do wait "$i" || fail "$1: a concurrent cold pull failed"; done
+  local failed=0
+  for i in "${pids[@]}"; do wait "$i" || failed=1; done
   t1=$(date +%s.%N)
   after=$(upstream_blob_bytes)
   rm -rf "$W"/pull-*
+  if ((failed)); then
+    # regmirror must get this right; a peer that fails it (distribution's
+    # proxy answers some concurrent cold blob GETs with 500) gets no figure.
+    [[ $1 == regmirror ]] && fail "$1: a concurrent cold pull failed"
+    echo "bench: $1: a concurrent cold pull failed; no figure for it" >&2
+    return 0
+  fi
   record cold8_upstream_bytes "$1" "$(awk -v a="$before" -v b="$after" -v n="$IMAGE_BYTES" 'BEGIN {printf "%.2f", (b - a) / n}')"
   record cold8_s "$1" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
 }
