@@ -7,6 +7,8 @@
 #   scripts/bench.sh --quick    tiny sizes, 1 repetition, debug build: proves the script works (CI)
 #   scripts/bench.sh --reps N   repetitions (default 3)
 #   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
+#   scripts/bench.sh --only A,B only these figures (cold manifest blob1 blob64 tag conns rss
+#                               pull cold8 evict); prints the table, writes no report
 #
 # Everything runs on loopback (127.0.9.1-5), behind TLS, and is stopped on exit:
 #   127.0.9.1  direct        Debian's docker-registry (CNCF distribution), the upstream itself
@@ -25,12 +27,14 @@ args="$*"
 quick=0
 reps=3
 out=""
+only=""
 while (($#)); do
   case "$1" in
     --quick) quick=1 ;;
     --reps) reps="$2"; shift ;;
     --out) out="$2"; shift ;;
-    *) echo "usage: $0 [--quick] [--reps N] [--out FILE]" >&2; exit 2 ;;
+    --only) only=",$2,"; shift ;;
+    *) echo "usage: $0 [--quick] [--reps N] [--out FILE] [--only FIGURES]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -38,12 +42,13 @@ command_line="scripts/bench.sh${args:+ $args}"
 if ((quick)); then
   reps=1
   big_mib=4; small_mib=(0.5 0.5 0.5 0.5)
-  dur=1; head_n=20; conns_many=200; lat_n=400
+  dur=1; head_n=20; conns_many=200; lat_n=400; lat_s=2
 else
   big_mib=200; small_mib=(40 40 40 40)
-  dur=4; head_n=60; conns_many=1000; lat_n=4000
-  [[ -n $out ]] || out=docs/BENCHMARKS.md
+  dur=4; head_n=60; conns_many=1000; lat_n=4000; lat_s=10
+  [[ -n $out || -n $only ]] || out=docs/BENCHMARKS.md
 fi
+want() { [[ -z $only || $only == *",$1,"* ]]; }
 
 # ---------------------------------------------------------------- tools
 packages=(docker-registry nginx-light nghttp2-client skopeo curl openssl python3 util-linux)
@@ -143,6 +148,8 @@ read -r MANIFEST MANIFEST_SIZE < <(sed -n 1p "$W/image.txt")
 read -r BIG BIG_SIZE < <(sed -n 2p "$W/image.txt")
 read -r SMALL _ < <(sed -n 3p "$W/image.txt")
 IMAGE_BYTES=$(awk '{s += $2} END {print s}' "$W/image.txt")
+CONFIG=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["config"]["digest"])' \
+  "$W/oci/blobs/sha256/${MANIFEST#sha256:}")
 mkdir -p "$W/certdir" && cp "$W/ca.pem" "$W/certdir/ca.crt"
 skopeo copy -q --dest-cert-dir "$W/certdir" "oci:$W/oci:1" "docker://$UP/library/bench:1"
 MT=application/vnd.oci.image.manifest.v1+json
@@ -442,22 +449,57 @@ churn() { # until $W/churn is removed: evict the big layer (cache gc) and fetch 
   done
 }
 
-eviction_stalls() { # records p99 of warm manifest and blob GETs while eviction runs, over p99 while idle
-  local m_idle b_idle m_busy b_busy
-  m_idle=$(p99_ms "manifests/$MANIFEST" "$MT")
-  b_idle=$(p99_ms "blobs/$SMALL")
-  touch "$W/churn"
-  churn &
-  local churner=$!
+control_load() { # until $W/control is removed: the work of churn's refetch, without eviction
+  # The same operations on the same bytes: upstream sends the big layer over
+  # TLS, it is hashed and written to disk, and regmirror sends it (warm) to a
+  # client. Only the eviction, and regmirror's own part of a cold download,
+  # are missing.
+  while [[ -e $W/control_load ]]; do
+    c direct -s "$REPO_URL/blobs/$BIG" | tee "$W/control.bin" | sha256sum >/dev/null &
+    c regmirror -s -o /dev/null "$REPO_URL/blobs/$BIG" || true
+    wait
+  done
+  rm -f "$W/control.bin"
+}
+
+p99_open_ms() { # p99_open_ms PATH [ACCEPT] → p99 latency (ms) of warm GETs at regmirror, 200/s open loop
+  python3 scripts/bench_latency.py --connect "$RM" --host "$H" --cafile "$W/rm/certs/ca.pem" \
+    --path "/v2/library/bench/$1" --rate 200 --conns 4 --seconds "$lat_s" ${2:+--accept "$2"} |
+    awk '{print $2}'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / (b > 0 ? b : 0.001)}'; }
+
+during() { # during LOAD: run the p99 probes while LOAD runs; prints the four p99s
+  local flag=$W/$1 pid
+  touch "$flag"
+  $1 >/dev/null 2>&1 &
+  pid=$!
   sleep 1
-  m_busy=$(p99_ms "manifests/$MANIFEST" "$MT")
-  b_busy=$(p99_ms "blobs/$SMALL")
-  rm -f "$W/churn"
-  wait "$churner" || true
+  echo "$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL")" \
+    "$(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
+  rm -f "$flag"
+  wait "$pid" || true
+}
+
+eviction_stalls() { # p99 of warm requests while eviction runs, over the same without eviction
+  local idle control evicting
+  idle="$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL")"
+  idle+=" $(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
+  control=$(during control_load)
+  evicting=$(during churn)
   c regmirror -f -o /dev/null "$REPO_URL/blobs/$BIG" # leave the big layer cached for what follows
-  echo "bench: p99 ms idle/evicting: manifest $m_idle/$m_busy, blob $b_idle/$b_busy" >&2
-  record p99_manifest_evicting regmirror "$(awk -v a="$m_busy" -v b="$m_idle" 'BEGIN {printf "%.2f", a / (b > 0 ? b : 0.001)}')"
-  record p99_blob_evicting regmirror "$(awk -v a="$b_busy" -v b="$b_idle" 'BEGIN {printf "%.2f", a / (b > 0 ? b : 0.001)}')"
+  echo "bench: p99 ms (h2load manifest, h2load 40 MiB layer, open-loop manifest, open-loop config blob):" \
+    "idle $idle; same load without eviction $control; evicting $evicting" >&2
+  read -r mi bi moi boi <<<"$idle"
+  read -r mc bc moc boc <<<"$control"
+  read -r me be moe boe <<<"$evicting"
+  record p99_manifest_evicting regmirror "$(ratio "$me" "$mi")"
+  record p99_blob_evicting regmirror "$(ratio "$be" "$bi")"
+  record p99_manifest_evicting_open regmirror "$(ratio "$moe" "$moc")"
+  record p99_blob_evicting_open regmirror "$(ratio "$boe" "$boc")"
+  record p99_manifest_loaded_open regmirror "$(ratio "$moe" "$moi")"
+  record p99_blob_loaded_open regmirror "$(ratio "$boe" "$boi")"
 }
 
 rotate() { # rotate REP PEERS...: the peers in an order that shifts each repetition
@@ -471,28 +513,46 @@ for ((rep = 0; rep < reps; rep++)); do
   echo "==> repetition $((rep + 1))/$reps"
   # Cold first: each caching peer restarts empty, so its peak RSS below
   # covers a cold pull and then everything warm.
-  for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
-    [[ $p == direct ]] || { wipe_peer "$p"; start_peer "$p"; }
-    record cold_blob_s "$p" "$(cold_blob "$p")"
-  done
+  if want cold || want rss; then
+    for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
+      [[ $p == direct ]] || { wipe_peer "$p"; start_peer "$p"; }
+      record cold_blob_s "$p" "$(cold_blob "$p")"
+    done
+  fi
   for p in "${all_peers[@]}"; do warm "$p"; done
-  for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h1 "$p" "$(manifest_rate "$p" h1)"; done
-  for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h2 "$p" "$(manifest_rate "$p" h2)"; done
-  for p in $(rotate "$rep" "${all_peers[@]}"); do record blob1_mibs "$p" "$(blob_one "$p")"; done
+  if want manifest; then
+    for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h1 "$p" "$(manifest_rate "$p" h1)"; done
+    for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h2 "$p" "$(manifest_rate "$p" h2)"; done
+  fi
+  if want blob1; then
+    for p in $(rotate "$rep" "${all_peers[@]}"); do record blob1_mibs "$p" "$(blob_one "$p")"; done
+  fi
   # 64 × the big blob: only where a target is (distribution takes minutes).
-  for p in $(rotate "$rep" regmirror nginx-cache nginx-static); do record blob64_mibs "$p" "$(blob_many "$p")"; done
-  for p in $(rotate "$rep" direct "${cached_peers[@]}"); do record tag_head_ms "$p" "$(tag_head "$p")"; done
-  for p in $(rotate "$rep" "${all_peers[@]}"); do record conns_s "$p" "$(many_conns "$p")"; done
-  for p in "${cached_peers[@]}"; do record rss_mib "$p" "$(($(hwm_kib "$p") / 1024))"; done
-  record rss_mib nginx-static "$(($(hwm_kib nginx-static) / 1024))"
-  for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
-    pull "$p" "$W/pull-warm-$p" # warm-up (tag, manifests, blobs)
-    rm -rf "$W/pull-warm-$p"
-    record pull_warm_s "$p" "$(timed pull "$p" "$W/pull-warm-$p")"
-    rm -rf "$W/pull-warm-$p"
-  done
-  for p in $(rotate "$rep" "${cached_peers[@]}"); do concurrent_cold_pulls "$p"; done
-  eviction_stalls
+  if want blob64 || want rss; then
+    for p in $(rotate "$rep" regmirror nginx-cache nginx-static); do record blob64_mibs "$p" "$(blob_many "$p")"; done
+  fi
+  if want tag; then
+    for p in $(rotate "$rep" direct "${cached_peers[@]}"); do record tag_head_ms "$p" "$(tag_head "$p")"; done
+  fi
+  if want conns; then
+    for p in $(rotate "$rep" "${all_peers[@]}"); do record conns_s "$p" "$(many_conns "$p")"; done
+  fi
+  if want rss; then
+    for p in "${cached_peers[@]}"; do record rss_mib "$p" "$(($(hwm_kib "$p") / 1024))"; done
+    record rss_mib nginx-static "$(($(hwm_kib nginx-static) / 1024))"
+  fi
+  if want pull; then
+    for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
+      pull "$p" "$W/pull-warm-$p" # warm-up (tag, manifests, blobs)
+      rm -rf "$W/pull-warm-$p"
+      record pull_warm_s "$p" "$(timed pull "$p" "$W/pull-warm-$p")"
+      rm -rf "$W/pull-warm-$p"
+    done
+  fi
+  if want cold8; then
+    for p in $(rotate "$rep" "${cached_peers[@]}"); do concurrent_cold_pulls "$p"; done
+  fi
+  if want evict; then eviction_stalls; fi
 done
 
 # ---------------------------------------------------------------- report

@@ -26,8 +26,17 @@ FIGURES = [
     ("rss_mib", "peak RSS (VmHWM, all processes): cold pull, then every warm figure incl. 64 × {big} MiB", "MiB", [("nginx-cache", "<=", 1.5)]),
     ("conns_s", "{conns} new TLS connections × 5 manifest GETs (HTTP/1.1), time", "s", [("nginx-cache", "<=", 1.0)]),
     # No stall: eviction (cache gc of the big layer, refetched from upstream, in a loop) beside warm requests.
-    ("p99_manifest_evicting", "p99 of warm manifest GETs while eviction runs / while idle", "×", [(None, "<=", 2.0)]),
-    ("p99_blob_evicting", "p99 of warm GETs of a small layer (the 40 MiB ones; 0.5 MiB with --quick) while eviction runs / while idle", "×", [(None, "<=", 2.0)]),
+    # No stall: eviction (cache gc of the big layer, then its refetch from upstream, in a loop)
+    # beside warm requests. Open loop (scripts/bench_latency.py, 200 requests/s on a fixed
+    # schedule): compared with the same download load without eviction, a stall shows as such.
+    ("p99_manifest_evicting_open", "p99 of warm manifest GETs (200/s) while eviction + refetch run / while the same download load runs without eviction", "×", [(None, "<=", 1.5)]),
+    ("p99_blob_evicting_open", "p99 of warm GETs of a small blob (200/s) while eviction + refetch run / while the same download load runs without eviction", "×", [(None, "<=", 1.5)]),
+    ("p99_manifest_loaded_open", "p99 of warm manifest GETs (200/s) while eviction + refetch run / while idle", "×", []),
+    ("p99_blob_loaded_open", "p99 of warm GETs of a small blob (200/s) while eviction + refetch run / while idle", "×", []),
+    # Closed loop (h2load, 8 connections as fast as they go) saturates both cores: the ratio is
+    # the CPU share the refetch takes from it, not a stall. Shown for comparison, no target.
+    ("p99_manifest_evicting", "p99 of warm manifest GETs, h2load saturating, while eviction + refetch run / while idle", "×", []),
+    ("p99_blob_evicting", "p99 of warm GETs of a 40 MiB layer (0.5 MiB with --quick), h2load saturating, while eviction + refetch run / while idle", "×", []),
 ]
 
 BEGIN = "<!-- bench:begin (written by scripts/bench.sh; edit outside the markers) -->"
