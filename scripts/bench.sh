@@ -76,7 +76,7 @@ if ((quick)); then
 else
   echo "==> cargo build --release"
   cargo build --release --locked --quiet
-  RM_BIN=$repo_root/target/release/regmirror
+  RM_BIN=${BENCH_RM_BIN:-$repo_root/target/release/regmirror}
 fi
 
 # ---------------------------------------------------------------- processes
