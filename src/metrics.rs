@@ -1,153 +1,363 @@
-//! Process-wide counters, exported in Prometheus text format on `/metrics`.
+//! Process-wide metrics, exported on `/metrics` in the Prometheus text
+//! format by the `prometheus-client` crate.
 //!
-//! Counters only: cheap atomics that any module may bump without locking.
+//! One registry for the process, built on first use: any module records
+//! with `METRICS.field…` (an atomic add, plus a label lookup for labelled
+//! families) and never formats anything. Only [`Metrics::render`] writes
+//! the exposition format.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 
-pub struct Counter(AtomicU64);
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 
-impl Counter {
-    const fn new() -> Self {
-        Counter(AtomicU64::new(0))
+/// The content type of what [`Metrics::render`] writes.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Label of metrics kept per configured upstream (its `name`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+impl UpstreamLabel {
+    pub fn of(upstream: &str) -> Self {
+        UpstreamLabel {
+            upstream: upstream.to_string(),
+        }
     }
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-    /// For gauges: the value now, not a sum.
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
+}
+
+/// Labels of a client request: which upstream (`-` when none, e.g.
+/// `/metrics`), what it asked for, and the class of our answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub upstream: String,
+    pub kind: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// Where bytes sent to a client came from: `cache` (a hit) or `upstream`
+/// (a download followed as it grew, or streamed through).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServedLabels {
+    pub upstream: String,
+    pub source: &'static str,
+}
+
+/// An upstream answer: its status code, or `error` when none came.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamStatusLabels {
+    pub upstream: String,
+    pub status: String,
+}
+
+type Histograms = Family<KindLabel, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 1 ms … about 60 s: a hot manifest to a large cold layer.
+    Histogram::new(exponential_buckets(0.001, 2.5, 13))
 }
 
 pub struct Metrics {
-    pub requests: Counter,
-    pub cache_hits: Counter,
-    pub cache_misses: Counter,
+    registry: Registry,
+    /// Client requests by upstream, kind and status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to answer manifest (`tag`, `manifest`) and `blob` requests,
+    /// body included.
+    pub request_duration: Histograms,
+    /// Content served from the store without asking upstream for it.
+    pub cache_hits: Family<UpstreamLabel, Counter>,
+    /// Requests that started a download of missing content.
+    pub cache_misses: Family<UpstreamLabel, Counter>,
     /// Requests that joined a download another request had started.
-    pub cache_joins: Counter,
-    pub upstream_requests: Counter,
-    pub upstream_fetches: Counter,
+    pub cache_joins: Family<UpstreamLabel, Counter>,
+    /// Bytes sent to clients, by upstream and by where they came from.
+    pub served_bytes: Family<ServedLabels, Counter>,
+    /// Bytes read from upstream registries' content bodies.
+    pub upstream_fetched_bytes: Family<UpstreamLabel, Counter>,
+    /// Downloads of missing content running now.
+    pub downloads_in_flight: Gauge,
+    /// Client responses streaming from a download still in progress.
+    pub download_waiters: Gauge,
     /// Downloads aborted because the bytes were short, broken or did not match their digest.
     pub verify_failures: Counter,
-    pub stale_served: Counter,
-    pub bytes_fetched: Counter,
-    pub bytes_served: Counter,
+    /// Of those, downloads whose bytes hashed to another digest.
+    pub digest_mismatches: Counter,
+    /// Downloads that ended without committing anything, for any reason.
+    pub downloads_aborted: Counter,
+    /// Tags served from cache because upstream failed.
+    pub stale_served: Family<UpstreamLabel, Counter>,
     /// Content deleted to keep the store under `cache.max_size` (or a full disk).
     pub evicted_blobs: Counter,
     pub evicted_bytes: Counter,
+    /// Bytes of content in the store, as the recency index counts them.
+    pub cache_bytes: Gauge,
     /// Downloads served from upstream without being stored, for lack of disk space.
     pub disk_full: Counter,
-    /// Gauge: bytes of content in the store, as the recency index counts them.
-    pub cache_bytes: Counter,
     /// Connections closed at once because the client address is not in `[access] allow`.
     pub connections_refused: Counter,
+    /// Registry requests sent upstream, by the status that came back.
+    pub upstream_requests: Family<UpstreamStatusLabels, Counter>,
+    /// Upstream answers of 429 Too Many Requests.
+    pub upstream_rate_limited: Family<UpstreamLabel, Counter>,
+    /// The last `ratelimit-remaining` an upstream sent (Docker Hub's pull allowance).
+    pub upstream_ratelimit_remaining: Family<UpstreamLabel, Gauge>,
+    /// Token requests regmirror sent to upstream auth servers for its own requests.
+    pub upstream_token_requests: Counter,
+    /// Client token requests with credentials, relayed to upstream's realm.
+    pub tokens_relayed: Family<UpstreamLabel, Counter>,
+    /// Anonymous tokens regmirror issued itself.
+    pub tokens_issued: Family<UpstreamLabel, Counter>,
 }
 
-pub static METRICS: Metrics = Metrics {
-    requests: Counter::new(),
-    cache_hits: Counter::new(),
-    cache_misses: Counter::new(),
-    cache_joins: Counter::new(),
-    upstream_requests: Counter::new(),
-    upstream_fetches: Counter::new(),
-    verify_failures: Counter::new(),
-    stale_served: Counter::new(),
-    bytes_fetched: Counter::new(),
-    bytes_served: Counter::new(),
-    evicted_blobs: Counter::new(),
-    evicted_bytes: Counter::new(),
-    disk_full: Counter::new(),
-    cache_bytes: Counter::new(),
-    connections_refused: Counter::new(),
-};
+/// The one registry of the process.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Metrics {
+    fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            cache_joins: Family::default(),
+            served_bytes: Family::default(),
+            upstream_fetched_bytes: Family::default(),
+            downloads_in_flight: Gauge::default(),
+            download_waiters: Gauge::default(),
+            verify_failures: Counter::default(),
+            digest_mismatches: Counter::default(),
+            downloads_aborted: Counter::default(),
+            stale_served: Family::default(),
+            evicted_blobs: Counter::default(),
+            evicted_bytes: Counter::default(),
+            cache_bytes: Gauge::default(),
+            disk_full: Counter::default(),
+            connections_refused: Counter::default(),
+            upstream_requests: Family::default(),
+            upstream_rate_limited: Family::default(),
+            upstream_ratelimit_remaining: Family::default(),
+            upstream_token_requests: Counter::default(),
+            tokens_relayed: Family::default(),
+            tokens_issued: Family::default(),
+        };
+        let mut r = Registry::with_prefix("regmirror");
+        r.register(
+            "requests",
+            "client requests by upstream, kind and status class",
+            m.requests.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "time to answer manifest and blob requests, body included",
+            Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        r.register("cache_hits", "content served from the store", m.cache_hits.clone());
+        r.register(
+            "cache_misses",
+            "requests that started a download of missing content",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "cache_joins",
+            "requests that joined a running download",
+            m.cache_joins.clone(),
+        );
+        r.register_with_unit(
+            "served",
+            "bytes sent to clients, by upstream and source (cache or upstream)",
+            Unit::Bytes,
+            m.served_bytes.clone(),
+        );
+        r.register_with_unit(
+            "upstream_fetched",
+            "bytes of content read from upstream",
+            Unit::Bytes,
+            m.upstream_fetched_bytes.clone(),
+        );
+        r.register(
+            "downloads_in_flight",
+            "downloads of missing content running now",
+            m.downloads_in_flight.clone(),
+        );
+        r.register(
+            "download_waiters",
+            "responses streaming from a download in progress",
+            m.download_waiters.clone(),
+        );
+        r.register(
+            "verify_failures",
+            "downloads aborted as short, broken or corrupt",
+            m.verify_failures.clone(),
+        );
+        r.register(
+            "digest_mismatches",
+            "downloads whose bytes did not match their digest",
+            m.digest_mismatches.clone(),
+        );
+        r.register(
+            "downloads_aborted",
+            "downloads that ended without storing anything",
+            m.downloads_aborted.clone(),
+        );
+        r.register(
+            "stale_served",
+            "tags served from cache because upstream failed",
+            m.stale_served.clone(),
+        );
+        r.register(
+            "evicted_blobs",
+            "blobs deleted to stay under cache.max_size or free a full disk",
+            m.evicted_blobs.clone(),
+        );
+        r.register_with_unit(
+            "evicted",
+            "bytes deleted to stay under cache.max_size or free a full disk",
+            Unit::Bytes,
+            m.evicted_bytes.clone(),
+        );
+        r.register_with_unit(
+            "cache",
+            "bytes of content in the store",
+            Unit::Bytes,
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "disk_full",
+            "downloads served without caching because the disk was full",
+            m.disk_full.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "connections from addresses outside [access] allow",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "upstream_requests",
+            "registry requests sent upstream, by status code (error: no answer)",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "upstream_rate_limited",
+            "upstream answers of 429 Too Many Requests",
+            m.upstream_rate_limited.clone(),
+        );
+        r.register(
+            "upstream_ratelimit_remaining",
+            "the last ratelimit-remaining an upstream sent",
+            m.upstream_ratelimit_remaining.clone(),
+        );
+        r.register(
+            "upstream_token_requests",
+            "token requests sent to upstream auth servers for regmirror's own requests",
+            m.upstream_token_requests.clone(),
+        );
+        r.register(
+            "tokens_relayed",
+            "client token requests with credentials relayed upstream",
+            m.tokens_relayed.clone(),
+        );
+        r.register(
+            "tokens_issued",
+            "anonymous tokens issued by regmirror",
+            m.tokens_issued.clone(),
+        );
+        m.registry = r;
+        m
+    }
+
+    /// The whole registry in the Prometheus text format (see [`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &Counter); 14] = [
-            (
-                "regmirror_connections_refused_total",
-                "connections from addresses outside [access] allow",
-                &self.connections_refused,
-            ),
-            ("regmirror_requests_total", "HTTP requests received", &self.requests),
-            (
-                "regmirror_cache_hits_total",
-                "content served from the store",
-                &self.cache_hits,
-            ),
-            (
-                "regmirror_cache_misses_total",
-                "downloads started for missing content",
-                &self.cache_misses,
-            ),
-            (
-                "regmirror_cache_joins_total",
-                "requests that joined a running download",
-                &self.cache_joins,
-            ),
-            (
-                "regmirror_upstream_requests_total",
-                "requests sent upstream",
-                &self.upstream_requests,
-            ),
-            (
-                "regmirror_upstream_fetches_total",
-                "upstream bodies downloaded into the store",
-                &self.upstream_fetches,
-            ),
-            (
-                "regmirror_verify_failures_total",
-                "downloads aborted as short, broken or corrupt",
-                &self.verify_failures,
-            ),
-            (
-                "regmirror_stale_served_total",
-                "tags served from cache because upstream failed",
-                &self.stale_served,
-            ),
-            (
-                "regmirror_bytes_fetched_total",
-                "bytes downloaded from upstream and stored",
-                &self.bytes_fetched,
-            ),
-            (
-                "regmirror_bytes_served_total",
-                "bytes sent to clients",
-                &self.bytes_served,
-            ),
-            (
-                "regmirror_evicted_blobs_total",
-                "blobs deleted to stay under cache.max_size or free a full disk",
-                &self.evicted_blobs,
-            ),
-            (
-                "regmirror_evicted_bytes_total",
-                "bytes deleted to stay under cache.max_size or free a full disk",
-                &self.evicted_bytes,
-            ),
-            (
-                "regmirror_disk_full_total",
-                "downloads served without caching because the disk was full",
-                &self.disk_full,
-            ),
-        ];
         let mut out = String::new();
-        for (name, help, c) in rows {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                c.get()
-            ));
-        }
-        out.push_str(&format!(
-            "# HELP regmirror_cache_bytes bytes of content in the store\n# TYPE regmirror_cache_bytes gauge\nregmirror_cache_bytes {}\n",
-            self.cache_bytes.get()
-        ));
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts one client request once its answer is known.
+    pub fn request(&self, upstream: &str, kind: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                upstream: upstream.to_string(),
+                kind,
+                status: status_class(status),
+            })
+            .inc();
+    }
+
+    /// Counts one registry request sent upstream and what came of it.
+    pub fn upstream_answer(&self, upstream: &str, status: Option<u16>) {
+        let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
+        self.upstream_requests
+            .get_or_create(&UpstreamStatusLabels {
+                upstream: upstream.to_string(),
+                status,
+            })
+            .inc();
+    }
+}
+
+/// `2xx`, `3xx`, `4xx` or `5xx` (anything else counts as `5xx`: no
+/// well-behaved answer has it).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_counters_render_with_their_labels_and_units() {
+        let m = Metrics::new();
+        m.cache_hits.get_or_create(&UpstreamLabel::of("docker.io")).inc_by(3);
+        m.served_bytes
+            .get_or_create(&ServedLabels {
+                upstream: "docker.io".into(),
+                source: "cache",
+            })
+            .inc_by(42);
+        m.request("ghcr.io", "blob", 206);
+        m.evicted_bytes.inc_by(7);
+        m.cache_bytes.set(99);
+        let text = m.render();
+        for line in [
+            "regmirror_cache_hits_total{upstream=\"docker.io\"} 3",
+            "regmirror_served_bytes_total{upstream=\"docker.io\",source=\"cache\"} 42",
+            "regmirror_requests_total{upstream=\"ghcr.io\",kind=\"blob\",status=\"2xx\"} 1",
+            "regmirror_evicted_bytes_total 7",
+            "regmirror_evicted_blobs_total 0",
+            "regmirror_cache_bytes 99",
+            "regmirror_disk_full_total 0",
+            "regmirror_connections_refused_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(200), "2xx");
+        assert_eq!(status_class(307), "3xx");
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(508), "5xx");
+        assert_eq!(status_class(0), "5xx");
     }
 }

@@ -18,6 +18,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::scope::{route_name, Scope};
 use super::{ANONYMOUS_TOKEN_LIFETIME, ANONYMOUS_TOKEN_PREFIX};
+use crate::metrics::{UpstreamLabel, METRICS};
 use crate::reference::Digest;
 use crate::registry::body::{full, Body};
 use crate::registry::errors::RegistryError;
@@ -83,13 +84,13 @@ pub async fn serve(
     let id = upstream_for(app, host, &req);
     let upstream = app.upstreams.get(id);
     if !req.has_credentials {
-        return Ok(anonymous_token());
+        return Ok(anonymous_token(upstream.name()));
     }
     let service = match upstream.client.discover_auth().await {
         AuthScheme::Challenges(Challenge::Bearer { service, .. }) => service,
         // Nothing to exchange credentials for: the upstream is open or
         // takes Basic credentials on every request.
-        AuthScheme::Open | AuthScheme::Challenges(Challenge::Basic) => return Ok(anonymous_token()),
+        AuthScheme::Open | AuthScheme::Challenges(Challenge::Basic) => return Ok(anonymous_token(upstream.name())),
         AuthScheme::Unknown => {
             return Err(RegistryError::unavailable(format!(
                 "upstream {} cannot be reached to check credentials",
@@ -151,6 +152,10 @@ pub async fn serve(
             .unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    METRICS
+        .tokens_relayed
+        .get_or_create(&UpstreamLabel::of(upstream.name()))
+        .inc();
     tracing::info!(upstream = %upstream.name(), status = answer.status.as_u16(), scopes = scopes.len(), "token request relayed");
     Ok(resp)
 }
@@ -204,7 +209,8 @@ fn echo_in_client_names(body: Bytes, renamed: &[(String, String)]) -> Bytes {
 static ISSUED: AtomicU64 = AtomicU64::new(0);
 
 /// regmirror's own token for a client without credentials.
-fn anonymous_token() -> Response<Body> {
+fn anonymous_token(upstream: &str) -> Response<Body> {
+    METRICS.tokens_issued.get_or_create(&UpstreamLabel::of(upstream)).inc();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let n = ISSUED.fetch_add(1, Ordering::Relaxed);
     let seed = format!("{}-{}-{n}", now.as_nanos(), std::process::id());

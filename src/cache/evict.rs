@@ -190,7 +190,7 @@ async fn run(weak: Weak<Lifecycle>, blobs: Arc<dyn BlobStore>, path: PathBuf) ->
                 .await
                 .map_err(io::Error::other)??
         };
-        METRICS.cache_bytes.set(total);
+        METRICS.cache_bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
         let pressure = life.pressure.swap(0, Ordering::Relaxed);
         let limits = life.limits;
         let target = if total > limits.max_size {
@@ -329,8 +329,8 @@ pub async fn evict_to(
         .map_err(io::Error::other)??
     };
     done.after = after;
-    METRICS.evicted_blobs.add(done.blobs);
-    METRICS.evicted_bytes.add(done.bytes);
-    METRICS.cache_bytes.set(after);
+    METRICS.evicted_blobs.inc_by(done.blobs);
+    METRICS.evicted_bytes.inc_by(done.bytes);
+    METRICS.cache_bytes.set(i64::try_from(after).unwrap_or(i64::MAX));
     Ok(done)
 }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::blob_store::{ByteStream, GrowingBlob, PendingBlob};
 use super::error::FetchError;
-use super::served::{Served, ServedInfo};
+use super::served::{Lookup, Served, ServedInfo};
 use super::Cache;
 use crate::metrics::METRICS;
 use crate::reference::Digest;
@@ -106,17 +106,14 @@ impl Cache {
         let mut led_once = false;
         loop {
             if let Some(served) = self.open_stored(digest).await? {
-                METRICS.cache_hits.inc();
                 return Ok(served);
             }
             let (inflight, leader) = self.start_or_join(digest);
             let rx = inflight.progress.subscribe();
+            let lookup = if leader || led_once { Lookup::Miss } else { Lookup::Join };
             if leader {
-                METRICS.cache_misses.inc();
                 led_once = true;
                 self.spawn_leader(digest, inflight.clone(), open.clone());
-            } else {
-                METRICS.cache_joins.inc();
             }
             match self.follow(digest, inflight.clone(), rx).await {
                 Err(FetchError::Source(e)) if !leader && !led_once => {
@@ -128,9 +125,14 @@ impl Cache {
                         Some(s) => s,
                         None => open().await?,
                     };
-                    return Ok(Served::direct(digest.clone(), source));
+                    let mut served = Served::direct(digest.clone(), source);
+                    served.info.lookup = lookup;
+                    return Ok(served);
                 }
-                Ok(Some(served)) => return Ok(served),
+                Ok(Some(mut served)) => {
+                    served.info.lookup = lookup;
+                    return Ok(served);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -163,6 +165,7 @@ impl Cache {
     {
         let cache = self.clone();
         let digest = digest.clone();
+        METRICS.downloads_in_flight.inc();
         tokio::spawn(async move {
             // The guard exists before anything that can fail or panic,
             // `open` included, so no waiter is ever left hanging.
@@ -203,7 +206,7 @@ impl Cache {
                     // Finished before we attached: it is in the store now.
                     return match self.open_stored(digest).await? {
                         Some(mut s) => {
-                            s.info.hit = false;
+                            s.info.lookup = Lookup::Miss;
                             Ok(Some(s))
                         }
                         None => Err(FetchError::store(
@@ -221,7 +224,7 @@ impl Cache {
                     let info = ServedInfo {
                         size: length,
                         media_type,
-                        hit: false,
+                        lookup: Lookup::Miss,
                     };
                     return Ok(Some(Served::growing(info, reader, rx)));
                 }
@@ -240,7 +243,6 @@ impl Cache {
         }
         let source = open().await?;
         let public = source.public;
-        METRICS.upstream_fetches.inc();
         let (media_type, length, max_len) = (source.media_type.clone(), source.length, source.max_len);
         if let (Some(l), Some(max)) = (length, max_len) {
             if l > max {
@@ -285,6 +287,9 @@ impl Cache {
                 if e.is_bad_content() {
                     METRICS.verify_failures.inc();
                 }
+                if matches!(e, FetchError::DigestMismatch { .. }) {
+                    METRICS.digest_mismatches.inc();
+                }
                 if let FetchError::Store { source, .. } = &e {
                     if is_disk_full(source) {
                         // Announced no length, so nothing was reserved: this
@@ -308,7 +313,6 @@ impl Cache {
             self.mark_public(digest).await;
         }
         self.added(digest, written, media_type.is_some());
-        METRICS.bytes_fetched.add(written);
         Ok(Outcome::Stored(written))
     }
 }
@@ -326,6 +330,7 @@ struct LeaderGuard<'a> {
 impl LeaderGuard<'_> {
     fn finish(&mut self, result: Result<Outcome, FetchError>) {
         self.done = true;
+        METRICS.downloads_in_flight.dec();
         super::lock(&self.cache.inflight).remove(self.digest);
         let digest = self.digest;
         match result {
@@ -337,6 +342,7 @@ impl LeaderGuard<'_> {
                 self.inflight.progress.send_replace(Progress::Uncached);
             }
             Err(e) => {
+                METRICS.downloads_aborted.inc();
                 tracing::warn!(%digest, error = %e, "download failed; nothing was stored");
                 self.inflight.progress.send_replace(Progress::Failed(e));
             }
@@ -506,7 +512,7 @@ mod tests {
                     })
                     .await
                     .unwrap();
-                assert!(!served.info.hit);
+                assert_ne!(served.info.lookup, Lookup::Hit);
                 read_all(served).await.unwrap()
             }));
         }

@@ -35,7 +35,7 @@ pub use evict::{Lifecycle, Limits};
 pub use fetch::{OpenFuture, Source};
 pub use local::LocalStore;
 pub use meta_store::{MetaStore, RepoKey, TagRecord};
-pub use served::{Served, ServedInfo};
+pub use served::{Lookup, Served, ServedInfo};
 
 use crate::reference::{Digest, Tag};
 
@@ -215,7 +215,7 @@ impl Cache {
                 self.hot.insert(d, manifest);
                 Ok(Some(Served::memory(bytes, Some(media_type))))
             }
-            _ => Ok(Some(Served::stored(blob, true))),
+            _ => Ok(Some(Served::stored(blob, Lookup::Hit))),
         }
     }
 

@@ -25,8 +25,47 @@ pub struct ServedInfo {
     /// `None` while a download of unannounced length is in progress.
     pub size: Option<u64>,
     pub media_type: Option<String>,
-    /// True when the bytes came from the store without any upstream request.
-    pub hit: bool,
+    /// How the cache found the content.
+    pub lookup: Lookup,
+}
+
+/// How a request's content was found: what the request log and the cache
+/// metrics report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// In the store (or in memory): no upstream request.
+    Hit,
+    /// Missing: this request started the download (or streamed it itself).
+    Miss,
+    /// Missing, and another request's download was already running.
+    Join,
+}
+
+impl Lookup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Miss => "miss",
+            Lookup::Join => "join",
+        }
+    }
+}
+
+/// Counts a response streaming from a download in progress for as long
+/// as it lives (the `download_waiters` gauge).
+struct Waiter;
+
+impl Waiter {
+    fn new() -> Self {
+        METRICS.download_waiters.inc();
+        Waiter
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        METRICS.download_waiters.dec();
+    }
 }
 
 enum ServedSource {
@@ -36,6 +75,7 @@ enum ServedSource {
     Growing {
         reader: Arc<dyn GrowingBlob>,
         rx: watch::Receiver<Progress>,
+        waiter: Waiter,
     },
     /// Straight from upstream, not stored (the disk was full).
     Direct {
@@ -45,13 +85,13 @@ enum ServedSource {
 }
 
 impl Served {
-    pub(crate) fn stored(blob: Box<dyn StoredBlob>, hit: bool) -> Self {
+    pub(crate) fn stored(blob: Box<dyn StoredBlob>, lookup: Lookup) -> Self {
         let info = blob.info();
         Served {
             info: ServedInfo {
                 size: Some(info.size),
                 media_type: info.media_type.clone(),
-                hit,
+                lookup,
             },
             source: ServedSource::Stored(blob),
         }
@@ -63,20 +103,17 @@ impl Served {
             info: ServedInfo {
                 size: Some(bytes.len() as u64),
                 media_type,
-                hit: true,
+                lookup: Lookup::Hit,
             },
             source: ServedSource::Memory(bytes),
         }
     }
 
     /// The whole content when it is held in memory (cheap: shared, not
-    /// copied), counted as served.
+    /// copied).
     pub fn in_memory(&self) -> Option<Bytes> {
         match &self.source {
-            ServedSource::Memory(b) => {
-                METRICS.bytes_served.add(b.len() as u64);
-                Some(b.clone())
-            }
+            ServedSource::Memory(b) => Some(b.clone()),
             _ => None,
         }
     }
@@ -84,7 +121,11 @@ impl Served {
     pub(crate) fn growing(info: ServedInfo, reader: Arc<dyn GrowingBlob>, rx: watch::Receiver<Progress>) -> Self {
         Served {
             info,
-            source: ServedSource::Growing { reader, rx },
+            source: ServedSource::Growing {
+                reader,
+                rx,
+                waiter: Waiter::new(),
+            },
         }
     }
 
@@ -95,7 +136,7 @@ impl Served {
             info: ServedInfo {
                 size: source.length,
                 media_type: source.media_type.clone(),
-                hit: false,
+                lookup: Lookup::Miss,
             },
             source: ServedSource::Direct { digest, source },
         }
@@ -115,14 +156,10 @@ impl Served {
                 let piece = b.slice(start as usize..end.max(start) as usize);
                 Box::pin(futures_util::stream::iter((!piece.is_empty()).then_some(Ok(piece))))
             }
-            ServedSource::Growing { reader, rx } => Box::pin(follow(reader, rx, start, end)),
+            ServedSource::Growing { reader, rx, waiter } => Box::pin(follow(reader, rx, start, end, waiter)),
             ServedSource::Direct { digest, source } => Box::pin(direct(digest, source, start, end)),
         };
-        stream.inspect(|c| {
-            if let Ok(c) = c {
-                METRICS.bytes_served.add(c.len() as u64);
-            }
-        })
+        stream
     }
 }
 
@@ -133,6 +170,7 @@ fn follow(
     rx: watch::Receiver<Progress>,
     start: u64,
     end: Option<u64>,
+    waiter: Waiter,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     struct State {
         reader: Arc<dyn GrowingBlob>,
@@ -140,6 +178,7 @@ fn follow(
         pos: u64,
         end: Option<u64>,
         failed: bool,
+        _waiter: Waiter,
     }
     let state = State {
         reader,
@@ -147,6 +186,7 @@ fn follow(
         pos: start,
         end,
         failed: false,
+        _waiter: waiter,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         if st.failed {

@@ -11,6 +11,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::body::{empty, stream, Body};
 use super::errors::{OciCode, RegistryError};
+use super::outcome::RequestOutcome;
 use super::range::{parse_range, ByteRange};
 use super::{copy_header, header_value, source_from, App};
 use crate::auth::{Access, ContentKind};
@@ -57,6 +58,7 @@ pub async fn serve(
         .await
         .map_err(|e| blob_error(e.into(), d))?;
 
+    let outcome = RequestOutcome::from(served.info.lookup);
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let mut resp = match (served.info.size, range) {
         (Some(size), Some(_)) => match parse_range(range, size) {
@@ -82,6 +84,7 @@ pub async fn serve(
         (size, _) => full_response(served, size),
     };
     identify(resp.headers_mut(), d);
+    outcome.mark(&mut resp);
     Ok(resp)
 }
 

@@ -16,10 +16,10 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 
 use super::body::{stream, Body};
 use super::errors::{OciCode, RegistryError};
+use super::outcome::RequestOutcome;
 use super::{copy_header, header_value, source_from, App};
 use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::{FetchError, Served, Source, TagRecord};
-use crate::metrics::METRICS;
 use crate::reference::{Digest, Reference, Tag};
 use crate::route::RepoRequest;
 use crate::upstream::{self, Credential, UpstreamRequest};
@@ -474,18 +474,23 @@ async fn stale_or(
     let Some((digest, manifest)) = found else {
         return Err(refuse(err));
     };
-    METRICS.stale_served.inc();
     tracing::warn!(tag = %tag, %digest, error = %err, "upstream failed; serving the cached tag");
     let warning = format!(
         "110 regmirror \"Response is Stale: upstream {}\"",
         app.upstream(r).name()
     );
-    Ok(respond(&digest, manifest, head, Some(warning)))
+    let mut resp = respond(&digest, manifest, head, Some(warning));
+    RequestOutcome::Stale.mark(&mut resp);
+    Ok(resp)
 }
 
 /// The manifest response: stored bytes with their own media type, length,
 /// digest and ETag; never converted.
 fn respond(digest: &Digest, manifest: Manifest, head: bool, warning: Option<String>) -> Response<Body> {
+    let outcome = match &manifest.body {
+        ManifestBody::Served(served) => RequestOutcome::from(served.info.lookup),
+        ManifestBody::Fetched(_) => RequestOutcome::Miss,
+    };
     let mut resp = match (head, manifest.body) {
         (true, _) => Response::new(super::body::empty()),
         (false, ManifestBody::Served(served)) => match served.in_memory() {
@@ -504,6 +509,7 @@ fn respond(digest: &Digest, manifest: Manifest, head: bool, warning: Option<Stri
     if let Some(w) = warning {
         h.insert(header::WARNING, header_value(&w));
     }
+    outcome.mark(&mut resp);
     resp
 }
 

@@ -11,6 +11,7 @@ pub mod body;
 pub mod catalog;
 pub mod errors;
 pub mod manifests;
+pub mod outcome;
 pub mod range;
 pub mod tags;
 
@@ -27,6 +28,7 @@ use crate::auth::{self, Access, Auth};
 use crate::cache::{Cache, RepoKey};
 use crate::config::Settings;
 use crate::metrics::METRICS;
+use crate::reference::Reference;
 use crate::route::{route, Endpoint, Kind, RepoRequest, RouteTable};
 use crate::upstream::client::VIA_HEADER;
 use crate::upstream::{AuthScheme, Upstream, UpstreamTable};
@@ -79,18 +81,21 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let started = Instant::now();
-    METRICS.requests.inc();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req, &conn);
-    let result = dispatch(&app, &conn, host.as_deref(), req).await;
+    let mut info = outcome::RequestInfo::default();
+    let result = dispatch(&app, &conn, host.as_deref(), req, &mut info).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
+            let upstream = info.upstream.as_deref().unwrap_or("-");
+            let repo = info.repo.as_deref().unwrap_or("-");
+            let host = host.as_deref().unwrap_or("-");
             if e.status.is_server_error() {
-                tracing::warn!(%method, %path, host = host.as_deref().unwrap_or("-"), error = %e, "request failed");
+                tracing::warn!(%method, %path, host, upstream, repo, error = %e, "request failed");
             } else {
-                tracing::info!(%method, %path, host = host.as_deref().unwrap_or("-"), error = %e, "request rejected");
+                tracing::info!(%method, %path, host, upstream, repo, error = %e, "request rejected");
             }
             e.into_response()
         }
@@ -102,15 +107,7 @@ where
     if method == Method::HEAD {
         *resp.body_mut() = empty();
     }
-    tracing::info!(
-        %method,
-        %path,
-        host = host.as_deref().unwrap_or("-"),
-        status = resp.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
-    resp
+    outcome::finish(&info, &method, &path, host.as_deref(), started.elapsed(), resp)
 }
 
 /// What the client wrote as the host: Host header, `:authority` (HTTP/2),
@@ -163,6 +160,7 @@ async fn dispatch<B>(
     conn: &ConnInfo,
     host: Option<&str>,
     req: Request<B>,
+    info: &mut outcome::RequestInfo,
 ) -> Result<Response<Body>, RegistryError>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send,
@@ -198,6 +196,7 @@ where
         }
     }
     let endpoint = route(&app.routes, host, req.uri().path(), req.uri().query())?;
+    describe(app, &endpoint, host, req.uri().query(), info);
     let method = req.method().clone();
     let read_only = matches!(method, Method::GET | Method::HEAD);
     let head = method == Method::HEAD;
@@ -216,7 +215,7 @@ where
                 Err(RegistryError::unavailable(format!("the store cannot be written: {e}")))
             }
         },
-        Endpoint::Metrics => Ok(text(StatusCode::OK, METRICS.render(), "text/plain; version=0.0.4")),
+        Endpoint::Metrics => Ok(text(StatusCode::OK, METRICS.render(), crate::metrics::CONTENT_TYPE)),
         // One per line: the intercepted upstream hosts, then the proxy's own
         // name (what scripts/install-ca.sh puts in /etc/hosts and certs.d).
         Endpoint::Hostnames if read_only => {
@@ -276,6 +275,42 @@ where
     }
 }
 
+/// What the request log and metrics say of a routed request.
+fn describe(app: &App, endpoint: &Endpoint, host: Option<&str>, query: Option<&str>, info: &mut outcome::RequestInfo) {
+    info.kind = match endpoint {
+        Endpoint::Ping => {
+            let id = ping_upstream(app, host, ns_param(query).as_deref());
+            info.upstream = Some(app.upstreams.get(id).name().to_string());
+            "ping"
+        }
+        Endpoint::Token => "token",
+        Endpoint::Catalog { upstream } => {
+            info.upstream = upstream.map(|id| app.upstreams.get(id).name().to_string());
+            "list"
+        }
+        Endpoint::Repo(r) => {
+            info.upstream = Some(app.upstream(r).name().to_string());
+            info.repo = Some(r.repo.to_string());
+            match &r.kind {
+                Kind::Manifest(reference) => {
+                    info.reference = Some(reference.to_string());
+                    match reference {
+                        Reference::Tag(_) => "tag",
+                        Reference::Digest(_) => "manifest",
+                    }
+                }
+                Kind::Blob(d) => {
+                    info.reference = Some(d.to_string());
+                    "blob"
+                }
+                Kind::TagsList => "list",
+                Kind::Upload => "other",
+            }
+        }
+        _ => "other",
+    };
+}
+
 /// `/v2/`: the challenge upstream would give, so clients log in here; 200
 /// when the client brings a token, or upstream is open (or unreachable so
 /// far: anything public and cached is still served without a token).
@@ -285,13 +320,7 @@ async fn ping(
     origin: &Origin,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, RegistryError> {
-    let id = origin
-        .ns
-        .as_deref()
-        .and_then(|n| app.routes.upstream_for_ns(n))
-        .or_else(|| host.and_then(|h| app.routes.upstream_for_host(h)))
-        .unwrap_or_else(|| app.routes.default_upstream());
-    let upstream = app.upstreams.get(id);
+    let upstream = app.upstreams.get(ping_upstream(app, host, origin.ns.as_deref()));
     let scheme = upstream.client.discover_auth().await;
     let challenges = matches!(scheme, AuthScheme::Challenges(_));
     if !challenges || headers.contains_key(header::AUTHORIZATION) {
@@ -303,6 +332,13 @@ async fn ping(
         origin,
         None,
     ))
+}
+
+/// The upstream a `/v2/` ping stands for: `ns=`, else the host, else the default.
+fn ping_upstream(app: &App, host: Option<&str>, ns: Option<&str>) -> crate::upstream::UpstreamId {
+    ns.and_then(|n| app.routes.upstream_for_ns(n))
+        .or_else(|| host.and_then(|h| app.routes.upstream_for_host(h)))
+        .unwrap_or_else(|| app.routes.default_upstream())
 }
 
 /// A 401 carries the challenge the client needs to get a usable token.
@@ -374,12 +410,20 @@ pub(crate) fn header_value(s: &str) -> HeaderValue {
 
 /// An upstream body as the cache's byte source, refusing more than
 /// `max_len` bytes when given.
+/// Its bytes are counted as fetched from that upstream as they arrive.
 pub(crate) fn source_from(resp: crate::upstream::Response, max_len: Option<u64>) -> crate::cache::Source {
+    use futures_util::TryStreamExt;
+    let fetched = METRICS
+        .upstream_fetched_bytes
+        .get_or_create(&crate::metrics::UpstreamLabel::of(resp.upstream()))
+        .clone();
     crate::cache::Source {
         media_type: resp.header(header::CONTENT_TYPE).map(str::to_string),
         length: resp.content_length(),
         max_len,
         public: false,
-        body: Box::pin(resp.into_stream()),
+        body: Box::pin(resp.into_stream().inspect_ok(move |b| {
+            fetched.inc_by(b.len() as u64);
+        })),
     }
 }

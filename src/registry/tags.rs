@@ -7,9 +7,9 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 
 use super::body::{full, Body};
 use super::errors::{OciCode, RegistryError};
+use super::outcome::RequestOutcome;
 use super::App;
 use crate::auth::Access;
-use crate::metrics::METRICS;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
 use crate::upstream::UpstreamRequest;
@@ -52,13 +52,13 @@ pub async fn list(
     };
     if failure.is_transient() {
         if let Some(body) = app.cache.last_tag_list(app.repo_key(r), &key).await {
-            METRICS.stale_served.inc();
             tracing::warn!(error = %failure, "upstream failed; serving the cached tag list");
             let mut out = respond(body, head);
             out.headers_mut().insert(
                 header::WARNING,
                 HeaderValue::from_static("110 regmirror \"Response is Stale\""),
             );
+            RequestOutcome::Stale.mark(&mut out);
             return Ok(out);
         }
     }

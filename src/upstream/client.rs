@@ -25,7 +25,6 @@ use super::resolve::UpstreamResolver;
 use super::response::Response;
 use super::token::{parse_challenge, Challenge, TokenCache, TokenScope};
 use crate::config::{Credentials, Upstream};
-use crate::metrics::METRICS;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -301,7 +300,6 @@ impl UpstreamClient {
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .body(form);
         }
-        METRICS.upstream_requests.inc();
         let transport = |e: reqwest::Error| {
             token_err(TokenError::Transport {
                 realm: realm.clone(),
@@ -482,7 +480,6 @@ impl UpstreamClient {
     }
 
     async fn exchange(&self, builder: reqwest::RequestBuilder) -> Result<reqwest::Response, Error> {
-        METRICS.upstream_requests.inc();
         let timeout = |phase| Error::Timeout {
             upstream: self.name.clone(),
             phase,
@@ -492,7 +489,7 @@ impl UpstreamClient {
                 Phase::Body => BODY_IDLE_TIMEOUT,
             },
         };
-        match tokio::time::timeout(HEADERS_TIMEOUT, builder.send()).await {
+        let result = match tokio::time::timeout(HEADERS_TIMEOUT, builder.send()).await {
             Err(_) => Err(timeout(Phase::Headers)),
             Ok(Err(e)) if e.is_timeout() && e.is_connect() => Err(timeout(Phase::Connect)),
             Ok(Err(e)) if e.is_timeout() => Err(timeout(Phase::Headers)),
@@ -501,6 +498,8 @@ impl UpstreamClient {
                 message: error_chain(&e),
             }),
             Ok(Ok(resp)) => Ok(resp),
-        }
+        };
+        super::health::record(&self.name, &result);
+        result
     }
 }

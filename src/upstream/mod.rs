@@ -1,13 +1,14 @@
 //! Talking to upstream registries: the HTTP client (`client`), its answers
 //! (`response`) and failures (`error`), Bearer token auth (`token`), name
-//! resolution that ignores /etc/hosts (`resolve`), and the table of
-//! configured upstreams (`table`).
+//! resolution that ignores /etc/hosts (`resolve`), the table of
+//! configured upstreams (`table`), and what was last seen of each (`health`).
 //!
 //! Knows nothing of the cache or of our own clients' HTTP: it sends
 //! requests and hands back responses or [`Error`]s.
 
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod redirect;
 pub mod resolve;
 pub mod response;

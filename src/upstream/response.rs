@@ -29,6 +29,11 @@ impl Response {
         }
     }
 
+    /// The configured name of the upstream that answered.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
     pub fn status(&self) -> StatusCode {
         self.inner.status()
     }

@@ -231,7 +231,7 @@ async fn fetch(
     if let Some(c) = creds {
         req = req.basic_auth(&c.username, Some(&c.password));
     }
-    crate::metrics::METRICS.upstream_requests.inc();
+    crate::metrics::METRICS.upstream_token_requests.inc();
     let resp = req.send().await.map_err(|e| transport(&e))?;
     let post_with = match creds {
         Some(c) if !resp.status().is_success() && resp.status() != StatusCode::UNAUTHORIZED => Some(c),
@@ -251,7 +251,7 @@ async fn fetch(
             }
             form.finish()
         };
-        crate::metrics::METRICS.upstream_requests.inc();
+        crate::metrics::METRICS.upstream_token_requests.inc();
         http.post(url)
             .timeout(TOKEN_TIMEOUT)
             .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")

@@ -56,6 +56,8 @@ pub struct Config {
     /// Run regmirror in its own mount namespace with these `/etc/hosts` and
     /// `/etc/resolv.conf` contents (to prove what it does and does not read).
     pub private_etc: Option<(String, String)>,
+    /// Run with `--log-format json` (one JSON object per log line).
+    pub log_json: bool,
 }
 
 /// Hostnames of the three standard upstreams.
@@ -76,6 +78,7 @@ impl Config {
             extra_toml: String::new(),
             env: Vec::new(),
             private_etc: None,
+            log_json: false,
         }
     }
 
@@ -206,6 +209,9 @@ impl Regmirror {
             None => {
                 let mut c = Command::new(binary());
                 c.args(["serve", "--config"]).arg(&config_path);
+                if config.log_json {
+                    c.args(["--log-format", "json"]);
+                }
                 c
             }
             Some((hosts, resolv)) => {
@@ -214,11 +220,12 @@ impl Regmirror {
                 std::fs::write(&hosts_path, hosts).expect("write private hosts");
                 std::fs::write(&resolv_path, resolv).expect("write private resolv.conf");
                 let script = format!(
-                    "mount --bind '{}' /etc/hosts && mount --bind '{}' /etc/resolv.conf && exec '{}' serve --config '{}'",
+                    "mount --bind '{}' /etc/hosts && mount --bind '{}' /etc/resolv.conf && exec '{}' serve --config '{}'{}",
                     hosts_path.display(),
                     resolv_path.display(),
                     binary().display(),
-                    config_path.display()
+                    config_path.display(),
+                    if config.log_json { " --log-format json" } else { "" }
                 );
                 let mut c = Command::new("unshare");
                 c.args(["--mount", "--propagation", "private", "--", "sh", "-c", &script]);

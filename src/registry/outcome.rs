@@ -1,0 +1,153 @@
+//! What is recorded of each request once it is answered: one log line and
+//! the request metrics.
+//!
+//! `handle` fills a [`RequestInfo`] while routing; a handler that served
+//! content says how the cache found it by putting a [`RequestOutcome`] in
+//! its response's extensions. Nothing here parses a response to find out.
+
+use std::time::Duration;
+
+use http::{header, Method, Response};
+use http_body_util::BodyExt;
+
+use super::body::Body;
+use crate::cache::Lookup;
+use crate::metrics::{KindLabel, ServedLabels, UpstreamLabel, METRICS};
+
+/// How the cache answered a request, set by the handler on its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    Hit,
+    Miss,
+    Join,
+    /// A tag answered from cache because upstream failed.
+    Stale,
+}
+
+impl RequestOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Hit => "hit",
+            RequestOutcome::Miss => "miss",
+            RequestOutcome::Join => "join",
+            RequestOutcome::Stale => "stale",
+        }
+    }
+
+    /// Puts the outcome on a response, for [`finish`] to read.
+    pub fn mark(self, resp: &mut Response<Body>) {
+        resp.extensions_mut().insert(self);
+    }
+}
+
+impl From<Lookup> for RequestOutcome {
+    fn from(l: Lookup) -> Self {
+        match l {
+            Lookup::Hit => RequestOutcome::Hit,
+            Lookup::Miss => RequestOutcome::Miss,
+            Lookup::Join => RequestOutcome::Join,
+        }
+    }
+}
+
+/// What routing learned of a request: filled by `dispatch` as far as it
+/// gets (a request refused early has no upstream or repository).
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    /// The upstream's configured name.
+    pub upstream: Option<String>,
+    /// The repository as upstream knows it.
+    pub repo: Option<String>,
+    /// `ping`, `tag`, `manifest`, `blob`, `token`, `list` or `other`.
+    pub kind: &'static str,
+    /// The tag or digest of a manifest or blob request.
+    pub reference: Option<String>,
+}
+
+impl Default for RequestInfo {
+    fn default() -> Self {
+        RequestInfo {
+            upstream: None,
+            repo: None,
+            kind: "other",
+            reference: None,
+        }
+    }
+}
+
+/// Records a finished request: counts it, logs one line, and wraps a content body so the bytes sent are counted
+/// (by upstream, and by whether they came from the cache).
+///
+/// The logged `bytes` is the response's declared `Content-Length`: a
+/// streamed body is still being sent when the line is written.
+pub fn finish(
+    info: &RequestInfo,
+    method: &Method,
+    path: &str,
+    host: Option<&str>,
+    elapsed: Duration,
+    mut resp: Response<Body>,
+) -> Response<Body> {
+    let status = resp.status().as_u16();
+    let outcome = resp.extensions().get::<RequestOutcome>().copied();
+    let upstream = info.upstream.as_deref().unwrap_or("-");
+    let bytes: Option<u64> = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    METRICS.request(upstream, info.kind, status);
+    if matches!(info.kind, "tag" | "manifest" | "blob") {
+        METRICS
+            .request_duration
+            .get_or_create(&KindLabel { kind: info.kind })
+            .observe(elapsed.as_secs_f64());
+    }
+    if let (Some(o), Some(up)) = (outcome, info.upstream.as_deref()) {
+        let label = UpstreamLabel::of(up);
+        match o {
+            RequestOutcome::Hit => METRICS.cache_hits.get_or_create(&label).inc(),
+            RequestOutcome::Miss => METRICS.cache_misses.get_or_create(&label).inc(),
+            RequestOutcome::Join => METRICS.cache_joins.get_or_create(&label).inc(),
+            RequestOutcome::Stale => METRICS.stale_served.get_or_create(&label).inc(),
+        };
+        if *method != Method::HEAD {
+            let source = match o {
+                RequestOutcome::Hit | RequestOutcome::Stale => "cache",
+                RequestOutcome::Miss | RequestOutcome::Join => "upstream",
+            };
+            let counter = METRICS
+                .served_bytes
+                .get_or_create(&ServedLabels {
+                    upstream: up.to_string(),
+                    source,
+                })
+                .clone();
+            let body = std::mem::replace(resp.body_mut(), super::body::empty());
+            *resp.body_mut() = body
+                .map_frame(move |f| {
+                    if let Some(d) = f.data_ref() {
+                        counter.inc_by(d.len() as u64);
+                    }
+                    f
+                })
+                .boxed_unsync();
+        }
+    }
+    let outcome_text = outcome.map_or("-", RequestOutcome::as_str);
+    tracing::info!(
+        %method,
+        upstream,
+        repo = info.repo.as_deref().unwrap_or("-"),
+        kind = info.kind,
+        reference = info.reference.as_deref().unwrap_or("-"),
+        status,
+        bytes,
+        outcome = outcome_text,
+        duration_ms = elapsed.as_millis() as u64,
+        %path,
+        host = host.unwrap_or("-"),
+        "request"
+    );
+    resp
+}

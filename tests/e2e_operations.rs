@@ -1,0 +1,154 @@
+//! Operating regmirror: what `/metrics` and the request log say after
+//! real pulls (skopeo, transparent mode, distribution
+//! upstream), checked against what those pulls imply.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::images::{Format, Image};
+use common::matrix::{assert_pulled, Stack};
+use common::UpstreamEnvOpts;
+
+/// `/metrics`, parsed: `name{labels}` → value.
+fn metrics(s: &Stack) -> (String, HashMap<String, f64>) {
+    let url = format!("{}/metrics", s.rm.http_url());
+    let (content_type, body) = common::block_on(async {
+        let r = reqwest::get(&url).await.expect("GET /metrics");
+        assert_eq!(r.status(), 200);
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        (ct, r.text().await.expect("metrics body"))
+    });
+    let mut values = HashMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (key, value) = line.rsplit_once(' ').expect("sample line");
+        values.insert(key.to_string(), value.parse::<f64>().expect("sample value"));
+    }
+    (content_type, values)
+}
+
+/// A sample's value; a sample that is absent counts as 0 (a labelled
+/// counter appears only once it was touched).
+fn val(m: &HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+/// Bytes a pull of `img` transfers: manifest, config and layers.
+fn image_bytes(img: &Image) -> f64 {
+    (img.manifest.len() + img.config.data.len() + img.layers.iter().map(|l| l.data.len()).sum::<usize>()) as f64
+}
+
+fn stack_with_json_logs() -> Stack {
+    Stack::start_with(UpstreamEnvOpts::default(), |mut c| {
+        c.log_json = true;
+        c
+    })
+}
+
+/// The JSON "request" lines of regmirror's log.
+fn request_lines(s: &Stack) -> Vec<serde_json::Value> {
+    s.rm.log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "request")
+        .collect()
+}
+
+#[test]
+fn metrics_and_request_log_tell_what_two_pulls_did() {
+    let s = stack_with_json_logs();
+    let img = s.image("library/ops-metrics", Format::Oci);
+    let name = "docker.io/library/ops-metrics:1";
+    let total = image_bytes(&img);
+    let up = "upstream=\"docker.io\"";
+
+    // Cold: the manifest and three blobs are misses, every byte came from upstream.
+    assert_pulled(name, &s.client().skopeo_copy(name, None), &img.manifest_digest);
+    let (content_type, m) = metrics(&s);
+    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    assert_eq!(val(&m, &format!("regmirror_cache_misses_total{{{up}}}")), 4.0, "{m:?}");
+    assert_eq!(val(&m, &format!("regmirror_cache_hits_total{{{up}}}")), 0.0);
+    assert_eq!(val(&m, &format!("regmirror_cache_joins_total{{{up}}}")), 0.0);
+    assert_eq!(
+        val(&m, &format!("regmirror_served_bytes_total{{{up},source=\"upstream\"}}")),
+        total
+    );
+    assert_eq!(
+        val(&m, &format!("regmirror_served_bytes_total{{{up},source=\"cache\"}}")),
+        0.0
+    );
+    assert_eq!(
+        val(&m, &format!("regmirror_upstream_fetched_bytes_total{{{up}}}")),
+        total
+    );
+    assert_eq!(val(&m, "regmirror_downloads_in_flight"), 0.0);
+    assert_eq!(val(&m, "regmirror_download_waiters"), 0.0);
+    let upstream_200 = val(&m, &format!("regmirror_upstream_requests_total{{{up},status=\"200\"}}"));
+    // The tag HEAD, the manifest GET, and per blob the HEAD that checks
+    // this client may read it and the GET.
+    assert_eq!(upstream_200, 8.0, "{m:?}");
+
+    // Warm: the same four from the store, nothing more fetched, one more
+    // tag HEAD (the content is now known to be public: no blob HEADs).
+    assert_pulled(name, &s.client().skopeo_copy(name, None), &img.manifest_digest);
+    let (_, m) = metrics(&s);
+    assert_eq!(val(&m, &format!("regmirror_cache_hits_total{{{up}}}")), 4.0, "{m:?}");
+    assert_eq!(val(&m, &format!("regmirror_cache_misses_total{{{up}}}")), 4.0);
+    assert_eq!(
+        val(&m, &format!("regmirror_served_bytes_total{{{up},source=\"cache\"}}")),
+        total
+    );
+    assert_eq!(
+        val(&m, &format!("regmirror_upstream_fetched_bytes_total{{{up}}}")),
+        total
+    );
+    assert_eq!(
+        val(&m, &format!("regmirror_upstream_requests_total{{{up},status=\"200\"}}")),
+        upstream_200 + 1.0
+    );
+    assert_eq!(
+        val(
+            &m,
+            &format!("regmirror_requests_total{{{up},kind=\"blob\",status=\"2xx\"}}")
+        ),
+        6.0
+    );
+    assert_eq!(
+        val(
+            &m,
+            &format!("regmirror_requests_total{{{up},kind=\"tag\",status=\"2xx\"}}")
+        ),
+        2.0
+    );
+    assert_eq!(val(&m, "regmirror_request_duration_seconds_count{kind=\"blob\"}"), 6.0);
+    assert_eq!(val(&m, "regmirror_request_duration_seconds_count{kind=\"tag\"}"), 2.0);
+    assert!(val(&m, "regmirror_cache_bytes") >= 0.0);
+
+    // One JSON line per request, with what the handler knew.
+    let lines = request_lines(&s);
+    let layer = &img.layers[0];
+    let for_layer: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["kind"] == "blob" && l["reference"] == layer.digest.as_str())
+        .collect();
+    assert_eq!(for_layer.len(), 2, "two GETs of the layer logged:\n{lines:#?}");
+    for (line, outcome) in for_layer.iter().zip(["miss", "hit"]) {
+        assert_eq!(line["method"], "GET", "{line}");
+        assert_eq!(line["upstream"], "docker.io", "{line}");
+        assert_eq!(line["repo"], "library/ops-metrics", "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["outcome"], outcome, "{line}");
+        assert_eq!(line["bytes"], layer.data.len() as u64, "{line}");
+        assert!(line["duration_ms"].is_u64(), "{line}");
+    }
+    let tags: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "tag").collect();
+    assert!(
+        tags.iter().any(|l| l["reference"] == "1" && l["outcome"] == "hit"),
+        "{tags:#?}"
+    );
+}
