@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use regmirror::cache::blob_store::BlobStore;
 use regmirror::cache::evict::{evict_to, now_ms};
 use regmirror::cache::index::{Change, Class, Index};
+use regmirror::cache::listing::{cached_tags, closure, references, CachedTag};
 use regmirror::cache::{LocalStore, MetaStore, RepoKey, INDEX_FILE};
 use regmirror::config::{parse_size, Settings};
 use regmirror::reference::{Digest, RepoName, Tag};
@@ -267,81 +268,7 @@ fn parse_image(s: &Settings, image: &str) -> Res<ImageRef> {
     })
 }
 
-/// Digests a manifest names: config, layers, and (for an index) the
-/// platform manifests with their `os/arch`.
-fn references(manifest: &[u8]) -> (Vec<String>, Vec<(String, String)>) {
-    let v: serde_json::Value = serde_json::from_slice(manifest).unwrap_or_default();
-    let mut blobs = Vec::new();
-    if let Some(d) = v["config"]["digest"].as_str() {
-        blobs.push(d.to_string());
-    }
-    for l in v["layers"].as_array().into_iter().flatten() {
-        if let Some(d) = l["digest"].as_str() {
-            blobs.push(d.to_string());
-        }
-    }
-    let mut children = Vec::new();
-    for m in v["manifests"].as_array().into_iter().flatten() {
-        if let Some(d) = m["digest"].as_str() {
-            let p = &m["platform"];
-            let platform = format!(
-                "{}/{}",
-                p["os"].as_str().unwrap_or(""),
-                p["architecture"].as_str().unwrap_or("")
-            );
-            children.push((d.to_string(), platform));
-        }
-    }
-    (blobs, children)
-}
-
-async fn read_stored(store: &LocalStore, d: &Digest) -> Option<Vec<u8>> {
-    use futures_util::TryStreamExt;
-    let blob = store.open(d).await.ok()??;
-    let size = blob.info().size;
-    if size > 4 << 20 {
-        return None;
-    }
-    let chunks: Vec<bytes::Bytes> = blob.read(0, size).try_collect().await.ok()?;
-    Some(chunks.concat())
-}
-
-/// Every digest `root` reaches through the store: itself, and for a
-/// manifest its config and layers, for an index its stored manifests too.
-async fn closure(store: &LocalStore, root: &Digest) -> Vec<Digest> {
-    let mut out = vec![root.clone()];
-    let mut queue = vec![root.clone()];
-    while let Some(d) = queue.pop() {
-        let Some(bytes) = read_stored(store, &d).await else {
-            continue;
-        };
-        let (blobs, children) = references(&bytes);
-        for b in blobs.iter().chain(children.iter().map(|(d, _)| d)) {
-            if let Ok(b) = Digest::parse(b) {
-                if !out.contains(&b) {
-                    out.push(b.clone());
-                    queue.push(b);
-                }
-            }
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------- ls
-
-#[derive(serde::Serialize)]
-struct Listed {
-    upstream: String,
-    repository: String,
-    tag: String,
-    digest: String,
-    media_type: String,
-    /// Bytes of the stored content the tag reaches (shared blobs counted in each tag).
-    size: u64,
-    /// Last use of the tag's manifest, ms since the Unix epoch (0: not stored).
-    last_used_ms: u64,
-}
 
 pub fn ls(s: &Settings, json: bool) -> Res<()> {
     let store = open(s)?;
@@ -373,49 +300,12 @@ pub fn ls(s: &Settings, json: bool) -> Res<()> {
     Ok(())
 }
 
-async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<Listed>> {
-    let mut rows = Vec::new();
-    for u in &s.upstreams {
-        let repos = store
-            .local
-            .list_repositories(&u.name)
-            .await
-            .map_err(|e| e.to_string())?;
-        for repo in repos {
-            let Ok(name) = RepoName::parse(&repo) else { continue };
-            let at = RepoKey {
-                upstream: &u.name,
-                repo: &name,
-            };
-            for tag in store.local.list_tags(at).await.map_err(|e| e.to_string())? {
-                for rec in store.local.get_tags(at, &tag).await.map_err(|e| e.to_string())? {
-                    let Ok(d) = Digest::parse(&rec.digest) else { continue };
-                    let mut size = 0;
-                    for b in closure(&store.local, &d).await {
-                        if let Ok(Some(e)) = store.index.get(&b.to_string()) {
-                            size += e.size;
-                        }
-                    }
-                    let last_used_ms = store
-                        .index
-                        .get(&rec.digest)
-                        .ok()
-                        .flatten()
-                        .map_or(0, |e| e.last_used_ms);
-                    rows.push(Listed {
-                        upstream: u.name.clone(),
-                        repository: repo.clone(),
-                        tag: tag.as_str().to_string(),
-                        digest: rec.digest,
-                        media_type: rec.media_type,
-                        size,
-                        last_used_ms,
-                    });
-                }
-            }
-        }
-    }
-    Ok(rows)
+async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
+    let names: Vec<String> = s.upstreams.iter().map(|u| u.name.clone()).collect();
+    let local = store.local.as_ref();
+    cached_tags(local, local, Some(&store.index), &names)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------- rm
@@ -446,7 +336,7 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         }
         let mut doomed = Vec::new();
         for r in &roots {
-            for d in closure(&store.local, r).await {
+            for d in closure(store.local.as_ref(), r).await {
                 if !doomed.contains(&d) {
                     doomed.push(d);
                 }
@@ -456,7 +346,7 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         let others = ls_async(s, &store).await?;
         for row in others {
             if let Ok(d) = Digest::parse(&row.digest) {
-                for keep in closure(&store.local, &d).await {
+                for keep in closure(store.local.as_ref(), &d).await {
                     doomed.retain(|x| x != &keep);
                 }
             }

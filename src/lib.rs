@@ -17,6 +17,7 @@ pub mod registry;
 pub mod route;
 pub mod server;
 pub mod setup;
+pub mod status_page;
 pub mod tls;
 pub mod upstream;
 

@@ -131,6 +131,8 @@ pub enum Endpoint {
     CaCert,
     /// `/hostnames`: the names clients point at regmirror, for client setup.
     Hostnames,
+    /// `/`: the status page (plain listener only).
+    StatusPage,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +169,9 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     }
     if path == "/metrics" {
         return Ok(Endpoint::Metrics);
+    }
+    if path == "/" {
+        return Ok(Endpoint::StatusPage);
     }
     if path.contains('%') || path.contains("//") || path.contains("/./") || path.contains("/../") {
         return Err(RouteError::NotFound(format!("malformed path {path:?}")));

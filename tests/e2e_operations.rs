@@ -1,10 +1,12 @@
-//! Operating regmirror: what `/metrics` and the request log say after
-//! real pulls (skopeo, transparent mode, distribution
+//! Operating regmirror: what `/metrics`, the request log and the status
+//! page say after real pulls (skopeo, transparent mode, distribution
 //! upstream), checked against what those pulls imply.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
 
 use common::images::{Format, Image};
 use common::matrix::{assert_pulled, Stack};
@@ -151,4 +153,87 @@ fn metrics_and_request_log_tell_what_two_pulls_did() {
         tags.iter().any(|l| l["reference"] == "1" && l["outcome"] == "hit"),
         "{tags:#?}"
     );
+}
+
+/// Where artifacts of the test run go (`target/artifacts`).
+fn artifacts_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("artifacts");
+    std::fs::create_dir_all(&dir).expect("create target/artifacts");
+    dir
+}
+
+/// Runs headless Chromium on `url` with `args`; its stdout.
+fn chromium(profile: &std::path::Path, url: &str, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run chromium (scripts/test.sh installs Debian's chromium)");
+    assert!(
+        out.status.success(),
+        "chromium {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_status_page_shows_a_pulled_image_in_a_browser() {
+    let s = Stack::start();
+    let img = s.image("org/ops-page", Format::Docker);
+    let name = "ghcr.io/org/ops-page:1";
+    assert_pulled(name, &s.client().skopeo_copy(name, None), &img.manifest_digest);
+    assert_pulled(name, &s.client().skopeo_copy(name, None), &img.manifest_digest);
+
+    let url = format!("{}/", s.rm.http_url());
+    let profile = common::tempdir("chromium-");
+    let dom = chromium(profile.path(), &url, &["--dump-dom"]);
+    let cached_row = "<td class=\"repo\">org/ops-page</td><td class=\"tag\">1</td>";
+    assert!(dom.contains(cached_row), "no cached row for org/ops-page:1 in\n{dom}");
+    assert!(dom.contains("ghcr.io/org/ops-page"), "no recent pull in\n{dom}");
+    // The second pull was served from cache: half of four lookups were hits.
+    assert!(dom.contains("<b id=\"hit-ratio\">50 %</b>"), "{dom}");
+    assert!(!dom.contains("<b id=\"bytes-saved\">0 B</b>"), "{dom}");
+
+    let png = artifacts_dir().join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    chromium(
+        profile.path(),
+        &url,
+        &[&format!("--screenshot={}", png.display()), "--window-size=412,915"],
+    );
+    let bytes = std::fs::read(&png).expect("chromium wrote the screenshot");
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert!(bytes.len() > 10_000, "a {}-byte screenshot shows nothing", bytes.len());
+}
+
+#[test]
+fn the_status_page_is_not_served_on_intercepted_names() {
+    let s = Stack::start();
+    let client = common::http_client_resolving(
+        &std::fs::read(&s.rm.ca_pem).expect("ca.pem"),
+        &[("ghcr.io", s.rm.config.https)],
+    );
+    let status = common::block_on(async {
+        client
+            .get("https://ghcr.io/")
+            .send()
+            .await
+            .expect("GET https://ghcr.io/")
+            .status()
+    });
+    assert_eq!(status, 404);
 }

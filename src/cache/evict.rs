@@ -92,6 +92,11 @@ impl Lifecycle {
         })
     }
 
+    /// The recency index, once the evictor has opened it.
+    pub fn index(&self) -> Option<Arc<Index>> {
+        self.index.get().cloned()
+    }
+
     pub fn limits(&self) -> Limits {
         self.limits
     }

@@ -16,6 +16,7 @@ pub mod evict;
 pub mod fetch;
 pub mod hot;
 pub mod index;
+pub mod listing;
 pub mod local;
 pub mod meta_store;
 pub mod served;
@@ -292,6 +293,19 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// Every tag recorded for `upstreams`, with the bytes it reaches and
+    /// its last use (see [`listing`]); pending uses are written to the
+    /// index first so a pull just made shows.
+    pub async fn cached_tags(&self, upstreams: &[String]) -> io::Result<Vec<listing::CachedTag>> {
+        if let Some(life) = &self.life {
+            if let Err(e) = life.flush().await {
+                tracing::debug!(error = %e, "could not write recent uses to the cache index before listing");
+            }
+        }
+        let index = self.life.as_ref().and_then(|l| l.index());
+        listing::cached_tags(self.blobs.as_ref(), self.meta.as_ref(), index.as_deref(), upstreams).await
     }
 
     /// Repositories of `upstream` the cache holds tags for, sorted. The

@@ -224,6 +224,12 @@ where
             Ok(text(StatusCode::OK, names.join("\n") + "\n", "text/plain"))
         }
         Endpoint::CaCert if read_only => Ok(text(StatusCode::OK, app.ca_pem.clone(), "application/x-pem-file")),
+        // Intercepted names answer as registries only; the page is for
+        // operators on the plain listener.
+        Endpoint::StatusPage if conn.tls => Err(crate::route::RouteError::NotFound("/".into()).into()),
+        Endpoint::StatusPage if read_only => {
+            Ok(text(StatusCode::OK, status_page(app).await, "text/html; charset=utf-8"))
+        }
         Endpoint::Token if method == Method::GET || method == Method::POST => {
             let (parts, body) = req.into_parts();
             let form = if method == Method::POST {
@@ -237,7 +243,7 @@ where
             "{method} is not supported: regmirror is a read-only pull-through cache"
         ))),
         Endpoint::Token => Err(RegistryError::unsupported("HEAD /token")),
-        Endpoint::CaCert | Endpoint::Hostnames => Err(RegistryError::unsupported("only GET")),
+        Endpoint::CaCert | Endpoint::Hostnames | Endpoint::StatusPage => Err(RegistryError::unsupported("only GET")),
         Endpoint::Ping => ping(app, host, &origin, req.headers()).await,
         Endpoint::Catalog { upstream } => {
             let identity = app.auth.identity_of(req.headers());
@@ -273,6 +279,23 @@ where
                 .map_err(|e| with_challenge(e, upstream, &origin, Some(&scope)))
         }
     }
+}
+
+/// The status page, rendered now. The cache listing failing leaves the
+/// rest of the page standing (and says so in the log).
+async fn status_page(app: &App) -> String {
+    let upstreams: Vec<String> = app.settings.upstreams.iter().map(|u| u.name.clone()).collect();
+    let cached = app.cache.cached_tags(&upstreams).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "status page: could not list the cache");
+        Vec::new()
+    });
+    crate::status_page::render(&crate::status_page::StatusData {
+        upstreams,
+        cached,
+        recent: outcome::recent_pulls(),
+        health: crate::upstream::health::snapshot(),
+        now: std::time::SystemTime::now(),
+    })
 }
 
 /// What the request log and metrics say of a routed request.

@@ -1,11 +1,14 @@
-//! What is recorded of each request once it is answered: one log line and
-//! the request metrics.
+//! What is recorded of each request once it is answered: one log line, the
+//! request metrics, and (for manifests) an entry in the recent pulls the
+//! status page shows.
 //!
 //! `handle` fills a [`RequestInfo`] while routing; a handler that served
 //! content says how the cache found it by putting a [`RequestOutcome`] in
 //! its response's extensions. Nothing here parses a response to find out.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use http::{header, Method, Response};
 use http_body_util::BodyExt;
@@ -75,7 +78,8 @@ impl Default for RequestInfo {
     }
 }
 
-/// Records a finished request: counts it, logs one line, and wraps a content body so the bytes sent are counted
+/// Records a finished request: counts it, logs one line, remembers a
+/// manifest pull, and wraps a content body so the bytes sent are counted
 /// (by upstream, and by whether they came from the cache).
 ///
 /// The logged `bytes` is the response's declared `Content-Length`: a
@@ -149,5 +153,68 @@ pub fn finish(
         host = host.unwrap_or("-"),
         "request"
     );
+    if matches!(info.kind, "tag" | "manifest") && resp.status().is_success() && *method == Method::GET {
+        if let (Some(upstream), Some(repo), Some(reference)) = (&info.upstream, &info.repo, &info.reference) {
+            recent_push(RecentPull {
+                at: SystemTime::now(),
+                upstream: upstream.clone(),
+                repo: repo.clone(),
+                reference: reference.clone(),
+                outcome: outcome_text,
+            });
+        }
+    }
     resp
+}
+
+/// One manifest pull, as the status page lists it.
+#[derive(Debug, Clone)]
+pub struct RecentPull {
+    pub at: SystemTime,
+    pub upstream: String,
+    pub repo: String,
+    pub reference: String,
+    pub outcome: &'static str,
+}
+
+/// How many manifest pulls the status page remembers.
+pub const RECENT_PULLS: usize = 50;
+
+static RECENT: LazyLock<Mutex<VecDeque<RecentPull>>> =
+    LazyLock::new(|| Mutex::new(VecDeque::with_capacity(RECENT_PULLS)));
+
+fn recent_push(p: RecentPull) {
+    let mut q = RECENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if q.len() == RECENT_PULLS {
+        q.pop_front();
+    }
+    q.push_back(p);
+}
+
+/// The last manifest pulls since start, newest first.
+pub fn recent_pulls() -> Vec<RecentPull> {
+    let q = RECENT.lock().unwrap_or_else(PoisonError::into_inner);
+    q.iter().rev().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_pulls_keep_the_newest_few() {
+        for i in 0..RECENT_PULLS + 5 {
+            recent_push(RecentPull {
+                at: SystemTime::now(),
+                upstream: "u".into(),
+                repo: format!("r{i}"),
+                reference: "1".into(),
+                outcome: "hit",
+            });
+        }
+        let got = recent_pulls();
+        assert_eq!(got.len(), RECENT_PULLS);
+        assert_eq!(got[0].repo, format!("r{}", RECENT_PULLS + 4));
+        assert_eq!(got[RECENT_PULLS - 1].repo, "r5");
+    }
 }

@@ -1,0 +1,293 @@
+//! The status page at `/` on the plain listener: one server-rendered HTML
+//! page for an operator (on a phone too) — what each upstream's cache
+//! holds, what it saved since start, the recent pulls, and how upstream
+//! has been answering.
+//!
+//! It only reads: the cache's listing, the metrics, the recent pulls and
+//! the upstream health. No JavaScript; every string that came from a
+//! client or an upstream (repository, tag, reference, error text) is
+//! HTML-escaped before it is written.
+
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::cache::listing::CachedTag;
+use crate::metrics::{ServedLabels, UpstreamLabel, METRICS};
+use crate::registry::outcome::RecentPull;
+use crate::upstream::health::UpstreamHealth;
+
+/// Everything one rendering shows, gathered by the caller.
+pub struct StatusData {
+    /// Configured upstream names, in config order.
+    pub upstreams: Vec<String>,
+    pub cached: Vec<CachedTag>,
+    pub recent: Vec<RecentPull>,
+    pub health: std::collections::BTreeMap<String, UpstreamHealth>,
+    pub now: SystemTime,
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `1.5 MiB`
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// `42 s ago`, `3 min ago`, `5 h ago`, `2 d ago`; `-` for never.
+fn ago(now: SystemTime, then: Option<SystemTime>) -> String {
+    let Some(then) = then else {
+        return "-".into();
+    };
+    let s = now.duration_since(then).map_or(0, |d| d.as_secs());
+    match s {
+        0..=119 => format!("{s} s ago"),
+        120..=7199 => format!("{} min ago", s / 60),
+        7200..=172_799 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
+    }
+}
+
+fn from_ms(ms: u64) -> Option<SystemTime> {
+    (ms > 0).then(|| UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
+/// Hits, misses and joins counted for `upstream` since start.
+fn lookups(upstream: &str) -> (u64, u64, u64) {
+    let l = UpstreamLabel::of(upstream);
+    (
+        METRICS.cache_hits.get_or_create(&l).get(),
+        METRICS.cache_misses.get_or_create(&l).get(),
+        METRICS.cache_joins.get_or_create(&l).get(),
+    )
+}
+
+fn served_from(upstream: &str, source: &'static str) -> u64 {
+    METRICS
+        .served_bytes
+        .get_or_create(&ServedLabels {
+            upstream: upstream.to_string(),
+            source,
+        })
+        .get()
+}
+
+fn ratio(hits: u64, all: u64) -> String {
+    if all == 0 {
+        "-".into()
+    } else {
+        format!("{:.0} %", 100.0 * hits as f64 / all as f64)
+    }
+}
+
+const STYLE: &str = "\
+body{font:15px/1.4 system-ui,sans-serif;margin:0 auto;padding:12px;max-width:960px;color:#222;background:#fafafa}\
+h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.15em;margin:1.2em 0 .4em;border-bottom:1px solid #ddd}\
+h3{font-size:1em;margin:1em 0 .3em}\
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;background:#fff}\
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eee;vertical-align:top}\
+td.n,th.n{text-align:right;white-space:nowrap}code{font-size:.85em;word-break:break-all}\
+.cards{display:flex;flex-wrap:wrap;gap:8px}.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 12px;flex:1 1 140px}\
+.card b{display:block;font-size:1.3em}.bad{color:#b00020}.ok{color:#1b5e20}.muted{color:#777}\
+@media (max-width:600px){body{font-size:14px;padding:8px}th,td{padding:3px 4px}.hide-s{display:none}}";
+
+/// The whole page.
+pub fn render(d: &StatusData) -> String {
+    let mut h = String::with_capacity(8192);
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<title>regmirror status</title><style>{STYLE}</style></head><body><h1>regmirror</h1>"
+    );
+
+    // Totals since start.
+    let (mut hits, mut all, mut saved, mut fetched) = (0, 0, 0, 0);
+    for u in &d.upstreams {
+        let (h_, m, j) = lookups(u);
+        hits += h_;
+        all += h_ + m + j;
+        saved += served_from(u, "cache");
+        fetched += METRICS
+            .upstream_fetched_bytes
+            .get_or_create(&UpstreamLabel::of(u))
+            .get();
+    }
+    let _ = write!(
+        h,
+        "<div class=\"cards\">\
+<div class=\"card\">hit ratio<b id=\"hit-ratio\">{}</b></div>\
+<div class=\"card\">bytes saved<b id=\"bytes-saved\">{}</b></div>\
+<div class=\"card\">fetched upstream<b>{}</b></div>\
+<div class=\"card\">cached images<b>{}</b></div></div>\
+<p class=\"muted\">Counts since regmirror started; the cache below is everything stored.</p>",
+        ratio(hits, all),
+        human(saved),
+        human(fetched),
+        d.cached.len()
+    );
+
+    // Upstream health.
+    h.push_str(
+        "<h2>Upstreams</h2><div class=\"scroll\"><table><tr><th>upstream</th><th class=\"n\">hit ratio</th>\
+<th class=\"n\">saved</th><th>last success</th><th>last error</th><th class=\"n\">rate limit left</th></tr>",
+    );
+    for u in &d.upstreams {
+        let (h_, m, j) = lookups(u);
+        let health = d.health.get(u).cloned().unwrap_or_default();
+        let error = match &health.last_error {
+            Some((text, at)) => format!(
+                "<span class=\"bad\">{}</span> <span class=\"muted\">({})</span>",
+                escape(text),
+                ago(d.now, Some(*at))
+            ),
+            None => "<span class=\"ok\">none</span>".into(),
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td></tr>",
+            escape(u),
+            ratio(h_, h_ + m + j),
+            human(served_from(u, "cache")),
+            ago(d.now, health.last_success),
+            error,
+            health.ratelimit_remaining.map_or("-".into(), |n| n.to_string())
+        );
+    }
+    h.push_str("</table></div>");
+
+    // Recent pulls.
+    h.push_str("<h2>Recent pulls</h2>");
+    if d.recent.is_empty() {
+        h.push_str("<p class=\"muted\">No manifest pulled since start.</p>");
+    } else {
+        h.push_str(
+            "<div class=\"scroll\"><table id=\"recent\"><tr><th>when</th><th>image</th><th>reference</th><th>cache</th></tr>",
+        );
+        for p in &d.recent {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}/{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                ago(d.now, Some(p.at)),
+                escape(&p.upstream),
+                escape(&p.repo),
+                escape(&p.reference),
+                escape(p.outcome)
+            );
+        }
+        h.push_str("</table></div>");
+    }
+
+    // The cache, per upstream.
+    h.push_str("<h2>Cached images</h2>");
+    for u in &d.upstreams {
+        let rows: Vec<&CachedTag> = d.cached.iter().filter(|c| &c.upstream == u).collect();
+        let _ = write!(h, "<h3>{}</h3>", escape(u));
+        if rows.is_empty() {
+            h.push_str("<p class=\"muted\">Nothing cached.</p>");
+            continue;
+        }
+        h.push_str(
+            "<div class=\"scroll\"><table class=\"cached\"><tr><th>repository</th><th>tag</th><th class=\"n\">size</th>\
+<th>last use</th><th class=\"hide-s\">digest</th></tr>",
+        );
+        for c in rows {
+            let _ = write!(
+                h,
+                "<tr><td class=\"repo\">{}</td><td class=\"tag\">{}</td><td class=\"n\">{}</td><td>{}</td>\
+<td class=\"hide-s\"><code>{}</code></td></tr>",
+                escape(&c.repository),
+                escape(&c.tag),
+                human(c.size),
+                ago(d.now, from_ms(c.last_used_ms)),
+                escape(&c.digest)
+            );
+        }
+        h.push_str("</table></div>");
+    }
+    h.push_str("<p class=\"muted\">Metrics: <a href=\"/metrics\">/metrics</a> · root CA: <a href=\"/ca.crt\">/ca.crt</a></p></body></html>\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> StatusData {
+        StatusData {
+            upstreams: vec!["status-test.io".into()],
+            cached: vec![CachedTag {
+                upstream: "status-test.io".into(),
+                repository: "org/<script>alert(1)</script>".into(),
+                tag: "v1\"&'".into(),
+                digest: "sha256:abc".into(),
+                media_type: "x".into(),
+                size: 3 << 20,
+                last_used_ms: 1,
+            }],
+            recent: vec![RecentPull {
+                at: SystemTime::now(),
+                upstream: "status-test.io".into(),
+                repo: "a<b".into(),
+                reference: "1".into(),
+                outcome: "hit",
+            }],
+            health: Default::default(),
+            now: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn strings_from_repositories_and_tags_are_escaped() {
+        let page = render(&data());
+        assert!(!page.contains("<script>"), "{page}");
+        assert!(page.contains("org/&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(page.contains("v1&quot;&amp;&#39;"));
+        assert!(page.contains("status-test.io/a&lt;b"));
+        assert!(page.contains("3.0 MiB"));
+    }
+
+    #[test]
+    fn the_page_fits_a_phone() {
+        let page = render(&data());
+        assert!(page.contains("name=\"viewport\""));
+        assert!(!page.contains("<script"));
+    }
+
+    #[test]
+    fn ages_read_naturally() {
+        let now = UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let at = |s: u64| Some(now - std::time::Duration::from_secs(s));
+        assert_eq!(ago(now, None), "-");
+        assert_eq!(ago(now, at(5)), "5 s ago");
+        assert_eq!(ago(now, at(600)), "10 min ago");
+        assert_eq!(ago(now, at(3 * 3600)), "3 h ago");
+        assert_eq!(ago(now, at(3 * 86_400)), "3 d ago");
+        // A clock that went backwards is "0 s ago", not a panic.
+        assert_eq!(ago(now, Some(now + std::time::Duration::from_secs(9))), "0 s ago");
+    }
+}
