@@ -93,7 +93,7 @@ pub struct Metrics {
     pub verify_failures: Counter,
     /// Of those, downloads whose bytes hashed to another digest.
     pub digest_mismatches: Counter,
-    /// Downloads that ended without committing anything, for any reason.
+    /// Downloads that failed (source, content or store error): nothing was stored.
     pub downloads_aborted: Counter,
     /// Tags served from cache because upstream failed.
     pub stale_served: Family<UpstreamLabel, Counter>,
