@@ -19,7 +19,7 @@ use regmirror::cache::evict::{evict_to, now_ms};
 use regmirror::cache::index::{Change, Class, Index};
 use regmirror::cache::listing::{cached_tags, closure, references, CachedTag};
 use regmirror::cache::{LocalStore, MetaStore, RepoKey, INDEX_FILE};
-use regmirror::config::{parse_size, Settings};
+use regmirror::config::{format_size as human, parse_size, Settings};
 use regmirror::reference::{Digest, RepoName, Tag};
 
 /// The manifest types `warm` asks for, index types first.
@@ -50,22 +50,6 @@ fn rt() -> Res<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))
-}
-
-/// `1.5 MiB`
-pub fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
 }
 
 fn progress(len: u64, what: &str) -> Option<ProgressBar> {

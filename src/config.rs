@@ -621,6 +621,23 @@ pub fn valid_hostname(h: &str) -> bool {
         })
 }
 
+/// A size as people read it (`1.5 MiB`, `512 B`), for the cache commands
+/// and the status page alike.
+pub fn format_size(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
 /// Parses sizes like `50GiB`, `512MiB`, `10GB`, `1000`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();

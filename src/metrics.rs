@@ -64,8 +64,8 @@ pub struct UpstreamStatusLabels {
 type Histograms = Family<KindLabel, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
-    // 1 ms … about 60 s: a hot manifest to a large cold layer.
-    Histogram::new(exponential_buckets(0.001, 2.5, 13))
+    // 1 ms … about 6 min: a hot manifest to a large layer sent slowly.
+    Histogram::new(exponential_buckets(0.001, 2.5, 15))
 }
 
 pub struct Metrics {
@@ -73,7 +73,7 @@ pub struct Metrics {
     /// Client requests by upstream, kind and status class.
     pub requests: Family<RequestLabels, Counter>,
     /// Time to answer manifest (`tag`, `manifest`) and `blob` requests,
-    /// body included.
+    /// until the body was sent (or the client left).
     pub request_duration: Histograms,
     /// Content served from the store without asking upstream for it.
     pub cache_hits: Family<UpstreamLabel, Counter>,
@@ -160,7 +160,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "request_duration",
-            "time to answer manifest and blob requests, body included",
+            "time to answer manifest and blob requests, until the body was sent or the client left",
             Unit::Seconds,
             m.request_duration.clone(),
         );

@@ -12,6 +12,7 @@ use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::cache::listing::CachedTag;
+use crate::config::format_size as human;
 use crate::metrics::{ServedLabels, UpstreamLabel, METRICS};
 use crate::registry::outcome::RecentPull;
 use crate::upstream::health::UpstreamHealth;
@@ -40,22 +41,6 @@ pub fn escape(s: &str) -> String {
         }
     }
     out
-}
-
-/// `1.5 MiB`
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
 }
 
 /// `42 s ago`, `3 min ago`, `5 h ago`, `2 d ago`; `-` for never.

@@ -107,7 +107,7 @@ where
     if method == Method::HEAD {
         *resp.body_mut() = empty();
     }
-    outcome::finish(&info, &method, &path, host.as_deref(), started.elapsed(), resp)
+    outcome::finish(&info, &method, &path, host.as_deref(), started, resp)
 }
 
 /// What the client wrote as the host: Host header, `:authority` (HTTP/2),

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{LazyLock, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use http::{header, Method, Response};
 use http_body_util::BodyExt;
@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use super::body::Body;
 use crate::cache::Lookup;
 use crate::metrics::{KindLabel, ServedLabels, UpstreamLabel, METRICS};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// How the cache answered a request, set by the handler on its response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,9 +90,10 @@ pub fn finish(
     method: &Method,
     path: &str,
     host: Option<&str>,
-    elapsed: Duration,
+    started: Instant,
     mut resp: Response<Body>,
 ) -> Response<Body> {
+    let elapsed = started.elapsed();
     let status = resp.status().as_u16();
     let outcome = resp.extensions().get::<RequestOutcome>().copied();
     let upstream = info.upstream.as_deref().unwrap_or("-");
@@ -101,12 +103,13 @@ pub fn finish(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     METRICS.request(upstream, info.kind, status);
-    if matches!(info.kind, "tag" | "manifest" | "blob") {
-        METRICS
+    let mut timer = matches!(info.kind, "tag" | "manifest" | "blob").then(|| Timer {
+        started,
+        histogram: METRICS
             .request_duration
             .get_or_create(&KindLabel { kind: info.kind })
-            .observe(elapsed.as_secs_f64());
-    }
+            .clone(),
+    });
     if let (Some(o), Some(up)) = (outcome, info.upstream.as_deref()) {
         let label = UpstreamLabel::of(up);
         match o {
@@ -128,8 +131,11 @@ pub fn finish(
                 })
                 .clone();
             let body = std::mem::replace(resp.body_mut(), super::body::empty());
+            // The request's time ends with its body (sent, or the client gone).
+            let timer = timer.take();
             *resp.body_mut() = body
                 .map_frame(move |f| {
+                    let _timed = &timer;
                     if let Some(d) = f.data_ref() {
                         counter.inc_by(d.len() as u64);
                     }
@@ -138,6 +144,7 @@ pub fn finish(
                 .boxed_unsync();
         }
     }
+    drop(timer);
     let outcome_text = outcome.map_or("-", RequestOutcome::as_str);
     tracing::info!(
         %method,
@@ -165,6 +172,19 @@ pub fn finish(
         }
     }
     resp
+}
+
+/// Observes a request's duration when dropped: at once for an answer
+/// without a streamed body, else with the body.
+struct Timer {
+    started: Instant,
+    histogram: Histogram,
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// One manifest pull, as the status page lists it.
