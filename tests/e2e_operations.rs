@@ -1,8 +1,11 @@
 //! Operating regmirror: what `/metrics`, the request log and the status
 //! page say after real pulls (skopeo, transparent mode, distribution
-//! upstream), checked against what those pulls imply.
+//! upstream), checked against what those pulls imply; and what they say of
+//! an upstream that rate-limits and fails (the in-process fake upstream).
 
 mod common;
+mod fake_upstream;
+mod standalone;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -236,4 +239,99 @@ fn the_status_page_is_not_served_on_intercepted_names() {
             .status()
     });
     assert_eq!(status, 404);
+}
+
+/// GETs `url` from the plain listener: (status, body).
+async fn get_text(url: &str, accept: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let r = req.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    (r.status().as_u16(), r.text().await.expect("body"))
+}
+
+/// A sample's value from a `/metrics` text.
+fn sample(metrics: &str, key: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn upstream_health_rate_limit_and_failures_show_in_metrics_and_on_the_page() {
+    common::init_crypto();
+    let up = fake_upstream::FakeUpstream::start("127.0.10.3:0").await;
+    let media_type = "application/vnd.oci.image.manifest.v1+json";
+    up.add_manifest(
+        "library/rl",
+        Some("1"),
+        media_type,
+        br#"{"schemaVersion":2,"layers":[]}"#,
+    );
+    up.always_header("ratelimit-remaining", "77;w=21600");
+
+    let dir = tempfile::tempdir().unwrap();
+    let http = "127.0.10.4:5000";
+    let cfg = standalone::write_config(dir.path(), http, &["registry-1.docker.io"]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("http://127.0.0.9", &up.url())).unwrap();
+    let _regmirror = standalone::spawn(&cfg, &[], std::process::Stdio::null());
+    standalone::wait_listening(http);
+    let tag = format!("http://{http}/v2/dockerhub/library/rl/manifests/1");
+    let metrics_url = format!("http://{http}/metrics");
+    let up_label = "{upstream=\"docker.io\"}";
+
+    assert_eq!(get_text(&tag, Some(media_type)).await.0, 200);
+    let (_, m) = get_text(&metrics_url, None).await;
+    assert_eq!(
+        sample(&m, &format!("regmirror_upstream_ratelimit_remaining{up_label}")),
+        Some(77.0),
+        "{m}"
+    );
+
+    // Upstream fails: the tag is served stale, and the failure is recorded.
+    let tag_path = "/v2/library/rl/manifests/1";
+    up.set_fault(tag_path, fake_upstream::Fault::Status(503));
+    assert_eq!(get_text(&tag, Some(media_type)).await.0, 200);
+    up.always_header("ratelimit-remaining", "0;w=21600");
+    up.set_fault(tag_path, fake_upstream::Fault::TooMany { retry_after: 1 });
+    assert_eq!(get_text(&tag, Some(media_type)).await.0, 200);
+
+    let (_, m) = get_text(&metrics_url, None).await;
+    let count = |key: &str| sample(&m, key).unwrap_or(0.0);
+    assert_eq!(count(&format!("regmirror_stale_served_total{up_label}")), 2.0, "{m}");
+    assert_eq!(
+        count(&format!("regmirror_upstream_rate_limited_total{up_label}")),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        count("regmirror_upstream_requests_total{upstream=\"docker.io\",status=\"503\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        count(&format!("regmirror_upstream_ratelimit_remaining{up_label}")),
+        0.0,
+        "{m}"
+    );
+
+    let (status, page) = get_text(&format!("http://{http}/"), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("answered 429 Too Many Requests"),
+        "no last error on the page:\n{page}"
+    );
+    assert!(
+        page.contains("<td class=\"n\">0</td></tr>"),
+        "no rate limit left on the page:\n{page}"
+    );
+    assert!(
+        page.contains("<td class=\"repo\">library/rl</td><td class=\"tag\">1</td>"),
+        "{page}"
+    );
+    let recent: Vec<&str> = page.matches("docker.io/library/rl").collect();
+    assert!(recent.len() >= 3, "three pulls of library/rl:1 listed:\n{page}");
+    assert!(page.contains("<td>stale</td>"), "{page}");
 }

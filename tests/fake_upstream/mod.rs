@@ -115,6 +115,8 @@ struct Inner {
     delays: HashMap<String, std::time::Duration>,
     /// scopes asked of `/token`, in order
     token_requests: Vec<String>,
+    /// Headers added to every answer (e.g. Docker Hub's `ratelimit-remaining`).
+    extra_headers: Vec<(String, String)>,
 }
 
 struct Shared {
@@ -247,6 +249,14 @@ impl FakeUpstream {
         self.inner().faults.insert(path.to_string(), fault);
     }
 
+    /// Adds `name: value` to every answer from now on (replacing an
+    /// earlier value of that header).
+    pub fn always_header(&self, name: &str, value: &str) {
+        let mut inner = self.inner();
+        inner.extra_headers.retain(|(n, _)| n != name);
+        inner.extra_headers.push((name.to_string(), value.to_string()));
+    }
+
     pub fn clear_fault(&self, path: &str) {
         self.inner().faults.remove(path);
     }
@@ -365,8 +375,16 @@ async fn answer(s: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Respons
     } else {
         query
     };
-    let resp = respond(s, &method, &path, query.as_deref(), authorization.as_deref());
+    let mut resp = respond(s, &method, &path, query.as_deref(), authorization.as_deref());
     let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
+    for (name, value) in &inner.extra_headers {
+        if let (Ok(n), Ok(v)) = (
+            http::header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            resp.headers_mut().insert(n, v);
+        }
+    }
     inner.seen.push(Seen {
         method,
         path,
