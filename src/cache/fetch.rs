@@ -165,8 +165,10 @@ impl Cache {
     {
         let cache = self.clone();
         let digest = digest.clone();
-        METRICS.downloads_in_flight.inc();
         tokio::spawn(async move {
+            // Counted here, with the guard that uncounts it, so a task that
+            // never ran leaves no download counted.
+            METRICS.downloads_in_flight.inc();
             // The guard exists before anything that can fail or panic,
             // `open` included, so no waiter is ever left hanging.
             let mut guard = LeaderGuard {
@@ -512,8 +514,8 @@ mod tests {
                     })
                     .await
                     .unwrap();
-                assert_ne!(served.info.lookup, Lookup::Hit);
-                read_all(served).await.unwrap()
+                let lookup = served.info.lookup;
+                (lookup, read_all(served).await.unwrap())
             }));
         }
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -524,9 +526,15 @@ mod tests {
         .await
         .expect("all 8 requesters join one download");
         gate.add_permits(1);
+        let mut lookups = Vec::new();
         for t in tasks {
-            assert_eq!(t.await.unwrap(), data);
+            let (lookup, got) = t.await.unwrap();
+            assert_eq!(got, data);
+            lookups.push(lookup);
         }
+        // What the request log and cache metrics report: one miss, seven joins.
+        assert_eq!(lookups.iter().filter(|l| **l == Lookup::Miss).count(), 1, "{lookups:?}");
+        assert_eq!(lookups.iter().filter(|l| **l == Lookup::Join).count(), 7, "{lookups:?}");
         assert_eq!(opened.load(Ordering::SeqCst), 1);
         assert!(cache.stat(&d).await.unwrap().is_some());
     }
