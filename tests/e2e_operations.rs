@@ -140,6 +140,14 @@ fn metrics_and_request_log_tell_what_two_pulls_did() {
         2.0
     );
     assert_eq!(val(&m, &format!("regmirror_tokens_issued_total{{{up}}}")), 2.0, "{m:?}");
+    assert_eq!(
+        val(
+            &m,
+            &format!("regmirror_requests_total{{{up},kind=\"token\",status=\"2xx\"}}")
+        ),
+        2.0,
+        "token requests are counted under the upstream their scope names"
+    );
     assert_eq!(val(&m, &format!("regmirror_tokens_relayed_total{{{up}}}")), 0.0);
     assert_eq!(val(&m, "regmirror_request_duration_seconds_count{kind=\"blob\"}"), 6.0);
     assert_eq!(val(&m, "regmirror_request_duration_seconds_count{kind=\"tag\"}"), 2.0);

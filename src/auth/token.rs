@@ -22,6 +22,7 @@ use crate::metrics::{UpstreamLabel, METRICS};
 use crate::reference::Digest;
 use crate::registry::body::{full, Body};
 use crate::registry::errors::RegistryError;
+use crate::registry::outcome::AnsweredFor;
 use crate::registry::App;
 use crate::upstream::token::Challenge;
 use crate::upstream::{AuthScheme, TokenRelay, UpstreamId};
@@ -156,6 +157,7 @@ pub async fn serve(
         .tokens_relayed
         .get_or_create(&UpstreamLabel::of(upstream.name()))
         .inc();
+    resp.extensions_mut().insert(AnsweredFor(upstream.name().to_string()));
     tracing::info!(upstream = %upstream.name(), status = answer.status.as_u16(), scopes = scopes.len(), "token request relayed");
     Ok(resp)
 }
@@ -228,6 +230,7 @@ fn anonymous_token(upstream: &str) -> Response<Body> {
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    resp.extensions_mut().insert(AnsweredFor(upstream.to_string()));
     resp
 }
 

@@ -54,6 +54,12 @@ impl From<Lookup> for RequestOutcome {
     }
 }
 
+/// The upstream a request turned out to be for when routing alone could
+/// not tell (a token request names it in its scopes): set by the handler
+/// on its response, for the log line and the request metrics.
+#[derive(Debug, Clone)]
+pub struct AnsweredFor(pub String);
+
 /// What routing learned of a request: filled by `dispatch` as far as it
 /// gets (a request refused early has no upstream or repository).
 #[derive(Debug, Clone)]
@@ -96,7 +102,12 @@ pub fn finish(
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
     let outcome = resp.extensions().get::<RequestOutcome>().copied();
-    let upstream = info.upstream.as_deref().unwrap_or("-");
+    let answered_for = resp.extensions_mut().remove::<AnsweredFor>();
+    let upstream = info
+        .upstream
+        .as_deref()
+        .or(answered_for.as_ref().map(|a| a.0.as_str()))
+        .unwrap_or("-");
     let bytes: Option<u64> = resp
         .headers()
         .get(header::CONTENT_LENGTH)
