@@ -335,6 +335,19 @@ async fn upstream_health_rate_limit_and_failures_show_in_metrics_and_on_the_page
         0.0,
         "{m}"
     );
+    // Every metric exposed is named in the README's metrics table.
+    let readme = include_str!("../README.md");
+    let names: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP ")?.split(' ').next())
+        .collect();
+    assert!(names.len() >= 15, "{m}");
+    for name in names {
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "{name} is not in the README's metrics table"
+        );
+    }
 
     let (status, page) = get_text(&format!("http://{http}/"), None).await;
     assert_eq!(status, 200);
