@@ -139,7 +139,7 @@ pub fn render(d: &StatusData) -> String {
     // Upstream health.
     h.push_str(
         "<h2>Upstreams</h2><div class=\"scroll\"><table><tr><th>upstream</th><th class=\"n\">hit ratio</th>\
-<th class=\"n\">saved</th><th>last success</th><th>last error</th><th class=\"n\">rate limit left</th></tr>",
+<th class=\"n hide-s\">saved</th><th>last success</th><th>last error</th><th class=\"n\">pulls left</th></tr>",
     );
     for u in &d.upstreams {
         let (h_, m, j) = lookups(u);
@@ -154,7 +154,7 @@ pub fn render(d: &StatusData) -> String {
         };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td></tr>",
+            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n hide-s\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td></tr>",
             escape(u),
             ratio(h_, h_ + m + j),
             human(served_from(u, "cache")),
