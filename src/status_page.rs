@@ -15,7 +15,7 @@ use crate::cache::listing::CachedTag;
 use crate::config::format_size as human;
 use crate::metrics::{ServedLabels, UpstreamLabel, METRICS};
 use crate::registry::outcome::RecentPull;
-use crate::upstream::health::UpstreamHealth;
+use crate::upstream::observed::UpstreamHealth;
 
 /// Everything one rendering shows, gathered by the caller.
 pub struct StatusData {

@@ -293,7 +293,7 @@ async fn status_page(app: &App) -> String {
         upstreams,
         cached,
         recent: outcome::recent_pulls(),
-        health: crate::upstream::health::snapshot(),
+        health: crate::upstream::observed::snapshot(),
         now: std::time::SystemTime::now(),
     })
 }

@@ -499,7 +499,7 @@ impl UpstreamClient {
             }),
             Ok(Ok(resp)) => Ok(resp),
         };
-        super::health::record(&self.name, &result);
+        super::observed::record(&self.name, &result);
         result
     }
 }

@@ -8,7 +8,7 @@
 
 pub mod client;
 pub mod error;
-pub mod health;
+pub mod observed;
 pub mod redirect;
 pub mod resolve;
 pub mod response;
