@@ -115,7 +115,14 @@ pub struct ResolverConfig {
 pub struct UpstreamConfig {
     pub name: String,
     pub hosts: Vec<String>,
-    pub url: String,
+    /// One URL: the same as a one-element `urls`.
+    pub url: Option<String>,
+    /// URLs tried in order (regional mirrors, then the registry itself).
+    pub urls: Option<Vec<String>>,
+    /// Further passes over the URLs after a failure (default 2).
+    pub retries: Option<u32>,
+    /// Wait before the first retry, doubled for each later one (default `"1s"`).
+    pub retry_delay: Option<String>,
     pub namespace: String,
     pub ca_file: Option<PathBuf>,
     pub username: Option<String>,
@@ -197,7 +204,14 @@ impl Default for Limits {
 pub struct Upstream {
     pub name: String,
     pub hosts: Vec<String>,
-    pub url: url::Url,
+    /// Where the content comes from, in order of preference: each one
+    /// serves the same repositories (mirrors of one registry), so a request
+    /// that fails on one may be sent to the next.
+    pub urls: Vec<url::Url>,
+    /// How many more passes over `urls` a failed request makes.
+    pub retries: u32,
+    /// The wait before the first retry pass; doubled for each later one.
+    pub retry_delay: Duration,
     pub namespace: String,
     pub ca_file: Option<PathBuf>,
     pub credentials: Option<Credentials>,
@@ -409,19 +423,55 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
             }
             hosts.push(h);
         }
-        let url = url::Url::parse(&u.url).map_err(|e| invalid(key("url"), format!("{:?}: {e}", u.url)))?;
-        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-            return Err(invalid(
-                key("url"),
-                format!("{:?} must be an http:// or https:// URL with a host", u.url),
-            ));
+        let listed = match (u.url, u.urls) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    key("urls"),
+                    format!("upstream {:?} sets both `url` and `urls`: keep one", u.name),
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    key("url"),
+                    format!("upstream {:?} needs `url` or `urls`", u.name),
+                ))
+            }
+            (Some(one), None) => vec![("url".to_string(), one)],
+            (None, Some(list)) if list.is_empty() => {
+                return Err(invalid(
+                    key("urls"),
+                    format!("upstream {:?}: must list at least one URL", u.name),
+                ))
+            }
+            (None, Some(list)) => list
+                .into_iter()
+                .enumerate()
+                .map(|(j, v)| (format!("urls[{j}]"), v))
+                .collect(),
+        };
+        let mut urls: Vec<url::Url> = Vec::new();
+        for (field, text) in listed {
+            let url = parse_upstream_url(&text).map_err(|m| invalid(key(&field), m))?;
+            if urls.contains(&url) {
+                return Err(invalid(key(&field), format!("{text:?} is listed twice")));
+            }
+            urls.push(url);
         }
-        if url.path() != "/" || url.query().is_some() {
-            return Err(invalid(
-                key("url"),
-                format!("{:?} must not have a path or query", u.url),
-            ));
-        }
+        let retries = match u.retries {
+            None => 2,
+            Some(n @ 0..=10) => n,
+            Some(n) => return Err(invalid(key("retries"), format!("{n} is more than 10"))),
+        };
+        let retry_delay = match u.retry_delay.as_deref() {
+            None => Duration::from_secs(1),
+            Some(v) => {
+                let d = parse_duration(v).map_err(|m| invalid(key("retry_delay"), m))?;
+                if d > Duration::from_secs(60) {
+                    return Err(invalid(key("retry_delay"), format!("{v:?} is more than 60s")));
+                }
+                d
+            }
+        };
         if let Some(ca) = &u.ca_file {
             check_pem(ca).map_err(|m| invalid(key("ca_file"), m))?;
         }
@@ -474,7 +524,9 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         upstreams.push(Upstream {
             name: u.name,
             hosts,
-            url,
+            urls,
+            retries,
+            retry_delay,
             namespace: u.namespace,
             ca_file: u.ca_file,
             credentials,
@@ -587,6 +639,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be more than zero"));
     }
     Ok(d)
+}
+
+/// An upstream URL: http(s), a host, nothing below the root (requests
+/// put their own `/v2/...` path on it).
+fn parse_upstream_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err(format!("{text:?} must be an http:// or https:// URL with a host"));
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return Err(format!("{text:?} must not have a path or query"));
+    }
+    Ok(url)
 }
 
 fn parse_addr(key: &str, value: Option<&str>) -> Result<Option<SocketAddr>, Invalid> {
@@ -730,6 +795,49 @@ mod tests {
             e.contains("upstream[0].ca_file") && e.contains("/nonexistent.pem"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn urls_replace_url_and_retries_are_bounded() {
+        let one = Settings::load(None).unwrap();
+        assert_eq!(one.upstreams[1].urls.len(), 1, "`url` is a one-element list");
+        assert_eq!(
+            (one.upstreams[1].retries, one.upstreams[1].retry_delay),
+            (2, Duration::from_secs(1))
+        );
+        let two = DEFAULT_CONFIG.replace(
+            "url = \"https://ghcr.io\"",
+            "urls = [\"https://mirror.example\", \"https://ghcr.io\"]\nretries = 0\nretry_delay = \"250ms\"",
+        );
+        let s = Settings::from_toml(&two, "t").unwrap();
+        let u = &s.upstreams[1];
+        assert_eq!(
+            u.urls.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+            ["https://mirror.example/", "https://ghcr.io/"]
+        );
+        assert_eq!((u.retries, u.retry_delay), (0, Duration::from_millis(250)));
+        let both = DEFAULT_CONFIG.replace(
+            "url = \"https://ghcr.io\"",
+            "url = \"https://ghcr.io\"\nurls = [\"https://ghcr.io\"]",
+        );
+        let e = err(&both);
+        assert!(e.contains("upstream[1].urls") && e.contains("\"ghcr.io\""), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("url = \"https://ghcr.io\"", "urls = []"));
+        assert!(e.contains("upstream[1].urls"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace(
+            "url = \"https://ghcr.io\"",
+            "urls = [\"https://a.example\", \"ftp://b\"]",
+        ));
+        assert!(e.contains("upstream[1].urls[1]"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("url = \"https://ghcr.io\"", ""));
+        assert!(e.contains("upstream[1].url") && e.contains("needs"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace(
+            "url = \"https://ghcr.io\"",
+            "url = \"https://ghcr.io\"\nretry_delay = \"5\"",
+        ));
+        assert!(e.contains("upstream[1].retry_delay"), "{e}");
+        let e = err(&DEFAULT_CONFIG.replace("url = \"https://ghcr.io\"", "url = \"https://ghcr.io\"\nretries = 99"));
+        assert!(e.contains("upstream[1].retries"), "{e}");
     }
 
     #[test]

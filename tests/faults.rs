@@ -320,7 +320,8 @@ async fn corrupt_blob_is_never_served_or_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_or_dropped_blob_is_never_served_or_stored() {
     let up = FakeUpstream::start("127.0.3.111:0").await;
-    let m = Mirror::start(11, &up.url()).await;
+    // One GET per request, so the count below is the fetches made.
+    let m = Mirror::start_with(11, &up.url(), "retries = 0").await;
     let c = client();
     for (i, fault) in [Fault::Truncate, Fault::DropMidBody, Fault::ShortChunked]
         .into_iter()
@@ -1130,7 +1131,8 @@ async fn a_loop_back_to_regmirror_is_answered_508() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_list_is_served_stale_when_upstream_fails() {
     let up = FakeUpstream::start("127.0.3.124:0").await;
-    let m = Mirror::start(24, &up.url()).await;
+    // One GET per request, so the count below is the requests that asked.
+    let m = Mirror::start_with(24, &up.url(), "retries = 0").await;
     let c = client();
     let list_path = "/v2/library/app/tags/list";
     up.put(

@@ -281,9 +281,10 @@ impl From<UpstreamError> for RegistryError {
     fn from(e: UpstreamError) -> Self {
         let message = e.to_string();
         match e {
-            UpstreamError::Connect { .. } | UpstreamError::Protocol { .. } | UpstreamError::TooLarge { .. } => {
-                RegistryError::gateway(StatusCode::BAD_GATEWAY, message)
-            }
+            UpstreamError::Connect { .. }
+            | UpstreamError::Reset { .. }
+            | UpstreamError::Protocol { .. }
+            | UpstreamError::TooLarge { .. } => RegistryError::gateway(StatusCode::BAD_GATEWAY, message),
             UpstreamError::Timeout { .. } => RegistryError::gateway(StatusCode::GATEWAY_TIMEOUT, message),
             UpstreamError::Status {
                 upstream,
@@ -312,6 +313,11 @@ impl From<UpstreamError> for RegistryError {
                 _ => RegistryError::gateway(StatusCode::BAD_GATEWAY, message),
             },
             UpstreamError::Loop { .. } => RegistryError::loop_detected(),
+            UpstreamError::Unavailable { retry_after, .. } => {
+                let mut e = RegistryError::unavailable(message);
+                e.retry_after = Some(HeaderValue::from(retry_after.as_secs().max(1)));
+                e
+            }
         }
     }
 }

@@ -80,6 +80,11 @@ pub enum TokenError {
 pub enum Error {
     #[error("upstream {upstream} unreachable: {message}")]
     Connect { upstream: String, message: String },
+    /// The connection broke before upstream answered (a pooled connection
+    /// the other end had closed, a reset): says little about the URL's
+    /// health, and an idempotent request is simply sent again.
+    #[error("upstream {upstream}: the connection broke before an answer: {message}")]
+    Reset { upstream: String, message: String },
     #[error("upstream {upstream} timed out {phase} (after {after:?})")]
     Timeout {
         upstream: String,
@@ -104,6 +109,11 @@ pub enum Error {
     /// required header missing).
     #[error("upstream {upstream}: {message}")]
     Protocol { upstream: String, message: String },
+    /// Every URL of the upstream is known down (backing off after
+    /// failures): nothing was sent, so the client hears it at once and can
+    /// fall back to another mirror instead of waiting out a timeout.
+    #[error("upstream {upstream} is unavailable: every URL failed recently (next try in {retry_after:?})")]
+    Unavailable { upstream: String, retry_after: Duration },
     /// Our own request came back to us: an upstream name resolves to this
     /// proxy (rule 15). Never transient, never a reason to serve stale.
     #[error("request to upstream {upstream} looped back to regmirror")]
@@ -116,7 +126,11 @@ impl Error {
     /// cached tag worth serving stale (rule 2).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Timeout { .. } | Error::Protocol { .. } => true,
+            Error::Connect { .. }
+            | Error::Reset { .. }
+            | Error::Timeout { .. }
+            | Error::Protocol { .. }
+            | Error::Unavailable { .. } => true,
             Error::Status { status, .. } => {
                 *status == StatusCode::TOO_MANY_REQUESTS
                     || *status == StatusCode::REQUEST_TIMEOUT

@@ -1,13 +1,15 @@
 //! Talking to upstream registries: the HTTP client (`client`), its answers
 //! (`response`) and failures (`error`), Bearer token auth (`token`), name
 //! resolution that ignores /etc/hosts (`resolve`), the table of
-//! configured upstreams (`table`), and what was last seen of each (`health`).
+//! configured upstreams (`table`), each URL's health and back-off
+//! (`health`), and what was last seen of each upstream (`observed`).
 //!
 //! Knows nothing of the cache or of our own clients' HTTP: it sends
 //! requests and hands back responses or [`Error`]s.
 
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod observed;
 pub mod redirect;
 pub mod resolve;
@@ -17,5 +19,6 @@ pub mod token;
 
 pub use client::{AuthScheme, Credential, TokenAnswer, TokenRelay, UpstreamClient, UpstreamRequest};
 pub use error::Error;
+pub use health::UrlState;
 pub use response::Response;
 pub use table::{Upstream, UpstreamId, UpstreamTable};

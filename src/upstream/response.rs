@@ -1,6 +1,7 @@
 //! An upstream answer, and the only code that reads upstream bodies: whole
 //! (bounded), as a byte stream for the cache, or turned into an [`Error`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,6 +9,7 @@ use futures_util::{Stream, TryStreamExt};
 use http::{header, HeaderMap, StatusCode};
 
 use super::error::{error_chain, Error, OciBody, Phase};
+use super::health::Health;
 
 /// Error bodies are short; more than this is not read.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -18,14 +20,33 @@ pub struct Response {
     upstream: String,
     inner: reqwest::Response,
     idle_timeout: Duration,
+    /// The health of the URL that answered: a body that breaks later is
+    /// that URL's failure. `None` for answers of token realms.
+    health: Option<Arc<Health>>,
 }
 
 impl Response {
-    pub(crate) fn new(upstream: &str, inner: reqwest::Response, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        upstream: &str,
+        inner: reqwest::Response,
+        idle_timeout: Duration,
+        health: Option<Arc<Health>>,
+    ) -> Self {
         Response {
             upstream: upstream.to_string(),
             inner,
             idle_timeout,
+            health,
+        }
+    }
+
+    /// A body that stalled is the URL's failure (back off: the next try
+    /// goes elsewhere); one that broke off is noted only.
+    fn body_failed(&self, why: &str, stalled: bool) {
+        match &self.health {
+            Some(h) if stalled => h.failure(why, None),
+            Some(h) => h.note(why),
+            None => {}
         }
     }
 
@@ -97,17 +118,19 @@ impl Response {
             let next = tokio::time::timeout(self.idle_timeout, self.inner.chunk()).await;
             let chunk = match next {
                 Err(_) => {
+                    self.body_failed(&format!("{what} stalled"), true);
                     return Err(Error::Timeout {
                         upstream: self.upstream,
                         phase: Phase::Body,
                         after: self.idle_timeout,
-                    })
+                    });
                 }
                 Ok(Err(e)) => {
+                    self.body_failed(&format!("{what} broke off: {}", error_chain(&e)), e.is_timeout());
                     return Err(Error::Protocol {
                         upstream: self.upstream,
                         message: format!("{what} broke off: {}", error_chain(&e)),
-                    })
+                    });
                 }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(c))) => c,
@@ -121,12 +144,23 @@ impl Response {
     }
 
     /// The body as a stream of chunks; a transport failure mid-body is an
-    /// `io::Error` naming the upstream. The idle gap between chunks is
-    /// bounded by the client's read timeout.
+    /// `io::Error` naming the upstream, and counts against the URL's
+    /// health (a stall puts it into back-off). The idle gap between chunks
+    /// is bounded by the client's read timeout.
     pub fn into_stream(self) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-        let upstream = self.upstream;
-        self.inner
-            .bytes_stream()
-            .map_err(move |e| std::io::Error::other(format!("upstream {upstream}: {}", error_chain(&e))))
+        let (upstream, health) = (self.upstream, self.health);
+        self.inner.bytes_stream().map_err(move |e| {
+            let why = if e.is_timeout() {
+                format!("body stalled: {}", error_chain(&e))
+            } else {
+                format!("body broke off: {}", error_chain(&e))
+            };
+            match &health {
+                Some(h) if e.is_timeout() => h.failure(&why, None),
+                Some(h) => h.note(&why),
+                None => {}
+            }
+            std::io::Error::other(format!("upstream {upstream}: {why}"))
+        })
     }
 }

@@ -34,6 +34,13 @@ impl Upstream {
     pub fn name(&self) -> &str {
         &self.config.name
     }
+
+    /// The state of each of the upstream's URLs (healthy or backing off,
+    /// last error, last success), in configured order, for the status
+    /// page and metrics.
+    pub fn url_states(&self) -> Vec<super::UrlState> {
+        self.client.url_states()
+    }
 }
 
 pub struct UpstreamTable {

@@ -1,0 +1,322 @@
+//! Upstreams with several URLs: failover, per-URL health and back-off,
+//! retries, Retry-After, fail-fast answers and resumed downloads, with
+//! regmirror in-process in front of in-process fake upstreams.
+//!
+//! Each test runs its own regmirror on `127.0.11.<n>:5000` (distinct `n`
+//! per test) with its own cache directory, and its fakes on
+//! `127.0.11.<100+n>:0`, `127.0.11.<150+n>:0` (and `.<200+n>`).
+
+#[path = "fake_upstream/mod.rs"]
+mod fake_upstream;
+
+use std::time::{Duration, Instant};
+
+use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+struct Mirror {
+    base: String,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), regmirror::StartError>>,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.abort();
+    }
+}
+
+impl Mirror {
+    /// Starts regmirror on `127.0.11.<n>:5000` with one upstream (docker.io,
+    /// namespace `dockerhub`) whose table gets `upstream_keys` (TOML lines,
+    /// which must set `url` or `urls`).
+    async fn start(n: u8, upstream_keys: &str) -> Mirror {
+        let ip = format!("127.0.11.{n}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().display().to_string();
+        let toml = format!(
+            r#"
+[server]
+http = "{ip}:5000"
+name = "regmirror.test"
+[ca]
+dir = '{root}/certs'
+[cache]
+dir = '{root}/data'
+max_size = "2GiB"
+[[upstream]]
+name = "docker.io"
+hosts = ["registry-1.docker.io", "docker.io"]
+namespace = "dockerhub"
+{upstream_keys}
+"#
+        );
+        let settings = regmirror::config::Settings::from_toml(&toml, "failover test").expect("test config is valid");
+        let (tx, rx) = oneshot::channel();
+        let mut task = tokio::spawn(regmirror::serve(settings, async move {
+            let _ = rx.await;
+        }));
+        let base = format!("http://{ip}:5000");
+        let c = client();
+        for _ in 0..500 {
+            if task.is_finished() {
+                let r = (&mut task).await;
+                panic!("regmirror on {ip} stopped during start-up: {r:?}");
+            }
+            if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
+                if r.status() == 200 {
+                    return Mirror {
+                        base,
+                        dir,
+                        stop: Some(tx),
+                        task,
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("regmirror on {ip} did not answer GET /healthz with 200 within 10 s");
+    }
+
+    /// URL of `/v2/dockerhub/library/<repo>/<rest>` (explicit prefix mode).
+    fn url(&self, repo: &str, rest: &str) -> String {
+        format!("{}/v2/dockerhub/library/{repo}/{rest}", self.base)
+    }
+
+    fn stored(&self, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.dir
+            .path()
+            .join("data/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .exists()
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        // A safety net so a hang fails the test instead of stalling it; no
+        // assertion depends on it.
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("reqwest client")
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn get_body(c: &reqwest::Client, url: &str) -> (u16, Vec<u8>) {
+    let r = c.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    let body = r
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url} body: {e}"))
+        .to_vec();
+    (status, body)
+}
+
+fn manifest_bytes(seed: &str) -> Vec<u8> {
+    let config = digest_of(seed.as_bytes());
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{}}},"layers":[]}}"#,
+        seed.len()
+    )
+    .into_bytes()
+}
+
+/// A fake holding the same blobs as `others`' first: a mirror of it.
+fn blob_on_all(fakes: &[&FakeUpstream], data: &[u8]) -> (String, String) {
+    let mut out = None;
+    for f in fakes {
+        out = Some(f.add_blob("library/app", data));
+    }
+    out.expect("at least one fake")
+}
+
+/// The first URL down (nothing listening): pulls go to the second, and the
+/// first is tried once per back-off period, not on every request; once it is
+/// back, it is used again after its back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_url_is_skipped_for_its_back_off_then_used_again() {
+    let first = FakeUpstream::start("127.0.11.101:0").await;
+    let first_addr = first.addr;
+    let second = FakeUpstream::start("127.0.11.151:0").await;
+    let m = Mirror::start(1, &format!("urls = [\"{}\", \"{}\"]", first.url(), second.url())).await;
+    let c = client();
+    // Content only the second has, so every answer below says which URL served it.
+    first.stop().await;
+
+    for i in 0..5 {
+        let data = bytes_for(&format!("down-{i}"), 10_000 + i);
+        let (d, path) = second.add_blob("library/app", &data);
+        let (status, body) = get_body(&c, &m.url("app", &format!("blobs/{d}"))).await;
+        assert_eq!(status, 200, "pull {i} failed while the second URL was up");
+        assert_eq!(body, data);
+        assert_eq!(second.count("GET", &path), 1);
+    }
+
+    // Bring the first URL back on the same address, with its own content.
+    let first = FakeUpstream::start(&first_addr.to_string()).await;
+    let data = bytes_for("back", 20_000);
+    let (d, first_path) = blob_on_all(&[&first, &second], &data);
+    // During its back-off the first URL is still skipped.
+    let (status, _) = get_body(&c, &m.url("app", &format!("blobs/{d}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        first.count("GET", &first_path),
+        0,
+        "the first URL was asked during its back-off"
+    );
+
+    // After its back-off (2 s after its one failure) it is probed and used.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let data = bytes_for("back-2", 20_001);
+    let (d, path) = blob_on_all(&[&first, &second], &data);
+    let (status, body) = get_body(&c, &m.url("app", &format!("blobs/{d}"))).await;
+    assert_eq!((status, body == data), (200, true));
+    assert_eq!(first.count("GET", &path), 1, "the first URL is used again once back");
+    assert_eq!(second.count("GET", &path), 0);
+}
+
+/// A URL answering 503 sends requests to the next at once; the first is
+/// then skipped while the second serves, instead of costing a 503 per pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_answering_5xx_fails_over_and_is_then_skipped() {
+    let first = FakeUpstream::start("127.0.11.102:0").await;
+    let second = FakeUpstream::start("127.0.11.152:0").await;
+    let m = Mirror::start(2, &format!("urls = [\"{}\", \"{}\"]", first.url(), second.url())).await;
+    let c = client();
+    let mut first_asked = 0;
+    for i in 0..4 {
+        let data = bytes_for(&format!("5xx-{i}"), 5_000 + i);
+        let (d, path) = blob_on_all(&[&first, &second], &data);
+        first.set_fault(&path, Fault::Status(503));
+        let t = Instant::now();
+        let (status, body) = get_body(&c, &m.url("app", &format!("blobs/{d}"))).await;
+        assert_eq!((status, body == data), (200, true), "pull {i}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "failing over took {:?}: it waited for a retry delay instead of going to the next URL",
+            t.elapsed()
+        );
+        first_asked += first.count("GET", &path);
+    }
+    assert_eq!(first_asked, 1, "the failing URL was asked on every pull");
+}
+
+/// Every URL down and nothing cached: 503 with Retry-After at once (well
+/// under the connect timeout), so runtimes can fall back to their next mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_url_down_is_answered_503_with_retry_after_at_once() {
+    let a = FakeUpstream::start("127.0.11.103:0").await;
+    let b = FakeUpstream::start("127.0.11.153:0").await;
+    let m = Mirror::start(
+        3,
+        &format!(
+            "urls = [\"{}\", \"{}\"]\nretries = 1\nretry_delay = \"100ms\"",
+            a.url(),
+            b.url()
+        ),
+    )
+    .await;
+    let c = client();
+    a.stop().await;
+    b.stop().await;
+    let d = digest_of(b"nowhere");
+    // The first request finds out (connection refused on both, one retry).
+    let r = c.get(m.url("app", &format!("blobs/{d}"))).send().await.unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    for what in ["blobs", "manifests"] {
+        let t = Instant::now();
+        let r = c.get(m.url("app", &format!("{what}/{d}"))).send().await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(r.status(), 503, "{what}");
+        let ra: u64 = header(&r, "retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no Retry-After"));
+        assert!((1..=60).contains(&ra), "Retry-After {ra}");
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+        assert!(
+            took < Duration::from_secs(2),
+            "{what}: a known-down upstream took {took:?} to answer"
+        );
+    }
+}
+
+/// 429 with `Retry-After: 60` on a tag seen before: the stored answer at
+/// once, not after a minute; and upstream is not asked again sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_rate_limited_for_a_minute_is_served_stale_at_once() {
+    let up = FakeUpstream::start("127.0.11.104:0").await;
+    let m = Mirror::start(4, &format!("url = \"{}\"", up.url())).await;
+    let c = client();
+    let manifest = manifest_bytes("limited");
+    let d = up.add_manifest("library/app", Some("v1"), OCI_MANIFEST, &manifest);
+    let tag_path = "/v2/library/app/manifests/v1";
+    let url = m.url("app", "manifests/v1");
+    let r = c.get(&url).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+
+    up.set_fault(tag_path, Fault::TooMany { retry_after: 60 });
+    let t = Instant::now();
+    let r = c.get(&url).header("accept", OCI_MANIFEST).send().await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(r.status(), 200, "the stale record was not served");
+    assert!(header(&r, "warning").is_some_and(|w| w.starts_with("110 ")));
+    assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()));
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+    assert!(took < Duration::from_secs(2), "waited {took:?} on a Retry-After: 60");
+    assert_eq!(
+        up.count("HEAD", tag_path),
+        2,
+        "the 429 was retried before its Retry-After"
+    );
+}
+
+/// Retries: a URL that fails twice and then answers serves the request,
+/// after waiting `retry_delay` (not at once, and not forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_retried_after_the_retry_delay() {
+    let up = FakeUpstream::start("127.0.11.105:0").await;
+    let m = Mirror::start(
+        5,
+        &format!("url = \"{}\"\nretries = 2\nretry_delay = \"300ms\"", up.url()),
+    )
+    .await;
+    let c = client();
+    let data = bytes_for("retried", 4_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.set_fault(&path, Fault::Status(502));
+    let url = m.url("app", &format!("blobs/{d}"));
+    let t = Instant::now();
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 502, "three 502s in a row reach the client");
+    assert_eq!(up.count("GET", &path), 3, "one try and two retries");
+    // 300 ms then 600 ms, each jittered down to no less than half.
+    assert!(t.elapsed() >= Duration::from_millis(450), "{:?}", t.elapsed());
+
+    // A 404 is an answer: not retried.
+    let missing = digest_of(b"not there");
+    let r = c.get(m.url("app", &format!("blobs/{missing}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(up.count("GET", &format!("/v2/library/app/blobs/{missing}")), 1);
+
+    up.clear_fault(&path);
+    let (status, body) = get_body(&c, &url).await;
+    assert_eq!((status, body == data), (200, true));
+    assert!(m.stored(&d));
+}
