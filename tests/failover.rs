@@ -320,3 +320,126 @@ async fn reads_are_retried_after_the_retry_delay() {
     assert_eq!((status, body == data), (200, true));
     assert!(m.stored(&d));
 }
+
+/// Fast filler for big blobs (a debug-build sha256 chain would take longer
+/// than the download): xorshift bytes, distinct per seed.
+fn big_blob(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads a GET to the end: (status, body), or the error that broke it.
+async fn stream_all(c: reqwest::Client, url: String) -> Result<(u16, Vec<u8>), String> {
+    let mut r = c.get(&url).send().await.map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = r
+        .chunk()
+        .await
+        .map_err(|e| format!("after {} bytes: {e}", body.len()))?
+    {
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, body))
+}
+
+/// A 200 MiB layer whose download upstream cuts at four points is finished
+/// by resuming with `Range: bytes=N-`: three clients streaming it get every
+/// byte, unbroken, upstream sends it about once, and it is stored verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_at_several_points_is_resumed_without_a_break() {
+    let up = FakeUpstream::start("127.0.11.106:0").await;
+    let m = Mirror::start(6, &format!("url = \"{}\"", up.url())).await;
+    let size: usize = 200 << 20;
+    let data = big_blob(6, size);
+    let (d, path) = up.add_blob("library/app", &data);
+    let cuts: Vec<u64> = [0.1, 0.35, 0.6, 0.9].iter().map(|f| (size as f64 * f) as u64).collect();
+    up.cut_at(&path, &cuts);
+
+    let url = m.url("app", &format!("blobs/{d}"));
+    let clients: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(stream_all(client(), url.clone())))
+        .collect();
+    for (i, t) in clients.into_iter().enumerate() {
+        let (status, body) = t
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client {i}: the transfer broke: {e}"));
+        assert_eq!(status, 200, "client {i}");
+        assert!(
+            body == data,
+            "client {i}: {} bytes that differ from the blob",
+            body.len()
+        );
+    }
+    let ranges = up.ranges(&path);
+    assert_eq!(ranges.len(), 5, "one GET and four resumes: {ranges:?}");
+    assert_eq!(ranges[0], None);
+    for r in &ranges[1..] {
+        let from: u64 = r
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a resume without a usable Range: {ranges:?}"));
+        assert!(from > 0 && from < size as u64, "{ranges:?}");
+    }
+    let sent = up.body_bytes(&path) as f64;
+    assert!(
+        sent <= size as f64 * 1.01,
+        "upstream sent {:.2}× the blob",
+        sent / size as f64
+    );
+    assert!(m.stored(&d), "the resumed download was not stored");
+}
+
+/// An upstream that ignores the Range of a resume and sends the whole body
+/// again (200): the bytes already written are skipped, the result is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_answered_with_the_whole_body_skips_what_was_written() {
+    let up = FakeUpstream::start("127.0.11.107:0").await;
+    let m = Mirror::start(7, &format!("url = \"{}\"", up.url())).await;
+    let size: usize = 8 << 20;
+    let data = big_blob(7, size);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.ignore_range(true);
+    up.cut_at(&path, &[(size / 3) as u64, (size / 2) as u64]);
+    let (status, body) = stream_all(client(), m.url("app", &format!("blobs/{d}")))
+        .await
+        .unwrap_or_else(|e| panic!("the transfer broke: {e}"));
+    assert_eq!(status, 200);
+    assert!(body == data, "{} bytes that differ from the blob", body.len());
+    assert_eq!(up.count("GET", &path), 3, "{:?}", up.ranges(&path));
+    assert!(m.stored(&d));
+}
+
+/// A URL that keeps cutting the same download off is given up on: the
+/// client sees a broken transfer, never a complete wrong body, and nothing
+/// is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_that_never_gets_further_fails_instead_of_looping() {
+    let up = FakeUpstream::start("127.0.11.108:0").await;
+    let m = Mirror::start(8, &format!("url = \"{}\"", up.url())).await;
+    let data = bytes_for("stuck", 100_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.cut_at(&path, &[50_000; 10]);
+    let got = stream_all(client(), m.url("app", &format!("blobs/{d}"))).await;
+    match got {
+        Err(_) => {}
+        Ok((status, body)) => assert!(status >= 500 && body != data, "{status}: a complete body"),
+    }
+    assert!(!m.stored(&d));
+    let gets = up.count("GET", &path);
+    assert!(
+        (2..=5).contains(&gets),
+        "{gets} GETs for a download stuck at one offset"
+    );
+}

@@ -10,6 +10,13 @@
 //! committed: a corrupt or short download reaches clients as a broken
 //! transfer, never as a complete one. The leader runs on when clients leave.
 //!
+//! A download whose body breaks off (or ends short of its announced length)
+//! is resumed: the source is opened again from the first byte not yet
+//! written (upstream gets `Range: bytes=N-`, on the same or another URL),
+//! and when upstream ignores the range and sends everything again, the
+//! bytes already written are skipped. The digest still covers every byte,
+//! and followers, reading the pending blob, see no break.
+//!
 //! When the disk is full (the store cannot take the download: no room for
 //! its announced length, or no room at all), nothing is stored: every
 //! waiter opens its own upstream stream and is served from it, verified
@@ -35,6 +42,10 @@ use crate::upstream;
 
 /// Largest piece the leader buffers before writing it to the pending blob.
 const WRITE_CHUNK: usize = 1024 * 1024;
+/// Most times one download is resumed after its body broke off.
+const MAX_RESUMES: u32 = 20;
+/// Resumes in a row that brought no new byte before the download fails.
+const MAX_FRUITLESS_RESUMES: u32 = 3;
 
 /// An upstream body as the cache sees it: bytes and what upstream said of them.
 pub struct Source {
@@ -46,9 +57,14 @@ pub struct Source {
     /// Provenance: fetched without any client's credential, so it may be
     /// served to anyone; recorded when the content is committed.
     pub public: bool,
+    /// Where `body` begins in the content: 0, or the offset a resumed
+    /// download asked for when upstream honoured the range.
+    pub start: u64,
     pub body: ByteStream,
 }
 
+/// Opens the content from the given byte offset on (0: all of it). A source
+/// may begin at 0 whatever was asked (an upstream that ignores ranges).
 pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Source, upstream::Error>> + Send>>;
 
 #[derive(Clone, Debug)]
@@ -97,10 +113,11 @@ impl Cache {
     /// fail (that requester's upstream or repository may not have the
     /// digest, or may refuse it) tries again with its own source rather than
     /// hand another client's error on. `open` is called again only when
-    /// the disk is full, to stream without storing.
+    /// the disk is full, to stream without storing, and by the leader, from
+    /// an offset, to resume a download that broke off.
     pub async fn get_or_fetch<F>(self: &Arc<Self>, digest: &Digest, open: F) -> Result<Served, FetchError>
     where
-        F: Fn() -> OpenFuture + Send + Sync + 'static,
+        F: Fn(u64) -> OpenFuture + Send + Sync + 'static,
     {
         let open = Arc::new(open);
         let mut led_once = false;
@@ -123,7 +140,7 @@ impl Cache {
                     let spare = super::lock(&inflight.spare).take();
                     let source = match spare {
                         Some(s) => s,
-                        None => open().await?,
+                        None => open(0).await?,
                     };
                     let mut served = Served::direct(digest.clone(), source);
                     served.info.lookup = lookup;
@@ -161,7 +178,7 @@ impl Cache {
     /// client has left.
     fn spawn_leader<F>(self: &Arc<Self>, digest: &Digest, inflight: Arc<Inflight>, open: Arc<F>)
     where
-        F: Fn() -> OpenFuture + Send + Sync + 'static,
+        F: Fn(u64) -> OpenFuture + Send + Sync + 'static,
     {
         let cache = self.clone();
         let digest = digest.clone();
@@ -179,7 +196,7 @@ impl Cache {
             };
             // Waiters queue behind the cap with the leader; nothing is dropped.
             let result = match cache.downloads.clone().acquire_owned().await {
-                Ok(_permit) => cache.download(&digest, &inflight, || open()).await,
+                Ok(_permit) => cache.download(&digest, &inflight, open.as_ref()).await,
                 Err(_) => Err(FetchError::Abandoned { digest: digest.clone() }),
             };
             guard.finish(result);
@@ -235,15 +252,15 @@ impl Cache {
     }
 
     /// The leader's work: stream upstream into a pending blob, verify, commit.
-    async fn download<F>(&self, digest: &Digest, inflight: &Inflight, open: F) -> Result<Outcome, FetchError>
+    async fn download<F>(&self, digest: &Digest, inflight: &Inflight, open: &F) -> Result<Outcome, FetchError>
     where
-        F: FnOnce() -> OpenFuture,
+        F: Fn(u64) -> OpenFuture,
     {
         if let Some(info) = self.stat(digest).await? {
             // Committed by a download that finished just before ours began.
             return Ok(Outcome::Stored(info.size));
         }
-        let source = open().await?;
+        let source = open(0).await?;
         let public = source.public;
         let (media_type, length, max_len) = (source.media_type.clone(), source.length, source.max_len);
         if let (Some(l), Some(max)) = (length, max_len) {
@@ -283,7 +300,7 @@ impl Cache {
         let _ = inflight.meta.set((media_type.clone(), length));
         inflight.progress.send_replace(Progress::Growing { written: 0 });
 
-        let written = match write_verified(digest, length, limit, &mut body, pending.as_mut(), inflight).await {
+        let written = match write_verified(digest, length, limit, &mut body, pending.as_mut(), inflight, open).await {
             Ok(n) => n,
             Err(e) => {
                 if e.is_bad_content() {
@@ -364,18 +381,27 @@ impl Drop for LeaderGuard<'_> {
 
 /// Copies `body` into `pending`, publishing progress after every write, and
 /// checks length and sha256 at the end. `limit` is the most bytes accepted.
-async fn write_verified(
+/// A body that breaks off, or ends before the announced `length`, is
+/// reopened with `open` from the first byte not yet written.
+async fn write_verified<F>(
     digest: &Digest,
     length: Option<u64>,
     limit: Option<u64>,
     body: &mut ByteStream,
     pending: &mut dyn PendingBlob,
     inflight: &Inflight,
-) -> Result<u64, FetchError> {
+    open: &F,
+) -> Result<u64, FetchError>
+where
+    F: Fn(u64) -> OpenFuture,
+{
     let mut hasher = digest.hasher();
     let mut written: u64 = 0;
     let mut buf = BytesMut::new();
     let store_err = |e| FetchError::store(digest, "write", e);
+    // Bytes of the current body already written (upstream ignored a Range).
+    let mut skip: u64 = 0;
+    let (mut resumes, mut fruitless, mut written_at_resume) = (0u32, 0u32, 0u64);
     loop {
         // Write in large pieces while upstream is fast; as soon as it makes
         // us wait, write what we have so waiting clients get it now.
@@ -387,26 +413,70 @@ async fn write_verified(
                 body.next().await
             }
         };
-        let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(|e| FetchError::Broken {
-            digest: digest.clone(),
-            after: written + buf.len() as u64,
-            message: e.to_string(),
-        })?;
-        hasher.update(&chunk);
-        buf.extend_from_slice(&chunk);
-        if let Some(l) = limit {
-            if written + buf.len() as u64 > l {
-                return Err(FetchError::Long {
-                    digest: digest.clone(),
-                    limit: l,
-                });
+        let broke = match next {
+            Some(Ok(mut chunk)) => {
+                if skip > 0 {
+                    let n = skip.min(chunk.len() as u64);
+                    let _ = chunk.split_to(n as usize);
+                    skip -= n;
+                }
+                hasher.update(&chunk);
+                buf.extend_from_slice(&chunk);
+                if let Some(l) = limit {
+                    if written + buf.len() as u64 > l {
+                        return Err(FetchError::Long {
+                            digest: digest.clone(),
+                            limit: l,
+                        });
+                    }
+                }
+                if buf.len() >= WRITE_CHUNK {
+                    written += flush_to(pending, &mut buf).await.map_err(store_err)?;
+                    inflight.progress.send_replace(Progress::Growing { written });
+                }
+                continue;
             }
+            Some(Err(e)) => e.to_string(),
+            None if length.is_some_and(|l| written + (buf.len() as u64) < l) && skip == 0 => {
+                "the body ended before its announced length".to_string()
+            }
+            None if skip > 0 => "the body ended before the bytes already written".to_string(),
+            None => break,
+        };
+        // Keep what arrived, then ask for the rest.
+        written += flush_to(pending, &mut buf).await.map_err(store_err)?;
+        inflight.progress.send_replace(Progress::Growing { written });
+        let broken = |message: String| FetchError::Broken {
+            digest: digest.clone(),
+            after: written,
+            message,
+        };
+        if written > written_at_resume {
+            fruitless = 0;
+        } else {
+            fruitless += 1;
         }
-        if buf.len() >= WRITE_CHUNK {
-            written += flush_to(pending, &mut buf).await.map_err(store_err)?;
-            inflight.progress.send_replace(Progress::Growing { written });
+        if resumes >= MAX_RESUMES || fruitless >= MAX_FRUITLESS_RESUMES {
+            return Err(broken(format!("{broke} (after {resumes} resumes)")));
         }
+        resumes += 1;
+        written_at_resume = written;
+        tracing::info!(%digest, after = written, error = %broke, "download broke off; resuming");
+        let source = open(written)
+            .await
+            .map_err(|e| broken(format!("{broke}; resuming failed: {e}")))?;
+        if source.start == written {
+            skip = 0;
+        } else if source.start == 0 {
+            // Upstream ignored the range: the whole body again.
+            skip = written;
+        } else {
+            return Err(broken(format!(
+                "{broke}; resuming from {written} got a body from {}",
+                source.start
+            )));
+        }
+        *body = source.body;
     }
     written += flush_to(pending, &mut buf).await.map_err(store_err)?;
     if let Some(l) = length {
@@ -468,6 +538,7 @@ mod tests {
             length: Some(len),
             max_len: None,
             public: true,
+            start: 0,
             body: Box::pin(futures_util::stream::iter(chunks)),
         }
     }
@@ -504,7 +575,7 @@ mod tests {
             let (cache, d, data, opened, gate) = (cache.clone(), d.clone(), data.clone(), opened.clone(), gate.clone());
             tasks.push(tokio::spawn(async move {
                 let served = cache
-                    .get_or_fetch(&d, move || {
+                    .get_or_fetch(&d, move |_| {
                         opened.fetch_add(1, Ordering::SeqCst);
                         let (gate, data) = (gate.clone(), data.clone());
                         Box::pin(async move {
@@ -547,7 +618,7 @@ mod tests {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (c, dd, g) = (cache.clone(), d.clone(), gate.clone());
         let leader = tokio::spawn(async move {
-            c.get_or_fetch(&dd, move || {
+            c.get_or_fetch(&dd, move |_| {
                 let g = g.clone();
                 Box::pin(async move {
                     let _ = g.acquire().await;
@@ -571,7 +642,7 @@ mod tests {
         .unwrap();
         let (c, dd) = (cache.clone(), d.clone());
         let joiner = tokio::spawn(async move {
-            let served = c.get_or_fetch(&dd, move || source(data.clone())).await?;
+            let served = c.get_or_fetch(&dd, move |_| source(data.clone())).await?;
             Ok::<_, FetchError>(read_all(served).await.unwrap())
         });
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -605,7 +676,7 @@ mod tests {
             let (c, g, o) = (cache.clone(), gate.clone(), opened.clone());
             tasks.push(tokio::spawn(async move {
                 let served = c
-                    .get_or_fetch(&d, move || {
+                    .get_or_fetch(&d, move |_| {
                         o.fetch_add(1, Ordering::SeqCst);
                         let (g, data) = (g.clone(), data.clone());
                         Box::pin(async move {
@@ -638,14 +709,14 @@ mod tests {
     async fn bytes_that_do_not_match_the_digest_are_never_stored_or_completed() {
         let (_dir, cache) = cache();
         let d = Digest::of(b"the real content");
-        let served = cache.get_or_fetch(&d, || source(b"something else!!".to_vec())).await;
+        let served = cache.get_or_fetch(&d, |_| source(b"something else!!".to_vec())).await;
         // Either the fetch already failed, or the stream breaks before its end.
         if let Ok(s) = served {
             assert!(read_all(s).await.is_err(), "a corrupt download must not complete");
         }
         assert!(cache.stat(&d).await.unwrap().is_none());
         let ok = cache
-            .get_or_fetch(&d, || source(b"the real content".to_vec()))
+            .get_or_fetch(&d, |_| source(b"the real content".to_vec()))
             .await
             .unwrap();
         assert_eq!(read_all(ok).await.unwrap(), b"the real content");
@@ -657,7 +728,7 @@ mod tests {
         let data = vec![7u8; 10_000];
         let d = Digest::of(&data);
         let served = cache
-            .get_or_fetch(&d, move || {
+            .get_or_fetch(&d, move |_| {
                 let data = data.clone();
                 Box::pin(async move {
                     let mut s = source_now(data);
@@ -680,12 +751,12 @@ mod tests {
         let (_dir, cache) = cache();
         let d = Digest::of(b"x");
         let r = cache
-            .get_or_fetch(&d, || Box::pin(async { panic!("upstream client bug") }))
+            .get_or_fetch(&d, |_| Box::pin(async { panic!("upstream client bug") }))
             .await;
         assert!(r.is_err());
-        let r = cache.get_or_fetch(&d, || panic!("opener bug")).await;
+        let r = cache.get_or_fetch(&d, |_| panic!("opener bug")).await;
         assert!(r.is_err(), "a source that panics while being opened fails too");
-        let ok = cache.get_or_fetch(&d, || source(b"x".to_vec())).await.unwrap();
+        let ok = cache.get_or_fetch(&d, |_| source(b"x".to_vec())).await.unwrap();
         assert_eq!(read_all(ok).await.unwrap(), b"x");
     }
 }

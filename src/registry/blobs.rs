@@ -40,18 +40,19 @@ pub async fn serve(
     let (repo, digest) = (r.repo.to_string(), d.clone());
     let served = app
         .cache
-        .get_or_fetch(d, move || {
+        .get_or_fetch(d, move |offset| {
             let (app2, req) = (app2.clone(), blob_request(&r2, &d2, Method::GET, credential.clone()));
             let upstream = r2.upstream;
             let (repo, digest) = (repo.clone(), digest.clone());
             Box::pin(async move {
                 let up = app2.upstreams.get(upstream);
-                let resp = up.client.get_ok(&req).await?;
+                let (resp, start) = up.client.get_from(&req, offset).await?;
                 app2.auth.note_in_repository(up.name(), &repo, &digest);
                 let mut source = source_from(resp, None);
                 // Layers are opaque bytes; whatever upstream called them.
                 source.media_type = None;
                 source.public = public;
+                source.start = start;
                 Ok(source)
             })
         })

@@ -294,7 +294,7 @@ async fn fetch_served(
     let (credential, public) = (plan.credential.clone(), plan.public);
     let (repo, digest) = (r.repo.to_string(), d.clone());
     app.cache
-        .get_or_fetch(d, move || {
+        .get_or_fetch(d, move |offset| {
             let (app2, req) = (
                 app2.clone(),
                 manifest_request(&r2, &reference, Method::GET, &accept, credential.clone()),
@@ -303,10 +303,11 @@ async fn fetch_served(
             let (repo, digest) = (repo.clone(), digest.clone());
             Box::pin(async move {
                 let up = app2.upstreams.get(upstream);
-                let resp = up.client.get_ok(&req).await?;
+                let (resp, start) = up.client.get_from(&req, offset).await?;
                 app2.auth.note_in_repository(up.name(), &repo, &digest);
                 let mut source = source_from(resp, Some(MAX_MANIFEST as u64));
                 source.public = public;
+                source.start = start;
                 Ok(source)
             })
         })
@@ -413,7 +414,8 @@ async fn by_tag_without_digest(
     let length = Some(bytes.len() as u64);
     let served = app
         .cache
-        .get_or_fetch(&digest, move || {
+        // In memory already: every opening, a resume included, is all of it.
+        .get_or_fetch(&digest, move |_| {
             let (bytes, media_type) = (bytes.clone(), media_type.clone());
             Box::pin(async move {
                 let body = futures_util::stream::once(async move { Ok(bytes) });
@@ -422,6 +424,7 @@ async fn by_tag_without_digest(
                     length,
                     max_len: None,
                     public,
+                    start: 0,
                     body: Box::pin(body),
                 })
             })

@@ -445,6 +445,7 @@ pub(crate) fn source_from(resp: crate::upstream::Response, max_len: Option<u64>)
         length: resp.content_length(),
         max_len,
         public: false,
+        start: 0,
         body: Box::pin(resp.into_stream().inspect_ok(move |b| {
             fetched.inc_by(b.len() as u64);
         })),

@@ -4,7 +4,9 @@
 //! resources by exact path, counts every request per (method, path), and can
 //! be told at runtime to misbehave on a given path: corrupt or cut bodies,
 //! error statuses, redirects, or a body that stalls half-way until the test
-//! opens a gate. It can also demand a Bearer token, issued by its own
+//! opens a gate, or break successive downloads of a path at given offsets.
+//! It honours `Range: bytes=N-` (unless told to ignore ranges) and counts
+//! the body bytes it sends. It can also demand a Bearer token, issued by its own
 //! `/token` endpoint, the way Docker Hub does.
 //!
 //! Dropping a [`FakeUpstream`] stops its accept loop and every connection it
@@ -117,6 +119,15 @@ struct Inner {
     token_requests: Vec<String>,
     /// Headers added to every answer (e.g. Docker Hub's `ratelimit-remaining`).
     extra_headers: Vec<(String, String)>,
+    /// Per path: the offsets at which successive GETs cut the connection,
+    /// one per GET, first to last.
+    cuts: HashMap<String, std::collections::VecDeque<u64>>,
+    /// Answer every GET with the whole body, whatever its Range says.
+    ignore_range: bool,
+    /// Per path: the body bytes sent by GETs.
+    body_bytes: HashMap<String, u64>,
+    /// Per path: the Range headers GETs carried, in order (`None`: none).
+    ranges: HashMap<String, Vec<Option<String>>>,
 }
 
 struct Shared {
@@ -299,6 +310,30 @@ impl FakeUpstream {
         self.inner().require_bearer = on;
     }
 
+    /// Successive GETs of `path` cut the connection once they have sent the
+    /// body up to each of `offsets` (absolute positions in the content), one
+    /// offset per GET; later GETs are served whole.
+    pub fn cut_at(&self, path: &str, offsets: &[u64]) {
+        self.inner()
+            .cuts
+            .insert(path.to_string(), offsets.iter().copied().collect());
+    }
+
+    /// Ignore `Range` headers: every GET gets a 200 with the whole body.
+    pub fn ignore_range(&self, on: bool) {
+        self.inner().ignore_range = on;
+    }
+
+    /// Body bytes GETs of `path` were sent (cut bodies count what was sent).
+    pub fn body_bytes(&self, path: &str) -> u64 {
+        self.inner().body_bytes.get(path).copied().unwrap_or(0)
+    }
+
+    /// The `Range` of each GET of `path`, in order.
+    pub fn ranges(&self, path: &str) -> Vec<Option<String>> {
+        self.inner().ranges.get(path).cloned().unwrap_or_default()
+    }
+
     /// Requests seen for (method, path), whatever their outcome.
     pub fn count(&self, method: &str, path: &str) -> usize {
         self.inner()
@@ -349,6 +384,11 @@ async fn answer(s: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Respons
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let delay = s
         .inner
         .lock()
@@ -375,7 +415,14 @@ async fn answer(s: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Respons
     } else {
         query
     };
-    let mut resp = respond(s, &method, &path, query.as_deref(), authorization.as_deref());
+    let mut resp = respond(
+        s,
+        &method,
+        &path,
+        query.as_deref(),
+        authorization.as_deref(),
+        range.as_deref(),
+    );
     let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
     for (name, value) in &inner.extra_headers {
         if let (Ok(n), Ok(v)) = (
@@ -401,6 +448,7 @@ fn respond(
     path: &str,
     query: Option<&str>,
     auth: Option<&str>,
+    range: Option<&str>,
 ) -> Response<FakeBody> {
     let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
 
@@ -508,6 +556,30 @@ fn respond(
         return json_error(404, code);
     };
     let gated = inner.gated.contains(path);
+    if *method == Method::GET {
+        inner
+            .ranges
+            .entry(path.to_string())
+            .or_default()
+            .push(range.map(str::to_string));
+    }
+    // `bytes=N-` only, the form a resuming client sends.
+    let from = range
+        .filter(|_| !inner.ignore_range && *method == Method::GET && fault == Fault::Normal)
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n < res.body.len());
+    let cut = if *method == Method::GET && fault == Fault::Normal {
+        inner.cuts.get_mut(path).and_then(|c| c.pop_front())
+    } else {
+        None
+    };
+    if *method == Method::GET && fault == Fault::Normal {
+        let start = from.unwrap_or(0);
+        let end = cut.map_or(res.body.len(), |c| (c as usize).clamp(start, res.body.len()));
+        *inner.body_bytes.entry(path.to_string()).or_default() += (end - start) as u64;
+    }
     drop(inner);
 
     let mut headers = http::HeaderMap::new();
@@ -526,6 +598,22 @@ fn respond(
         return r;
     }
 
+    if fault == Fault::Normal && (from.is_some() || cut.is_some()) {
+        let start = from.unwrap_or(0);
+        let end = cut.map_or(len, |c| (c as usize).clamp(start, len));
+        let end_kind = if end < len { End::Cut } else { End::Clean };
+        let mut r = Response::new(staged(s, gated, res.body.slice(start..end), end_kind));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len - start));
+        if start > 0 {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {start}-{}/{len}", len - 1)).expect("content range"),
+            );
+        }
+        *r.headers_mut() = headers;
+        return r;
+    }
     let half = len / 2;
     let (body, announce_length) = match fault {
         Fault::Corrupt => {
