@@ -443,3 +443,30 @@ async fn a_download_that_never_gets_further_fails_instead_of_looping() {
         "{gets} GETs for a download stuck at one offset"
     );
 }
+
+/// Chained behind another cache, which answers 404 to a HEAD of a blob it
+/// has not fetched yet: regmirror confirms with a GET before answering 404,
+/// and the client's GET that follows joins that download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_head_404_upstream_is_confirmed_with_a_get() {
+    let up = FakeUpstream::start("127.0.11.109:0").await;
+    let m = Mirror::start(9, &format!("url = \"{}\"", up.url())).await;
+    let c = client();
+    let data = bytes_for("chained", 70_000);
+    let (d, path) = up.add_blob("library/app", &data);
+    up.set_fault(&path, Fault::HeadNotFound);
+    let url = m.url("app", &format!("blobs/{d}"));
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a blob upstream serves was answered 404");
+    assert_eq!(header(&r, "content-length"), Some("70000"));
+    assert_eq!(header(&r, "docker-content-digest"), Some(d.as_str()));
+    let (status, body) = get_body(&c, &url).await;
+    assert_eq!((status, body == data), (200, true));
+    assert_eq!(up.count("GET", &path), 1, "the GET after the HEAD fetched again");
+
+    // Absent upstream for both: still a 404, with the OCI code.
+    let missing = digest_of(b"nowhere upstream");
+    let r = c.head(m.url("app", &format!("blobs/{missing}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(up.count("GET", &format!("/v2/library/app/blobs/{missing}")), 1);
+}

@@ -3,7 +3,11 @@
 //! GET serves from the store or joins the single download of a missing
 //! digest, with Range support either way (a range on a miss is cut from the
 //! download as it grows). HEAD answers from the store, or asks upstream with
-//! a HEAD on a miss; it never 404s just because the blob is not cached.
+//! a HEAD on a miss; it never 404s just because the blob is not cached. An
+//! upstream 404 to that HEAD is confirmed with a GET (which starts the
+//! download the client's GET will join): a cache chained upstream (Harbor,
+//! Artifactory, another regmirror) may answer 404 to a HEAD of a blob it
+//! has not fetched yet but serve the GET.
 
 use std::sync::Arc;
 
@@ -14,7 +18,7 @@ use super::errors::{OciCode, RegistryError};
 use super::outcome::RequestOutcome;
 use super::range::{parse_range, ByteRange};
 use super::{copy_header, header_value, source_from, App};
-use crate::auth::{Access, ContentKind};
+use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::Served;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
@@ -33,31 +37,9 @@ pub async fn serve(
         .await
         .map_err(|e| blob_error(e, d))?;
     if head {
-        return head_blob(app, r, d, plan.credential, plan.upstream_length).await;
+        return head_blob(app, r, d, &plan).await;
     }
-    let (app2, r2, d2) = (app.clone(), r.clone(), d.clone());
-    let (credential, public) = (plan.credential, plan.public);
-    let (repo, digest) = (r.repo.to_string(), d.clone());
-    let served = app
-        .cache
-        .get_or_fetch(d, move |offset| {
-            let (app2, req) = (app2.clone(), blob_request(&r2, &d2, Method::GET, credential.clone()));
-            let upstream = r2.upstream;
-            let (repo, digest) = (repo.clone(), digest.clone());
-            Box::pin(async move {
-                let up = app2.upstreams.get(upstream);
-                let (resp, start) = up.client.get_from(&req, offset).await?;
-                app2.auth.note_in_repository(up.name(), &repo, &digest);
-                let mut source = source_from(resp, None);
-                // Layers are opaque bytes; whatever upstream called them.
-                source.media_type = None;
-                source.public = public;
-                source.start = start;
-                Ok(source)
-            })
-        })
-        .await
-        .map_err(|e| blob_error(e.into(), d))?;
+    let served = fetch(app, r, d, &plan).await?;
 
     let outcome = RequestOutcome::from(served.info.lookup);
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -97,25 +79,62 @@ fn full_response(served: Served, size: Option<u64>) -> Response<Body> {
     resp
 }
 
+/// The blob from the store, or the one download of it (started or joined).
+async fn fetch(app: &Arc<App>, r: &RepoRequest, d: &Digest, plan: &FetchPlan) -> Result<Served, RegistryError> {
+    let (app2, r2, d2) = (app.clone(), r.clone(), d.clone());
+    let (credential, public) = (plan.credential.clone(), plan.public);
+    let (repo, digest) = (r.repo.to_string(), d.clone());
+    app.cache
+        .get_or_fetch(d, move |offset| {
+            let (app2, req) = (app2.clone(), blob_request(&r2, &d2, Method::GET, credential.clone()));
+            let upstream = r2.upstream;
+            let (repo, digest) = (repo.clone(), digest.clone());
+            Box::pin(async move {
+                let up = app2.upstreams.get(upstream);
+                let (resp, start) = up.client.get_from(&req, offset).await?;
+                app2.auth.note_in_repository(up.name(), &repo, &digest);
+                let mut source = source_from(resp, None);
+                // Layers are opaque bytes; whatever upstream called them.
+                source.media_type = None;
+                source.public = public;
+                source.start = start;
+                Ok(source)
+            })
+        })
+        .await
+        .map_err(|e| blob_error(e.into(), d))
+}
+
 async fn head_blob(
     app: &Arc<App>,
     r: &RepoRequest,
     d: &Digest,
-    credential: Credential,
-    upstream_length: Option<u64>,
+    plan: &FetchPlan,
 ) -> Result<Response<Body>, RegistryError> {
     let mut resp = Response::new(empty());
-    if let Some(size) = app.cache.stat(d).await?.map(|i| i.size).or(upstream_length) {
+    if let Some(size) = app.cache.stat(d).await?.map(|i| i.size).or(plan.upstream_length) {
         resp.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     } else {
-        let up = app
+        let asked = app
             .upstream(r)
             .client
-            .get_ok(&blob_request(r, d, Method::HEAD, credential))
-            .await
-            .map_err(|e| blob_error(e.into(), d))?;
-        copy_header(up.headers(), resp.headers_mut(), header::CONTENT_LENGTH);
+            .get_ok(&blob_request(r, d, Method::HEAD, plan.credential.clone()))
+            .await;
+        match asked {
+            Ok(up) => copy_header(up.headers(), resp.headers_mut(), header::CONTENT_LENGTH),
+            Err(e) if e.is_not_found() => {
+                // Confirmed only by a GET: the download the client's next
+                // request joins. Still a 404 when that says so too.
+                tracing::debug!(digest = %d, "upstream HEAD said 404; confirming with a GET");
+                let served = fetch(app, r, d, plan).await?;
+                if let Some(size) = served.info.size {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+                }
+            }
+            Err(e) => return Err(blob_error(e.into(), d)),
+        }
     }
     identify(resp.headers_mut(), d);
     Ok(resp)

@@ -71,6 +71,9 @@ pub enum Fault {
     TooMany { retry_after: u64 },
     /// 307 to this absolute URL (GET and HEAD).
     Redirect(String),
+    /// HEAD answers 404, GET serves: a chained cache that has not fetched
+    /// the blob yet.
+    HeadNotFound,
 }
 
 /// What is stored under one path.
@@ -537,6 +540,7 @@ fn respond(
                 .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             return r;
         }
+        Fault::HeadNotFound if *method == Method::HEAD => return json_error(404, "BLOB_UNKNOWN"),
         Fault::Redirect(to) => {
             let mut r = Response::new(full(Bytes::new()));
             *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
