@@ -16,6 +16,10 @@ pub struct UpstreamEntry {
     pub ca_file: Option<PathBuf>,
     /// `(username, password)`; the password is written to a file.
     pub credentials: Option<(String, String)>,
+    /// When not empty, rendered as `urls = [...]` instead of `url`.
+    pub urls: Vec<String>,
+    /// Raw TOML lines added to the entry (`retries = 0`).
+    pub extra: String,
 }
 
 impl UpstreamEntry {
@@ -27,7 +31,18 @@ impl UpstreamEntry {
             namespace: namespace.into(),
             ca_file: None,
             credentials: None,
+            urls: Vec::new(),
+            extra: String::new(),
         }
+    }
+    /// Several URLs, tried in order (replaces `url`).
+    pub fn urls(mut self, urls: &[&str]) -> Self {
+        self.urls = urls.iter().map(|u| u.to_string()).collect();
+        self
+    }
+    pub fn extra(mut self, toml_lines: &str) -> Self {
+        self.extra = format!("{toml_lines}\n");
+        self
     }
     pub fn ca_file(mut self, path: &Path) -> Self {
         self.ca_file = Some(path.to_path_buf());
@@ -153,12 +168,18 @@ impl Config {
         }
         for (i, u) in self.upstreams.iter().enumerate() {
             let hosts: Vec<String> = u.hosts.iter().map(|h| q(h)).collect();
+            let location = if u.urls.is_empty() {
+                format!("url = {}", q(&u.url))
+            } else {
+                let urls: Vec<String> = u.urls.iter().map(|x| q(x)).collect();
+                format!("urls = [{}]", urls.join(", "))
+            };
             t += &format!(
-                "[[upstream]]\nname = {}\nhosts = [{}]\nurl = {}\nnamespace = {}\n",
+                "[[upstream]]\nname = {}\nhosts = [{}]\n{location}\nnamespace = {}\n{}",
                 q(&u.name),
                 hosts.join(", "),
-                q(&u.url),
-                q(&u.namespace)
+                q(&u.namespace),
+                u.extra
             );
             if let Some(ca) = &u.ca_file {
                 t += &format!("ca_file = {}\n", p(ca));
