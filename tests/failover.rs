@@ -470,3 +470,37 @@ async fn a_blob_head_404_upstream_is_confirmed_with_a_get() {
     assert_eq!(r.status(), 404);
     assert_eq!(up.count("GET", &format!("/v2/library/app/blobs/{missing}")), 1);
 }
+
+/// A download that stalls (no byte for the idle timeout, 60 s) is aborted
+/// and resumed on the next URL: the client waiting on it gets every byte.
+/// This test takes a little over a minute: the timeout is not configurable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_is_resumed_on_the_next_url() {
+    let first = FakeUpstream::start("127.0.11.110:0").await;
+    let second = FakeUpstream::start("127.0.11.160:0").await;
+    let m = Mirror::start(10, &format!("urls = [\"{}\", \"{}\"]", first.url(), second.url())).await;
+    let data = big_blob(10, 4 << 20);
+    let (d, path) = blob_on_all(&[&first, &second], &data);
+    // The first sends half the body, then nothing until the gate opens (never).
+    first.gate(&path);
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(150))
+        .build()
+        .expect("reqwest client");
+    let (status, body) = stream_all(c, m.url("app", &format!("blobs/{d}")))
+        .await
+        .unwrap_or_else(|e| panic!("the transfer broke: {e}"));
+    assert_eq!(status, 200);
+    assert!(body == data, "{} bytes that differ from the blob", body.len());
+    assert_eq!(first.count("GET", &path), 1);
+    let resumed = second.ranges(&path);
+    assert!(
+        resumed.len() == 1
+            && resumed[0]
+                .as_deref()
+                .is_some_and(|r| r.starts_with("bytes=") && r != "bytes=0-"),
+        "the second URL was not asked for the rest: {resumed:?}"
+    );
+    assert!(m.stored(&d));
+}
