@@ -504,3 +504,87 @@ async fn a_stalled_download_is_resumed_on_the_next_url() {
     );
     assert!(m.stored(&d));
 }
+
+/// Each URL has its own token challenge and token cache: a mirror behind a
+/// realm of its own gets tokens from that realm, never the first URL's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_url_gets_tokens_from_its_own_realm() {
+    let first = FakeUpstream::start("127.0.11.111:0").await;
+    let second = FakeUpstream::start("127.0.11.161:0").await;
+    first.require_bearer(true);
+    second.require_bearer(true);
+    let m = Mirror::start(11, &format!("urls = [\"{}\", \"{}\"]", first.url(), second.url())).await;
+    // Anonymous token from regmirror itself, as docker would get before a pull.
+    let c = client();
+    let token: serde_json::Value = serde_json::from_slice(
+        &c.get(format!("{}/token?scope=repository:dockerhub/library/app:pull", m.base))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("token answer: {e}"));
+    let bearer = token["token"]
+        .as_str()
+        .or(token["access_token"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let get = |url: String| {
+        let (c, bearer) = (c.clone(), bearer.clone());
+        async move {
+            let mut rb = c.get(url);
+            if !bearer.is_empty() {
+                rb = rb.bearer_auth(bearer);
+            }
+            let r = rb.send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+        }
+    };
+
+    let data = bytes_for("realm-1", 3_000);
+    let (d, _) = blob_on_all(&[&first, &second], &data);
+    let (status, body) = get(m.url("app", &format!("blobs/{d}"))).await;
+    assert_eq!(
+        (status, body == data),
+        (200, true),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        !first.token_requests().is_empty(),
+        "no token from the first URL's realm"
+    );
+
+    // The first fails this blob: the second is asked, with a token of its own.
+    let data = bytes_for("realm-2", 3_001);
+    let (d, path) = blob_on_all(&[&first, &second], &data);
+    first.set_fault(&path, Fault::Status(500));
+    let (status, body) = get(m.url("app", &format!("blobs/{d}"))).await;
+    assert_eq!(
+        (status, body == data),
+        (200, true),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        !second.token_requests().is_empty(),
+        "the second URL was sent the first URL's token instead of getting its own"
+    );
+    let sent = second
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path == path && s.status == 200)
+        .count();
+    assert_eq!(sent, 1, "{:?}", second.seen());
+    let refused: Vec<_> = second
+        .seen()
+        .into_iter()
+        .filter(|s| s.authorization.is_some() && s.status == 401)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the second URL refused tokens it never issued: {refused:?}"
+    );
+}

@@ -108,7 +108,7 @@ impl Endpoint {
 
     /// Not backing off right now (asked without claiming a probe).
     fn looks_up(&self) -> bool {
-        self.health.snapshot().healthy
+        !self.health.backing_off(Instant::now())
     }
 }
 

@@ -121,6 +121,13 @@ impl Health {
         s.last_error = Some((why.to_string(), SystemTime::now()));
     }
 
+    /// Whether the URL is being skipped now (back-off or Retry-After not
+    /// over), without claiming a probe.
+    pub fn backing_off(&self, now: Instant) -> bool {
+        let s = self.state();
+        s.backoff_until.is_some_and(|u| u > now) || s.not_before.is_some_and(|u| u > now)
+    }
+
     /// Gives up a probe without an outcome (the request was dropped), so
     /// the next request may probe instead.
     pub fn release_probe(&self) {
