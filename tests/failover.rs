@@ -249,6 +249,11 @@ async fn every_url_down_is_answered_503_with_retry_after_at_once() {
         assert!((1..=60).contains(&ra), "Retry-After {ra}");
         let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
         assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+        let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("127.0.11.1") && message.contains("unreachable"),
+            "the answer does not say which URL failed and how: {message}"
+        );
         assert!(
             took < Duration::from_secs(2),
             "{what}: a known-down upstream took {took:?} to answer"

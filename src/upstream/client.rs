@@ -604,16 +604,22 @@ impl UpstreamClient {
     /// Every URL is backing off: say so at once, with when to come back.
     fn unavailable(&self) -> Error {
         let now = std::time::SystemTime::now();
-        let soonest = self
-            .endpoints
+        let states = self.url_states();
+        let soonest = states
             .iter()
-            .filter_map(|e| e.health.snapshot().backing_off_until)
+            .filter_map(|s| s.backing_off_until)
             .min()
             .and_then(|t| t.duration_since(now).ok())
             .unwrap_or_default();
+        let last_error = states
+            .iter()
+            .filter_map(|s| s.last_error.as_ref().map(|(e, at)| (at, format!("{}: {e}", s.url))))
+            .max_by_key(|(at, _)| **at)
+            .map_or_else(|| "none recorded".to_string(), |(_, e)| e);
         Error::Unavailable {
             upstream: self.name.clone(),
             retry_after: Duration::from_secs(soonest.as_secs() + 1),
+            last_error,
         }
     }
 

@@ -112,8 +112,13 @@ pub enum Error {
     /// Every URL of the upstream is known down (backing off after
     /// failures): nothing was sent, so the client hears it at once and can
     /// fall back to another mirror instead of waiting out a timeout.
-    #[error("upstream {upstream} is unavailable: every URL failed recently (next try in {retry_after:?})")]
-    Unavailable { upstream: String, retry_after: Duration },
+    #[error("upstream {upstream} is unavailable: every URL failed recently (next try in {retry_after:?}); last failure: {last_error}")]
+    Unavailable {
+        upstream: String,
+        retry_after: Duration,
+        /// The most recent failure among the URLs, so the answer says why.
+        last_error: String,
+    },
     /// Our own request came back to us: an upstream name resolves to this
     /// proxy (rule 15). Never transient, never a reason to serve stale.
     #[error("request to upstream {upstream} looped back to regmirror")]
