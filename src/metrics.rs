@@ -61,6 +61,13 @@ pub struct UpstreamStatusLabels {
     pub status: String,
 }
 
+/// One URL of an upstream (`urls`), as configured.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UrlLabels {
+    pub upstream: String,
+    pub url: String,
+}
+
 type Histograms = Family<KindLabel, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -118,6 +125,13 @@ pub struct Metrics {
     pub tokens_relayed: Family<UpstreamLabel, Counter>,
     /// Anonymous tokens regmirror issued itself.
     pub tokens_issued: Family<UpstreamLabel, Counter>,
+    /// 1 while an upstream URL is in use, 0 while it is skipped (backing
+    /// off after failures). Set from the URLs' health when scraped.
+    pub upstream_url_up: Family<UrlLabels, Gauge>,
+    /// Failures in a row of an upstream URL since it last answered.
+    pub upstream_url_failures: Family<UrlLabels, Gauge>,
+    /// When an upstream URL last answered (Unix seconds; 0: never).
+    pub upstream_url_last_success: Family<UrlLabels, Gauge>,
 }
 
 /// The one registry of the process.
@@ -151,6 +165,9 @@ impl Metrics {
             upstream_token_requests: Counter::default(),
             tokens_relayed: Family::default(),
             tokens_issued: Family::default(),
+            upstream_url_up: Family::default(),
+            upstream_url_failures: Family::default(),
+            upstream_url_last_success: Family::default(),
         };
         let mut r = Registry::with_prefix("regmirror");
         r.register(
@@ -274,6 +291,22 @@ impl Metrics {
             "anonymous tokens issued by regmirror",
             m.tokens_issued.clone(),
         );
+        r.register(
+            "upstream_url_up",
+            "1 while an upstream URL is in use, 0 while it is skipped after failures",
+            m.upstream_url_up.clone(),
+        );
+        r.register(
+            "upstream_url_consecutive_failures",
+            "failures in a row of an upstream URL since it last answered",
+            m.upstream_url_failures.clone(),
+        );
+        r.register_with_unit(
+            "upstream_url_last_success_timestamp",
+            "when an upstream URL last answered (Unix time; 0: never)",
+            Unit::Seconds,
+            m.upstream_url_last_success.clone(),
+        );
         m.registry = r;
         m
     }
@@ -284,6 +317,26 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Sets the per-URL gauges from each upstream's URL health, so a
+    /// scrape shows the state now (health changes without any metric call).
+    pub fn set_url_states(&self, upstream: &str, states: &[crate::upstream::UrlState]) {
+        for st in states {
+            let l = UrlLabels {
+                upstream: upstream.to_string(),
+                url: st.url.clone(),
+            };
+            self.upstream_url_up.get_or_create(&l).set(i64::from(st.healthy));
+            self.upstream_url_failures
+                .get_or_create(&l)
+                .set(i64::from(st.consecutive_failures));
+            let secs = st
+                .last_success
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.upstream_url_last_success.get_or_create(&l).set(secs);
+        }
     }
 
     /// Counts one client request once its answer is known.

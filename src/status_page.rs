@@ -16,6 +16,7 @@ use crate::config::format_size as human;
 use crate::metrics::{ServedLabels, UpstreamLabel, METRICS};
 use crate::registry::outcome::RecentPull;
 use crate::upstream::observed::UpstreamHealth;
+use crate::upstream::UrlState;
 
 /// Everything one rendering shows, gathered by the caller.
 pub struct StatusData {
@@ -24,6 +25,8 @@ pub struct StatusData {
     pub cached: Vec<CachedTag>,
     pub recent: Vec<RecentPull>,
     pub health: std::collections::BTreeMap<String, UpstreamHealth>,
+    /// Each upstream's URLs (`urls`) and their health, in config order.
+    pub urls: Vec<(String, Vec<UrlState>)>,
     pub now: SystemTime,
 }
 
@@ -165,6 +168,43 @@ pub fn render(d: &StatusData) -> String {
     }
     h.push_str("</table></div>");
 
+    // Each upstream URL: in use or skipped after failures.
+    h.push_str(
+        "<h2>Upstream URLs</h2><div class=\"scroll\"><table id=\"urls\"><tr><th>upstream</th><th>url</th>\
+<th>state</th><th>last success</th><th>last error</th></tr>",
+    );
+    for (u, states) in &d.urls {
+        for st in states {
+            let state = match st.backing_off_until {
+                Some(until) if !st.healthy => format!(
+                    "<span class=\"bad\">backing off</span> <span class=\"muted\">({} failures; retried in {} s)</span>",
+                    st.consecutive_failures,
+                    until.duration_since(d.now).map_or(0, |t| t.as_secs())
+                ),
+                _ if !st.healthy => "<span class=\"bad\">backing off</span>".into(),
+                _ => "<span class=\"ok\">in use</span>".into(),
+            };
+            let error = match &st.last_error {
+                Some((text, at)) => format!(
+                    "<span class=\"bad\">{}</span> <span class=\"muted\">({})</span>",
+                    escape(text),
+                    ago(d.now, Some(*at))
+                ),
+                None => "<span class=\"ok\">none</span>".into(),
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(u),
+                escape(&st.url),
+                state,
+                ago(d.now, st.last_success),
+                error
+            );
+        }
+    }
+    h.push_str("</table></div>");
+
     // Recent pulls.
     h.push_str("<h2>Recent pulls</h2>");
     if d.recent.is_empty() {
@@ -242,6 +282,7 @@ mod tests {
                 outcome: "hit",
             }],
             health: Default::default(),
+            urls: Vec::new(),
             now: SystemTime::now(),
         }
     }

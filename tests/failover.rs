@@ -116,6 +116,12 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     r.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    let r = c.get(url).send().await.expect("request");
+    assert_eq!(r.status(), 200, "{url}");
+    r.text().await.expect("body")
+}
+
 async fn get_body(c: &reqwest::Client, url: &str) -> (u16, Vec<u8>) {
     let r = c.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = r.status().as_u16();
@@ -152,6 +158,7 @@ fn blob_on_all(fakes: &[&FakeUpstream], data: &[u8]) -> (String, String) {
 async fn a_down_url_is_skipped_for_its_back_off_then_used_again() {
     let first = FakeUpstream::start("127.0.11.101:0").await;
     let first_addr = first.addr;
+    let first_url = first.url();
     let second = FakeUpstream::start("127.0.11.151:0").await;
     let m = Mirror::start(1, &format!("urls = [\"{}\", \"{}\"]", first.url(), second.url())).await;
     let c = client();
@@ -166,6 +173,23 @@ async fn a_down_url_is_skipped_for_its_back_off_then_used_again() {
         assert_eq!(body, data);
         assert_eq!(second.count("GET", &path), 1);
     }
+    // The operator sees which URL is skipped, in /metrics and on the page.
+    // URLs are shown normalised, as the url crate writes them.
+    let url_up = |url: String| format!("regmirror_upstream_url_up{{upstream=\"docker.io\",url=\"{url}/\"}} ");
+    let metrics = get_text(&c, &format!("{}/metrics", m.base)).await;
+    assert!(
+        metrics.contains(&format!("{}0", url_up(first_url.clone()))),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("{}1", url_up(second.url()))), "{metrics}");
+    let page = get_text(&c, &format!("{}/", m.base)).await;
+    let row = |url: String| {
+        let at = page.find(&format!("<code>{url}/</code>")).expect("a row for each URL");
+        page[at..].split("</tr>").next().unwrap_or("").to_string()
+    };
+    assert!(row(first_url.clone()).contains("backing off"), "{page}");
+    assert!(row(first_url.clone()).contains("connect"), "the page says why: {page}");
+    assert!(row(second.url()).contains("in use"), "{page}");
 
     // Bring the first URL back on the same address, with its own content.
     let first = FakeUpstream::start(&first_addr.to_string()).await;
@@ -188,6 +212,8 @@ async fn a_down_url_is_skipped_for_its_back_off_then_used_again() {
     assert_eq!((status, body == data), (200, true));
     assert_eq!(first.count("GET", &path), 1, "the first URL is used again once back");
     assert_eq!(second.count("GET", &path), 0);
+    let metrics = get_text(&c, &format!("{}/metrics", m.base)).await;
+    assert!(metrics.contains(&format!("{}1", url_up(first.url()))), "{metrics}");
 }
 
 /// A URL answering 503 sends requests to the next at once; the first is

@@ -215,7 +215,12 @@ where
                 Err(RegistryError::unavailable(format!("the store cannot be written: {e}")))
             }
         },
-        Endpoint::Metrics => Ok(text(StatusCode::OK, METRICS.render(), crate::metrics::CONTENT_TYPE)),
+        Endpoint::Metrics => {
+            for u in app.upstreams.iter() {
+                METRICS.set_url_states(u.name(), &u.url_states());
+            }
+            Ok(text(StatusCode::OK, METRICS.render(), crate::metrics::CONTENT_TYPE))
+        }
         // One per line: the intercepted upstream hosts, then the proxy's own
         // name (what scripts/install-ca.sh puts in /etc/hosts and certs.d).
         Endpoint::Hostnames if read_only => {
@@ -294,6 +299,11 @@ async fn status_page(app: &App) -> String {
         cached,
         recent: outcome::recent_pulls(),
         health: crate::upstream::observed::snapshot(),
+        urls: app
+            .upstreams
+            .iter()
+            .map(|u| (u.name().to_string(), u.url_states()))
+            .collect(),
         now: std::time::SystemTime::now(),
     })
 }
