@@ -449,17 +449,16 @@ churn() { # until $W/churn is removed: evict the big layer (cache gc) and fetch 
   done
 }
 
-control_load() { # until $W/control is removed: the work of churn's refetch, without eviction
-  # The same operations on the same bytes: upstream sends the big layer over
-  # TLS, it is hashed and written to disk, and regmirror sends it (warm) to a
-  # client. Only the eviction, and regmirror's own part of a cold download,
-  # are missing.
+control_load() { # until $W/control_load is removed: churn's refetch, without the eviction machinery
+  # The big layer's file is deleted behind regmirror's back (no `cache gc`
+  # process, no index work), so regmirror fetches it again exactly as after
+  # an eviction: the same download, hashing, writing and serving. What
+  # differs from churn is the eviction itself.
+  local file=$W/rm/data/blobs/sha256/${BIG:7:2}/${BIG#sha256:}
   while [[ -e $W/control_load ]]; do
-    c direct -s "$REPO_URL/blobs/$BIG" | tee "$W/control.bin" | sha256sum >/dev/null &
+    rm -f "$file"
     c regmirror -s -o /dev/null "$REPO_URL/blobs/$BIG" || true
-    wait
   done
-  rm -f "$W/control.bin"
 }
 
 p99_open_ms() { # p99_open_ms PATH [ACCEPT] → p99 latency (ms) of warm GETs at regmirror, 200/s open loop
@@ -490,7 +489,7 @@ eviction_stalls() { # p99 of warm requests while eviction runs, over the same wi
   evicting=$(during churn)
   c regmirror -f -o /dev/null "$REPO_URL/blobs/$BIG" # leave the big layer cached for what follows
   echo "bench: p99 ms (h2load manifest, h2load 40 MiB layer, open-loop manifest, open-loop config blob):" \
-    "idle $idle; same load without eviction $control; evicting $evicting" >&2
+    "idle $idle; the same refetch without eviction $control; evicting $evicting" >&2
   read -r mi bi moi boi <<<"$idle"
   read -r mc bc moc boc <<<"$control"
   read -r me be moe boe <<<"$evicting"
