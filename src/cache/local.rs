@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::fs;
 use tokio::io::AsyncWriteExt;
 
@@ -377,6 +378,8 @@ impl BlobStore for LocalStore {
             type_path: self.type_path(d),
             meta_temp: self.temp_path("type"),
             finished: false,
+            unsynced: 0,
+            syncing: None,
         }))
     }
 
@@ -499,15 +502,49 @@ struct LocalPending {
     type_path: PathBuf,
     meta_temp: PathBuf,
     finished: bool,
+    /// Bytes written since the last background sync started.
+    unsynced: u64,
+    /// A background `fdatasync` started while the download goes on.
+    syncing: Option<tokio::task::JoinHandle<io::Result<()>>>,
 }
 
+/// Written bytes after which a background `fdatasync` starts. The commit
+/// must sync the whole blob before it is renamed into the store (crash
+/// safety); syncing in steps while the download runs leaves the commit at
+/// most this much to wait for instead of the whole blob (0.4 s for
+/// 200 MiB on the benchmark machine's disk).
+const SYNC_EVERY: u64 = 16 * 1024 * 1024;
+
 impl LocalPending {
+    /// Starts a background sync of what is written so far, unless one is
+    /// still running (then the next write tries again).
+    fn sync_in_background(&mut self) -> io::Result<()> {
+        if let Some(h) = &self.syncing {
+            if !h.is_finished() {
+                return Ok(());
+            }
+        }
+        if let Some(h) = self.syncing.take() {
+            // Finished: a failed sync fails the download now.
+            if let Some(Ok(Err(e))) = h.now_or_never() {
+                return Err(e);
+            }
+        }
+        self.unsynced = 0;
+        let file = self.reader.file.clone();
+        self.syncing = Some(tokio::task::spawn_blocking(move || file.sync_data()));
+        Ok(())
+    }
+
     async fn commit_inner(&mut self, media_type: Option<&str>) -> io::Result<()> {
         let mut w = self
             .writer
             .take()
             .ok_or_else(|| io::Error::other("pending blob already closed"))?;
         w.flush().await?;
+        if let Some(h) = self.syncing.take() {
+            h.await.map_err(io::Error::other)??;
+        }
         w.sync_data().await?;
         drop(w);
         if let Some(parent) = self.dest.parent() {
@@ -529,7 +566,12 @@ impl PendingBlob for LocalPending {
             .as_mut()
             .ok_or_else(|| io::Error::other("pending blob already closed"))?;
         w.write_all(data).await?;
-        w.flush().await
+        w.flush().await?;
+        self.unsynced += data.len() as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.sync_in_background()?;
+        }
+        Ok(())
     }
 
     async fn reserve(&mut self, len: u64) -> io::Result<()> {
