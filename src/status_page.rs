@@ -60,6 +60,18 @@ fn ago(now: SystemTime, then: Option<SystemTime>) -> String {
     }
 }
 
+/// A "last error" cell: what went wrong and how long ago, or `none`.
+fn last_error(now: SystemTime, e: &Option<(String, SystemTime)>) -> String {
+    match e {
+        Some((text, at)) => format!(
+            "<span class=\"bad\">{}</span> <span class=\"muted\">({})</span>",
+            escape(text),
+            ago(now, Some(*at))
+        ),
+        None => "<span class=\"ok\">none</span>".into(),
+    }
+}
+
 fn from_ms(ms: u64) -> Option<SystemTime> {
     (ms > 0).then(|| UNIX_EPOCH + std::time::Duration::from_millis(ms))
 }
@@ -147,14 +159,7 @@ pub fn render(d: &StatusData) -> String {
     for u in &d.upstreams {
         let (h_, m, j) = lookups(u);
         let health = d.health.get(u).cloned().unwrap_or_default();
-        let error = match &health.last_error {
-            Some((text, at)) => format!(
-                "<span class=\"bad\">{}</span> <span class=\"muted\">({})</span>",
-                escape(text),
-                ago(d.now, Some(*at))
-            ),
-            None => "<span class=\"ok\">none</span>".into(),
-        };
+        let error = last_error(d.now, &health.last_error);
         let _ = write!(
             h,
             "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n hide-s\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td></tr>",
@@ -184,14 +189,7 @@ pub fn render(d: &StatusData) -> String {
                 _ if !st.healthy => "<span class=\"bad\">backing off</span>".into(),
                 _ => "<span class=\"ok\">in use</span>".into(),
             };
-            let error = match &st.last_error {
-                Some((text, at)) => format!(
-                    "<span class=\"bad\">{}</span> <span class=\"muted\">({})</span>",
-                    escape(text),
-                    ago(d.now, Some(*at))
-                ),
-                None => "<span class=\"ok\">none</span>".into(),
-            };
+            let error = last_error(d.now, &st.last_error);
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",

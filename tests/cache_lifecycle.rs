@@ -8,13 +8,12 @@
 
 #[path = "fake_upstream/mod.rs"]
 mod fake_upstream;
+mod in_process;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -29,20 +28,11 @@ application/vnd.docker.distribution.manifest.v1+prettyjws, application/json";
 // ---------------------------------------------------------------- harness
 
 struct Mirror {
+    /// First, so it stops before the store directory goes.
+    served: in_process::Served,
     base: String,
     dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), regmirror::StartError>>,
-}
-
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.abort();
-    }
 }
 
 fn config_toml(ip: &str, root: &Path, upstream_url: &str, cache_extra: &str) -> String {
@@ -91,40 +81,19 @@ impl Mirror {
         if let Some(c) = cache {
             toml = toml.replace("max_size = \"1GiB\"\n", &format!("{c}\n"));
         }
-        let settings = regmirror::config::Settings::from_toml(&toml, "lifecycle test").expect("test config is valid");
-        let (tx, rx) = oneshot::channel();
-        let mut task = tokio::spawn(regmirror::serve(settings, async move {
-            let _ = rx.await;
-        }));
-        let base = format!("http://{ip}:5000");
-        let c = client();
-        for _ in 0..500 {
-            if task.is_finished() {
-                let r = (&mut task).await;
-                panic!("regmirror on {ip} stopped during start-up: {r:?}");
-            }
-            if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
-                if r.status() == 200 {
-                    return Mirror {
-                        base,
-                        dir,
-                        _temp: temp,
-                        stop: Some(tx),
-                        task,
-                    };
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let served = in_process::Served::start(&ip, &toml, "lifecycle test").await;
+        Mirror {
+            base: served.base.clone(),
+            dir,
+            _temp: temp,
+            served,
         }
-        panic!("regmirror on {ip} did not answer GET /healthz with 200 within 10 s");
     }
 
     /// Stops serving and waits until the listener is closed.
     async fn shutdown(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+        self.served.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.served.task).await;
     }
 
     /// `/v2/dockerhub/library/<repo>/<rest>` (explicit prefix mode).

@@ -8,29 +8,19 @@
 
 #[path = "fake_upstream/mod.rs"]
 mod fake_upstream;
+mod in_process;
 
 use std::time::{Duration, Instant};
 
 use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 struct Mirror {
+    /// First, so it stops before the store directory goes; held, never read.
+    _served: in_process::Served,
     base: String,
     dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), regmirror::StartError>>,
-}
-
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.abort();
-    }
 }
 
 impl Mirror {
@@ -58,31 +48,12 @@ namespace = "dockerhub"
 {upstream_keys}
 "#
         );
-        let settings = regmirror::config::Settings::from_toml(&toml, "failover test").expect("test config is valid");
-        let (tx, rx) = oneshot::channel();
-        let mut task = tokio::spawn(regmirror::serve(settings, async move {
-            let _ = rx.await;
-        }));
-        let base = format!("http://{ip}:5000");
-        let c = client();
-        for _ in 0..500 {
-            if task.is_finished() {
-                let r = (&mut task).await;
-                panic!("regmirror on {ip} stopped during start-up: {r:?}");
-            }
-            if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
-                if r.status() == 200 {
-                    return Mirror {
-                        base,
-                        dir,
-                        stop: Some(tx),
-                        task,
-                    };
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let served = in_process::Served::start(&ip, &toml, "failover test").await;
+        Mirror {
+            base: served.base.clone(),
+            dir,
+            _served: served,
         }
-        panic!("regmirror on {ip} did not answer GET /healthz with 200 within 10 s");
     }
 
     /// URL of `/v2/dockerhub/library/<repo>/<rest>` (explicit prefix mode).

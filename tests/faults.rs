@@ -8,6 +8,7 @@
 
 #[path = "fake_upstream/mod.rs"]
 mod fake_upstream;
+mod in_process;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,27 +16,17 @@ use std::time::Duration;
 use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault, Resource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 // ---------------------------------------------------------------- harness
 
 struct Mirror {
+    /// First, so it stops before the store directory goes.
+    served: in_process::Served,
     ip: String,
     base: String,
     dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), regmirror::StartError>>,
-}
-
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.abort();
-    }
 }
 
 impl Mirror {
@@ -69,32 +60,13 @@ namespace = "dockerhub"
 {upstream_keys}
 "#
         );
-        let settings = regmirror::config::Settings::from_toml(&toml, "faults test").expect("test config is valid");
-        let (tx, rx) = oneshot::channel();
-        let mut task = tokio::spawn(regmirror::serve(settings, async move {
-            let _ = rx.await;
-        }));
-        let base = format!("http://{ip}:5000");
-        let c = client();
-        for _ in 0..500 {
-            if task.is_finished() {
-                let r = (&mut task).await;
-                panic!("regmirror on {ip} stopped during start-up: {r:?}");
-            }
-            if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
-                if r.status() == 200 {
-                    return Mirror {
-                        ip,
-                        base,
-                        dir,
-                        stop: Some(tx),
-                        task,
-                    };
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let served = in_process::Served::start(&ip, &toml, "faults test").await;
+        Mirror {
+            base: served.base.clone(),
+            ip,
+            dir,
+            served,
         }
-        panic!("regmirror on {ip} did not answer GET /healthz with 200 within 10 s");
     }
 
     /// URL of `/v2/dockerhub/library/<repo>/<rest>` (explicit prefix mode).
@@ -1247,7 +1219,7 @@ async fn shutdown_lets_a_streaming_download_finish_and_refuses_new_connections()
         .expect("first bytes before the gate")
         .to_vec();
 
-    m.stop.take().expect("running").send(()).unwrap();
+    m.served.stop();
     // The listener closes promptly; poll rather than guess how promptly.
     let addr = format!("{}:5000", m.ip);
     let mut refused = false;
@@ -1265,7 +1237,7 @@ async fn shutdown_lets_a_streaming_download_finish_and_refuses_new_connections()
         got.extend_from_slice(&chunk);
     }
     assert_eq!(got, data, "the in-flight download must complete intact");
-    let served = tokio::time::timeout(Duration::from_secs(30), &mut m.task).await;
+    let served = tokio::time::timeout(Duration::from_secs(30), &mut m.served.task).await;
     assert!(
         matches!(served, Ok(Ok(Ok(())))),
         "serve returns once open connections are done: {served:?}"
