@@ -433,11 +433,11 @@ concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls an
 
 cached_peers=(regmirror nginx-cache dist-proxy)
 all_peers=(direct regmirror nginx-cache nginx-static dist-proxy)
-p99_ms() { # p99_ms PATH [ACCEPT] → p99 latency (ms) of lat_n warm GETs at regmirror, 8 connections
+p99_ms() { # p99_ms PATH [ACCEPT] [N] → p99 latency (ms) of N (default lat_n) warm GETs at regmirror, 8 connections
   local log=$W/latency.log hdr=()
   [[ -n ${2:-} ]] && hdr=(-H "Accept: $2")
   rm -f "$log"
-  h2 --h1 -c 8 -n "$lat_n" -t 1 "${hdr[@]}" --log-file="$log" --connect-to="$RM:443" "$REPO_URL/$1" >/dev/null
+  h2 --h1 -c 8 -n "${3:-$lat_n}" -t 1 "${hdr[@]}" --log-file="$log" --connect-to="$RM:443" "$REPO_URL/$1" >/dev/null
   # h2load's log: start time, status, duration in microseconds (tab-separated).
   awk -F'\t' '{print $3}' "$log" | sort -n | awk '{a[NR] = $1} END {printf "%.3f", a[int(NR * 0.99)] / 1000}'
 }
@@ -475,7 +475,7 @@ during() { # during LOAD: run the p99 probes while LOAD runs; prints the four p9
   $1 >/dev/null 2>&1 &
   pid=$!
   sleep 1
-  echo "$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL")" \
+  echo "$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 10))")" \
     "$(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
   rm -f "$flag"
   wait "$pid" || true
@@ -483,7 +483,7 @@ during() { # during LOAD: run the p99 probes while LOAD runs; prints the four p9
 
 eviction_stalls() { # p99 of warm requests while eviction runs, over the same without eviction
   local idle control evicting
-  idle="$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL")"
+  idle="$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 10))")"
   idle+=" $(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
   control=$(during control_load)
   evicting=$(during churn)
