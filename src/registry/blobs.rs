@@ -17,7 +17,7 @@ use super::body::{empty, stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::outcome::RequestOutcome;
 use super::range::{parse_range, ByteRange};
-use super::{copy_header, header_value, source_from, App};
+use super::{copy_header, header_value, App};
 use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::Served;
 use crate::reference::Digest;
@@ -83,21 +83,14 @@ fn full_response(served: Served, size: Option<u64>) -> Response<Body> {
 async fn fetch(app: &Arc<App>, r: &RepoRequest, d: &Digest, plan: &FetchPlan) -> Result<Served, RegistryError> {
     let (app2, r2, d2) = (app.clone(), r.clone(), d.clone());
     let (credential, public) = (plan.credential.clone(), plan.public);
-    let (repo, digest) = (r.repo.to_string(), d.clone());
     app.cache
         .get_or_fetch(d, move |offset| {
-            let (app2, req) = (app2.clone(), blob_request(&r2, &d2, Method::GET, credential.clone()));
-            let upstream = r2.upstream;
-            let (repo, digest) = (repo.clone(), digest.clone());
+            let (app2, r2, d2) = (app2.clone(), r2.clone(), d2.clone());
+            let req = blob_request(&r2, &d2, Method::GET, credential.clone());
             Box::pin(async move {
-                let up = app2.upstreams.get(upstream);
-                let (resp, start) = up.client.get_from(&req, offset).await?;
-                app2.auth.note_in_repository(up.name(), &repo, &digest);
-                let mut source = source_from(resp, None);
+                let mut source = super::open_source(&app2, &r2, &req, offset, &d2, None, public).await?;
                 // Layers are opaque bytes; whatever upstream called them.
                 source.media_type = None;
-                source.public = public;
-                source.start = start;
                 Ok(source)
             })
         })

@@ -17,7 +17,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 use super::body::{stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::outcome::RequestOutcome;
-use super::{copy_header, header_value, source_from, App};
+use super::{copy_header, header_value, App};
 use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::{FetchError, Served, Source, TagRecord};
 use crate::reference::{Digest, Reference, Tag};
@@ -290,25 +290,14 @@ async fn fetch_served(
     accept: &str,
     plan: &FetchPlan,
 ) -> Result<Served, RegistryError> {
-    let (app2, r2, reference, accept) = (app.clone(), r.clone(), d.to_string(), accept.to_string());
+    let (app2, r2, d2, accept) = (app.clone(), r.clone(), d.clone(), accept.to_string());
     let (credential, public) = (plan.credential.clone(), plan.public);
-    let (repo, digest) = (r.repo.to_string(), d.clone());
     app.cache
         .get_or_fetch(d, move |offset| {
-            let (app2, req) = (
-                app2.clone(),
-                manifest_request(&r2, &reference, Method::GET, &accept, credential.clone()),
-            );
-            let upstream = r2.upstream;
-            let (repo, digest) = (repo.clone(), digest.clone());
+            let (app2, r2, d2) = (app2.clone(), r2.clone(), d2.clone());
+            let req = manifest_request(&r2, &d2.to_string(), Method::GET, &accept, credential.clone());
             Box::pin(async move {
-                let up = app2.upstreams.get(upstream);
-                let (resp, start) = up.client.get_from(&req, offset).await?;
-                app2.auth.note_in_repository(up.name(), &repo, &digest);
-                let mut source = source_from(resp, Some(MAX_MANIFEST as u64));
-                source.public = public;
-                source.start = start;
-                Ok(source)
+                super::open_source(&app2, &r2, &req, offset, &d2, Some(MAX_MANIFEST as u64), public).await
             })
         })
         .await

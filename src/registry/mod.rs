@@ -444,6 +444,27 @@ pub(crate) fn header_value(s: &str) -> HeaderValue {
 /// An upstream body as the cache's byte source, refusing more than
 /// `max_len` bytes when given.
 /// Its bytes are counted as fetched from that upstream as they arrive.
+/// Opens `req` for the cache's download from `offset` on (a resumed
+/// download asks for the rest), notes that `r`'s repository holds `digest`,
+/// and marks the content public when fetched without a client's credential.
+pub(crate) async fn open_source(
+    app: &App,
+    r: &RepoRequest,
+    req: &crate::upstream::UpstreamRequest,
+    offset: u64,
+    digest: &crate::reference::Digest,
+    max_len: Option<u64>,
+    public: bool,
+) -> Result<crate::cache::Source, crate::upstream::Error> {
+    let up = app.upstream(r);
+    let (resp, start) = up.client.get_from(req, offset).await?;
+    app.auth.note_in_repository(up.name(), &r.repo.to_string(), digest);
+    let mut source = source_from(resp, max_len);
+    source.public = public;
+    source.start = start;
+    Ok(source)
+}
+
 pub(crate) fn source_from(resp: crate::upstream::Response, max_len: Option<u64>) -> crate::cache::Source {
     use futures_util::TryStreamExt;
     let fetched = METRICS
