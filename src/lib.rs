@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod logging;
 pub mod metrics;
 pub mod reference;
 pub mod registry;

@@ -114,26 +114,10 @@ enum CaAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Log lines are written by a thread of their own, in batches: one line
-    // per request written from the request's own thread cost a tenth of
-    // the warm manifest rate (a write syscall each). Never lossy: under a
-    // backlog of 128k lines, logging waits rather than dropping lines.
-    let (writer, flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("regmirror-log")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "regmirror=info".into()),
-        )
-        .with_writer(writer);
-    match cli.log_format {
-        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
-        // Colour codes only for a person at a terminal, not in journald or log files.
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
+    let flush_on_exit = regmirror::logging::init(match cli.log_format {
+        LogFormat::Text => regmirror::logging::Format::Text,
+        LogFormat::Json => regmirror::logging::Format::Json,
+    });
     let result = run(cli);
     // Every log line out before the exit status and any error message.
     drop(flush_on_exit);

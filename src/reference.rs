@@ -138,7 +138,9 @@ impl Algorithm {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
-    hex: String,
+    /// `algorithm:hex`, kept whole: a digest is written out (headers, log
+    /// lines, index keys) far more often than it is made.
+    full: String,
 }
 
 impl Digest {
@@ -156,7 +158,7 @@ impl Digest {
         }
         Ok(Digest {
             algorithm,
-            hex: hex.to_string(),
+            full: s.to_string(),
         })
     }
 
@@ -165,7 +167,12 @@ impl Digest {
     }
 
     pub fn hex(&self) -> &str {
-        &self.hex
+        &self.full[self.algorithm.name().len() + 1..]
+    }
+
+    /// `algorithm:hex`, as `Display` writes it.
+    pub fn as_str(&self) -> &str {
+        &self.full
     }
 
     /// The sha256 digest of a whole in-memory buffer (manifests, keys, tests).
@@ -183,7 +190,7 @@ impl Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm.name(), self.hex)
+        f.write_str(&self.full)
     }
 }
 
@@ -216,7 +223,10 @@ impl Hasher {
             Hasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
             Hasher::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
         };
-        Digest { algorithm, hex }
+        Digest {
+            algorithm,
+            full: format!("{}:{hex}", algorithm.name()),
+        }
     }
 }
 

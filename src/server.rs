@@ -12,12 +12,12 @@
 //! would compete with is busy, so a crowd of silent sockets cannot lock real
 //! clients out.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -269,7 +269,8 @@ where
     tokio::pin!(http);
     let mut draining = false;
     loop {
-        let deadline = conn.deadline();
+        let wake_at = conn.deadline().unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        conn.arm(wake_at);
         tokio::select! {
             result = http.as_mut() => {
                 if let Err(e) = result {
@@ -282,7 +283,7 @@ where
                 return;
             }
             _ = conn.changed.notified() => {}
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| Instant::now() + limits.idle_timeout)) => {
+            _ = tokio::time::sleep_until(wake_at) => {
                 if let Some(why) = conn.expired() {
                     tracing::info!(peer = ?peer, "closing connection: {why}");
                     return;
@@ -318,16 +319,17 @@ struct ConnTable {
 struct TableInner {
     next_id: u64,
     conns: HashMap<u64, Entry>,
-    /// Idle connections by (idle since, id): the first is the one to close.
-    idle: BTreeSet<(Instant, u64)>,
     per_client: HashMap<IpAddr, usize>,
 }
 
+/// A connection as the table sees it. Whether it is idle is read from the
+/// connection itself, and only when a cap is reached: requests do not take
+/// the table's lock.
 struct Entry {
     ip: IpAddr,
-    idle_since: Option<Instant>,
-    /// The connection's [`Conn::reclaimed`] (not the `Conn` itself, whose
-    /// drop is what removes the entry).
+    /// Not an `Arc`: the `Conn`'s drop is what removes the entry.
+    conn: Weak<Conn>,
+    /// The connection's [`Conn::reclaimed`].
     reclaimed: Arc<Notify>,
 }
 
@@ -352,15 +354,10 @@ impl ConnTable {
         let mut t = self.lock();
         let from_client = t.per_client.get(&ip).copied().unwrap_or(0);
         if from_client >= self.limits.max_connections_per_client {
-            let victim = t
-                .idle
-                .iter()
-                .map(|(_, id)| *id)
-                .find(|id| t.conns.get(id).is_some_and(|e| e.ip == ip));
-            let victim = victim.ok_or(Refused::PerClient)?;
+            let victim = t.longest_idle(Some(ip)).ok_or(Refused::PerClient)?;
             t.reclaim(victim);
         } else if t.conns.len() >= self.limits.max_connections {
-            let victim = t.idle.first().map(|(_, id)| *id).ok_or(Refused::Total)?;
+            let victim = t.longest_idle(None).ok_or(Refused::Total)?;
             t.reclaim(victim);
         }
         let id = t.next_id;
@@ -374,6 +371,7 @@ impl ConnTable {
             with_client: AtomicUsize::new(0),
             served_any: AtomicBool::new(false),
             last_progress_ms: AtomicU64::new(0),
+            armed_ms: AtomicU64::new(u64::MAX),
             changed: Notify::new(),
             reclaimed: Arc::new(Notify::new()),
         });
@@ -381,29 +379,12 @@ impl ConnTable {
             id,
             Entry {
                 ip,
-                idle_since: Some(now),
+                conn: Arc::downgrade(&conn),
                 reclaimed: conn.reclaimed.clone(),
             },
         );
-        t.idle.insert((now, id));
         *t.per_client.entry(ip).or_insert(0) += 1;
         Ok(conn)
-    }
-
-    fn set_idle(&self, id: u64, idle: bool) {
-        let mut t = self.lock();
-        let Some(e) = t.conns.get_mut(&id) else { return };
-        let old = e.idle_since.take();
-        if idle {
-            let now = Instant::now();
-            e.idle_since = Some(now);
-            if let Some(old) = old {
-                t.idle.remove(&(old, id));
-            }
-            t.idle.insert((now, id));
-        } else if let Some(old) = old {
-            t.idle.remove(&(old, id));
-        }
     }
 
     fn remove(&self, id: u64) {
@@ -426,6 +407,17 @@ impl ConnTable {
 }
 
 impl TableInner {
+    /// The connection (of `ip`, when given) with no request in flight for
+    /// the longest time, a connection still in its handshake included.
+    fn longest_idle(&self, ip: Option<IpAddr>) -> Option<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, e)| ip.is_none_or(|ip| e.ip == ip))
+            .filter_map(|(id, e)| Some((e.conn.upgrade()?.idle_since()?, *id)))
+            .min()
+            .map(|(_, id)| id)
+    }
+
     /// Takes `id` out of the table at once (its slot is free for the
     /// connection being admitted) and tells its task to close.
     fn reclaim(&mut self, id: u64) {
@@ -436,9 +428,6 @@ impl TableInner {
 
     fn forget(&mut self, id: u64) -> Option<Entry> {
         let e = self.conns.remove(&id)?;
-        if let Some(since) = e.idle_since {
-            self.idle.remove(&(since, id));
-        }
         if let Some(n) = self.per_client.get_mut(&e.ip) {
             *n -= 1;
             if *n == 0 {
@@ -465,8 +454,10 @@ struct Conn {
     /// Milliseconds after `started` of the last sign of life: handshake
     /// done, a request begun or ended, a chunk handed to hyper or taken off.
     last_progress_ms: AtomicU64,
-    /// Wakes the connection task when it became idle (its deadline moved
-    /// earlier).
+    /// When the connection task's timer fires (milliseconds after
+    /// `started`; `u64::MAX` before it is first set).
+    armed_ms: AtomicU64,
+    /// Wakes the connection task when its deadline moved before its timer.
     changed: Notify,
     /// Tells the connection task the table closed it to make room.
     reclaimed: Arc<Notify>,
@@ -486,6 +477,31 @@ impl Conn {
 
     fn last_progress(&self) -> Instant {
         self.started + Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed))
+    }
+
+    /// Since when no request has been in flight (since the connection was
+    /// accepted, when none came yet); `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.in_flight.load(Ordering::Acquire) == 0).then(|| self.last_progress())
+    }
+
+    /// The connection task's timer is set for `at`.
+    fn arm(&self, at: Instant) {
+        let ms = u64::try_from(at.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+        self.armed_ms.store(ms, Ordering::Release);
+    }
+
+    /// Wakes the connection task when the deadline is now earlier than its
+    /// timer. A later deadline needs no wake-up: the timer fires, finds the
+    /// connection not yet expired, and is set again. (Waking the task at the
+    /// end of every request was a few percent of a warm manifest's CPU.)
+    fn deadline_moved(&self) {
+        let Some(deadline) = self.deadline() else { return };
+        let armed = self.armed_ms.load(Ordering::Acquire);
+        let due = u64::try_from(deadline.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+        if due < armed {
+            self.changed.notify_one();
+        }
     }
 
     /// When this connection is to be closed unless something happens first;
@@ -530,9 +546,7 @@ struct Request {
 impl Request {
     fn begin(conn: &Arc<Conn>) -> Request {
         conn.served_any.store(true, Ordering::Release);
-        if conn.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            conn.table.set_idle(conn.id, false);
-        }
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
         conn.touch();
         Request {
             conn: conn.clone(),
@@ -566,8 +580,7 @@ impl Drop for Request {
         }
         self.conn.touch();
         if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn.table.set_idle(self.conn.id, true);
-            self.conn.changed.notify_one();
+            self.conn.deadline_moved();
         }
     }
 }

@@ -103,7 +103,14 @@ impl Lifecycle {
 
     /// A hit: `d` was used now.
     pub fn touch(&self, d: &Digest) {
-        super::lock(&self.pending).touches.insert(d.to_string(), now_ms());
+        let now = now_ms();
+        let mut pending = super::lock(&self.pending);
+        match pending.touches.get_mut(d.as_str()) {
+            Some(at) => *at = now,
+            None => {
+                pending.touches.insert(d.to_string(), now);
+            }
+        }
     }
 
     /// `d` was committed to the store.

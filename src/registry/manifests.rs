@@ -466,7 +466,7 @@ async fn stale_or(
     let Some((digest, manifest)) = found else {
         return Err(refuse(err));
     };
-    tracing::warn!(tag = %tag, %digest, error = %err, "upstream failed; serving the cached tag");
+    tracing::warn!(upstream = %app.upstream(r).name(), repo = %r.repo, tag = %tag, %digest, error = %err, "upstream failed; serving the cached tag");
     let warning = format!(
         "110 regmirror \"Response is Stale: upstream {}\"",
         app.upstream(r).name()
@@ -496,7 +496,7 @@ fn respond(digest: &Digest, manifest: Manifest, head: bool, warning: Option<Stri
     if let Some(s) = manifest.size {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(s));
     }
-    h.insert("docker-content-digest", header_value(&digest.to_string()));
+    h.insert("docker-content-digest", header_value(digest.as_str()));
     h.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
     if let Some(w) = warning {
         h.insert(header::WARNING, header_value(&w));

@@ -18,8 +18,6 @@ pub mod tags;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::Instrument;
-
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::auth::challenge::{self, Origin};
@@ -261,7 +259,9 @@ where
                     return Err(RegistryError::not_allowed(&r.client_repo));
                 }
             }
-            let span = tracing::info_span!("repo", upstream = %upstream.name(), repo = %r.repo);
+            // No span per request: its fields were formatted for every
+            // request, and the few lines logged inside name the upstream
+            // and repository themselves.
             let work = async {
                 // The one place a request's credential is read: handlers get
                 // the decided identity.
@@ -279,8 +279,7 @@ where
                 }
             };
             let scope = Scope::pull(&r.client_repo);
-            work.instrument(span)
-                .await
+            work.await
                 .map_err(|e| with_challenge(e, upstream, &origin, Some(&scope)))
         }
     }

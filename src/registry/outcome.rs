@@ -157,20 +157,25 @@ pub fn finish(
     }
     drop(timer);
     let outcome_text = outcome.map_or("-", RequestOutcome::as_str);
-    tracing::info!(
-        %method,
-        upstream,
-        repo = info.repo.as_deref().unwrap_or("-"),
-        kind = info.kind,
-        reference = info.reference.as_deref().unwrap_or("-"),
-        status,
-        bytes,
-        outcome = outcome_text,
-        duration_ms = elapsed.as_millis() as u64,
-        %path,
-        host = host.unwrap_or("-"),
-        "request"
-    );
+    {
+        use crate::logging::Value::{self, Num, Str, Word};
+        fn or_dash(v: Option<&str>) -> Value<'_> {
+            v.map_or(Word("-"), Str)
+        }
+        crate::logging::request_line(&[
+            ("method", Word(method.as_str())),
+            ("upstream", Str(upstream)),
+            ("repo", or_dash(info.repo.as_deref())),
+            ("kind", Word(info.kind)),
+            ("reference", or_dash(info.reference.as_deref())),
+            ("status", Num(status.into())),
+            ("bytes", bytes.map_or(Value::None, Num)),
+            ("outcome", Word(outcome_text)),
+            ("duration_ms", Num(elapsed.as_millis() as u64)),
+            ("path", Str(path)),
+            ("host", or_dash(host)),
+        ]);
+    }
     if matches!(info.kind, "tag" | "manifest") && resp.status().is_success() && *method == Method::GET {
         if let (Some(upstream), Some(repo), Some(reference)) = (&info.upstream, &info.repo, &info.reference) {
             recent_push(RecentPull {

@@ -52,7 +52,7 @@ pub async fn list(
     };
     if failure.is_transient() {
         if let Some(body) = app.cache.last_tag_list(app.repo_key(r), &key).await {
-            tracing::warn!(error = %failure, "upstream failed; serving the cached tag list");
+            tracing::warn!(upstream = %app.upstream(r).name(), repo = %r.repo, error = %failure, "upstream failed; serving the cached tag list");
             let mut out = respond(body, head);
             out.headers_mut().insert(
                 header::WARNING,
