@@ -9,6 +9,8 @@
 #   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
 #   scripts/bench.sh --only A,B only these figures (cold manifest blob1 blob64 tag conns rss
 #                               pull cold8 evict); prints the table, writes no report
+#   scripts/bench.sh --hold     start and warm every peer, print how to reach them, and wait
+#                               (for perf or a load generator by hand); Ctrl-C stops them all
 #
 # Everything runs on loopback (127.0.9.1-5), behind TLS, and is stopped on exit:
 #   127.0.9.1  direct        Debian's docker-registry (CNCF distribution), the upstream itself
@@ -28,13 +30,15 @@ quick=0
 reps=3
 out=""
 only=""
+hold=0
 while (($#)); do
   case "$1" in
     --quick) quick=1 ;;
     --reps) reps="$2"; shift ;;
     --out) out="$2"; shift ;;
     --only) only=",$2,"; shift ;;
-    *) echo "usage: $0 [--quick] [--reps N] [--out FILE] [--only FIGURES]" >&2; exit 2 ;;
+    --hold) hold=1 ;;
+    *) echo "usage: $0 [--quick] [--reps N] [--out FILE] [--only FIGURES] [--hold]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -46,7 +50,7 @@ if ((quick)); then
 else
   big_mib=200; small_mib=(40 40 40 40)
   dur=4; head_n=60; conns_many=1000; lat_n=4000; lat_s=10
-  [[ -n $out || -n $only ]] || out=docs/BENCHMARKS.md
+  [[ -n $out || -n $only ]] || ((hold)) || out=docs/BENCHMARKS.md
 fi
 want() { [[ -z $only || $only == *",$1,"* ]]; }
 
@@ -507,6 +511,19 @@ rotate() { # rotate REP PEERS...: the peers in an order that shifts each repetit
   local i
   for ((i = 0; i < n; i++)); do echo "${a[$(((i + r) % n))]}"; done
 }
+
+if ((hold)); then
+  for p in "${!IP[@]}"; do warm "$p"; done
+  cat <<EOF
+==> holding: every peer is up and warm (Ctrl-C stops them)
+  peers:     $(for p in "${!IP[@]}"; do printf '%s=%s ' "$p" "${IP[$p]}"; done)
+  regmirror: pid ${PID[regmirror]}, log $W/rm/log; restart: $RM_BIN serve --config $W/rm/config.toml
+  manifest:  h2load --h1 -c 64 -D 4 -H 'Accept: $MT' --connect-to=$RM:443 $REPO_URL/manifests/$MANIFEST
+  tag HEAD:  curl -sSI --resolve $H:443:$RM --cacert $W/trust.pem -H 'Accept: $MT' $REPO_URL/manifests/1
+  big blob:  $REPO_URL/blobs/$BIG ($BIG_SIZE bytes); cold: rm -rf $W/rm/data and restart
+EOF
+  while sleep 3600; do :; done
+fi
 
 for ((rep = 0; rep < reps; rep++)); do
   echo "==> repetition $((rep + 1))/$reps"
