@@ -76,8 +76,9 @@ pub trait StoredBlob: Send {
 /// died), it is aborted: nothing is left behind.
 #[async_trait]
 pub trait PendingBlob: Send {
-    /// Appends `data`; once this returns, followers can read it.
-    async fn write(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Appends `data`; once this returns, followers can read it. Owned, so
+    /// a backend can hand it to another thread (or a request) uncopied.
+    async fn write(&mut self, data: Bytes) -> io::Result<()>;
     /// Claims room for `len` bytes before any is written, so that a full
     /// disk shows here (the download then streams uncached) rather than
     /// half-way through. Backends without the notion accept anything.

@@ -2,6 +2,7 @@
 //! alone so that a second backend (S3) runs the same suite by calling these
 //! functions with its own store.
 
+use bytes::Bytes;
 use futures_util::TryStreamExt;
 
 use super::blob_store::{BlobInfo, BlobStore};
@@ -25,10 +26,10 @@ pub async fn blob_store(s: &dyn BlobStore) {
     // follower reads what is written as it grows.
     let mut p = s.begin(&d).await.unwrap();
     let follower = p.follower();
-    p.write(&data[..1000]).await.unwrap();
+    p.write(Bytes::copy_from_slice(&data[..1000])).await.unwrap();
     assert_eq!(&follower.read_at(0, 10_000).await.unwrap()[..], &data[..1000]);
     assert!(follower.read_at(1000, 10).await.unwrap().is_empty());
-    p.write(&data[1000..]).await.unwrap();
+    p.write(Bytes::copy_from_slice(&data[1000..])).await.unwrap();
     assert!(s.stat(&d).await.unwrap().is_none(), "not visible before commit");
     p.commit(Some("application/x")).await.unwrap();
     assert_eq!(
@@ -62,13 +63,13 @@ pub async fn blob_store(s: &dyn BlobStore) {
     // Aborted: nothing under the digest.
     let other = Digest::of(b"other");
     let mut p = s.begin(&other).await.unwrap();
-    p.write(b"partial").await.unwrap();
+    p.write(Bytes::from_static(b"partial")).await.unwrap();
     p.abort().await;
     assert!(s.stat(&other).await.unwrap().is_none());
 
     // Layers carry no media type.
     let mut p = s.begin(&other).await.unwrap();
-    p.write(b"other").await.unwrap();
+    p.write(Bytes::from_static(b"other")).await.unwrap();
     p.commit(None).await.unwrap();
     assert_eq!(s.stat(&other).await.unwrap().unwrap().media_type, None);
     s.set_media_type(&other, "application/vnd.oci.image.index.v1+json")
@@ -83,7 +84,7 @@ pub async fn blob_store(s: &dyn BlobStore) {
     // Listing: what is stored, each once, manifests marked.
     let layer = Digest::of(b"layer");
     let mut p = s.begin(&layer).await.unwrap();
-    p.write(b"layer").await.unwrap();
+    p.write(Bytes::from_static(b"layer")).await.unwrap();
     p.commit(None).await.unwrap();
     let mut listed = s.list().await.unwrap();
     listed.sort_by_key(|b| b.manifest);
