@@ -102,23 +102,44 @@ pub fn request_line(fields: &[(&str, Value<'_>)]) {
 
 fn write_text_fields(s: &mut String, fields: &[(&str, Value<'_>)]) {
     for (k, v) in fields {
+        if matches!(v, Value::None) {
+            continue;
+        }
+        s.push(' ');
+        s.push_str(k);
+        s.push('=');
         match v {
             // Quoted as `Debug` quotes, without its escaping machinery for
             // the usual text that needs none.
             Value::Str(t) if t.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') => {
-                let _ = write!(s, " {k}=\"{t}\"");
+                s.push('"');
+                s.push_str(t);
+                s.push('"');
             }
             Value::Str(t) => {
-                let _ = write!(s, " {k}={t:?}");
+                let _ = write!(s, "{t:?}");
             }
-            Value::Word(t) => {
-                let _ = write!(s, " {k}={t}");
-            }
-            Value::Num(n) => {
-                let _ = write!(s, " {k}={n}");
-            }
+            Value::Word(t) => s.push_str(t),
+            Value::Num(n) => push_u64(s, *n),
             Value::None => {}
         }
+    }
+}
+
+/// Decimal digits of `n`, without the formatting machinery.
+fn push_u64(s: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        s.push(char::from(d));
     }
 }
 
@@ -136,9 +157,7 @@ fn json_line(at: SystemTime, fields: &[(&str, Value<'_>)]) -> String {
         s.push(':');
         match v {
             Value::Str(t) | Value::Word(t) => json_str(&mut s, t),
-            Value::Num(n) => {
-                let _ = write!(s, "{n}");
-            }
+            Value::Num(n) => push_u64(&mut s, *n),
             Value::None => {}
         }
     }
@@ -168,19 +187,36 @@ fn json_str(s: &mut String, t: &str) {
 }
 
 /// RFC 3339 in UTC with microseconds, as `tracing`'s formatter writes it.
+/// The part up to the second is formatted once a second per thread.
 fn write_timestamp(s: &mut String, at: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
     let d = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
-    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
-    let t = secs % 86_400;
-    let _ = write!(
-        s,
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t / 3600,
-        t / 60 % 60,
-        t % 60,
-        d.subsec_micros()
-    );
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            let (y, m, day) = civil_from_days((secs / 86_400) as i64);
+            let t = secs % 86_400;
+            text.clear();
+            let _ = write!(
+                text,
+                "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.",
+                t / 3600,
+                t / 60 % 60,
+                t % 60
+            );
+            *cached = secs;
+        }
+        s.push_str(text);
+    });
+    let micros = d.subsec_micros();
+    let mut div = 100_000;
+    while div > 0 {
+        s.push(char::from(b'0' + (micros / div % 10) as u8));
+        div /= 10;
+    }
+    s.push('Z');
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01
@@ -215,6 +251,13 @@ mod tests {
         s.clear();
         write_timestamp(&mut s, SystemTime::UNIX_EPOCH + Duration::from_secs(4_102_444_800));
         assert_eq!(s, "2100-01-01T00:00:00.000000Z");
+        // The same second again, from the per-thread cache.
+        s.clear();
+        write_timestamp(
+            &mut s,
+            SystemTime::UNIX_EPOCH + Duration::new(4_102_444_800, 987_654_321),
+        );
+        assert_eq!(s, "2100-01-01T00:00:00.987654Z");
     }
 
     #[test]
@@ -252,5 +295,11 @@ mod tests {
             ],
         );
         assert_eq!(s, " method=GET repo=\"a b\\\"\\n\" status=404");
+        let mut n = String::new();
+        for v in [0, 7, 10, 1084, u64::MAX] {
+            n.clear();
+            push_u64(&mut n, v);
+            assert_eq!(n, v.to_string());
+        }
     }
 }

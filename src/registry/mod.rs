@@ -83,7 +83,10 @@ where
     let path = req.uri().path().to_string();
     let host = request_host(&req, &conn);
     let mut info = outcome::RequestInfo::default();
-    let result = dispatch(&app, &conn, host.as_deref(), req, &mut info).await;
+    // Boxed: the handlers' state machines (the upstream paths' above all)
+    // make this future several KiB, and hyper moves the request's future
+    // into a task of its own for every HTTP/2 stream.
+    let result = Box::pin(dispatch(&app, &conn, host.as_deref(), req, &mut info)).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
