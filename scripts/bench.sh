@@ -522,7 +522,9 @@ if ((hold)); then
   tag HEAD:  curl -sSI --resolve $H:443:$RM --cacert $W/trust.pem -H 'Accept: $MT' $REPO_URL/manifests/1
   big blob:  $REPO_URL/blobs/$BIG ($BIG_SIZE bytes); cold: rm -rf $W/rm/data and restart
 EOF
-  while sleep 3600; do :; done
+  # In the background and waited for, so Ctrl-C (or a TERM) stops the
+  # peers at once rather than after the sleep.
+  while true; do sleep 3600 & wait $!; done
 fi
 
 for ((rep = 0; rep < reps; rep++)); do
