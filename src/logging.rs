@@ -45,7 +45,12 @@ pub fn init(format: Format) -> WorkerGuard {
         .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "regmirror=info".into()),
+            // An empty RUST_LOG (`RUST_LOG= regmirror serve`) means the default, not silence.
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+                .unwrap_or_else(|| "regmirror=info".into()),
         )
         .with_writer(writer.clone());
     match format {

@@ -164,7 +164,7 @@ pub fn finish(
         }
         crate::logging::request_line(&[
             ("method", Word(method.as_str())),
-            ("upstream", Str(upstream)),
+            ("upstream", or_dash(Some(upstream).filter(|u| *u != "-"))),
             ("repo", or_dash(info.repo.as_deref())),
             ("kind", Word(info.kind)),
             ("reference", or_dash(info.reference.as_deref())),
