@@ -134,13 +134,20 @@ pub fn finish(
                 RequestOutcome::Hit | RequestOutcome::Stale => "cache",
                 RequestOutcome::Miss | RequestOutcome::Join => "upstream",
             };
-            let counter = METRICS
-                .served_bytes
-                .get_or_create(&ServedLabels {
-                    upstream: up.to_string(),
-                    source,
-                })
-                .clone();
+            let labels = ServedLabels {
+                upstream: up.to_string(),
+                source,
+            };
+            // A body already in memory (a manifest) is counted now and its
+            // time ends here: wrapping it to count its one frame cost an
+            // allocation and an indirection per warm manifest request.
+            if let Some(n) = hyper::body::Body::size_hint(resp.body()).exact() {
+                METRICS.served_bytes.get_or_create(&labels).inc_by(n);
+                return log_and_remember(
+                    info, method, path, host, elapsed, upstream, status, bytes, outcome, resp,
+                );
+            }
+            let counter = METRICS.served_bytes.get_or_create(&labels).clone();
             let body = std::mem::replace(resp.body_mut(), super::body::empty());
             // The request's time ends with its body (sent, or the client gone).
             let timer = timer.take();
@@ -156,6 +163,25 @@ pub fn finish(
         }
     }
     drop(timer);
+    log_and_remember(
+        info, method, path, host, elapsed, upstream, status, bytes, outcome, resp,
+    )
+}
+
+/// The request's log line, and the pull for the status page.
+#[allow(clippy::too_many_arguments)]
+fn log_and_remember(
+    info: &RequestInfo,
+    method: &Method,
+    path: &str,
+    host: Option<&str>,
+    elapsed: std::time::Duration,
+    upstream: &str,
+    status: u16,
+    bytes: Option<u64>,
+    outcome: Option<RequestOutcome>,
+    resp: Response<Body>,
+) -> Response<Body> {
     let outcome_text = outcome.map_or("-", RequestOutcome::as_str);
     {
         use crate::logging::Value::{self, Num, Str, Word};
