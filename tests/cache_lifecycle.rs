@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault};
+use in_process::{client, header};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -104,20 +105,6 @@ impl Mirror {
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        // A safety net so a hang fails the test instead of stalling it.
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
-}
-
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
-    r.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
 /// A manifest body of `media_type` that names `seed` (distinct seeds,

@@ -13,6 +13,7 @@ mod in_process;
 use std::time::{Duration, Instant};
 
 use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault};
+use in_process::{client, header};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -70,21 +71,6 @@ namespace = "dockerhub"
             .join(hex)
             .exists()
     }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        // A safety net so a hang fails the test instead of stalling it; no
-        // assertion depends on it.
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
-}
-
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
-    r.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
 async fn get_text(c: &reqwest::Client, url: &str) -> String {

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fake_upstream::{bytes_for, digest_of, FakeUpstream, Fault, Resource};
+use in_process::{client, header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
@@ -94,17 +95,6 @@ namespace = "dockerhub"
     }
 }
 
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        // A safety net so a hang fails the test instead of stalling it; no
-        // assertion depends on it.
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("reqwest client")
-}
-
 /// A client that did the token dance with regmirror without credentials,
 /// as docker or podman would before pulling a public image from an
 /// upstream that authenticates.
@@ -133,10 +123,6 @@ fn client_with_auth(authorization: &str) -> reqwest::Client {
         .timeout(Duration::from_secs(30))
         .build()
         .expect("reqwest client")
-}
-
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
-    r.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
 fn assert_api_version(r: &reqwest::Response) {

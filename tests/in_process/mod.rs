@@ -63,3 +63,20 @@ impl Drop for Served {
         self.task.abort();
     }
 }
+
+/// A plain HTTP client for regmirror and the fake upstream. Its timeout is a
+/// safety net so a hang fails the test instead of stalling it; no assertion
+/// depends on it.
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("reqwest client")
+}
+
+/// A response header as text, when present and readable.
+pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
