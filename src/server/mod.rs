@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -35,6 +35,9 @@ use crate::config::Limits;
 use crate::registry::body::Body;
 use crate::registry::{handle, App, ConnInfo};
 use crate::tls::LeafIssuer;
+
+mod h2_streams;
+use h2_streams::{poll_connection, StreamExecutor, Streams};
 
 /// How long in-flight responses may run on after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -245,7 +248,9 @@ where
             }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let executor = StreamExecutor::default();
+    let mut streams = Streams::new(executor.clone());
+    let mut builder = auto::Builder::new(executor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -272,7 +277,7 @@ where
         let wake_at = conn.deadline().unwrap_or_else(|| Instant::now() + limits.idle_timeout);
         conn.arm(wake_at);
         tokio::select! {
-            result = http.as_mut() => {
+            result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), &mut streams, cx)) => {
                 if let Err(e) = result {
                     tracing::debug!(peer = ?peer, error = %e, "connection ended with an error");
                 }
