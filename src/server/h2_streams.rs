@@ -20,6 +20,8 @@ use std::task::{Context, Poll};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
+use super::write_batch::BatchFlush;
+
 type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The executor hyper is given: it only queues, so that [`Streams::poll`]
@@ -83,23 +85,37 @@ impl Streams {
 /// Drives a connection and its streams together: after the streams ran, the
 /// connection is polled again to send what they produced and to accept what
 /// arrived meanwhile, up to a bound so other connections get their turn.
+/// Then what they all wrote leaves through `batch`, when there is one.
 pub fn poll_connection<C: Future + ?Sized>(
     connection: Pin<&mut C>,
     streams: &mut Streams,
+    batch: Option<&dyn BatchFlush>,
     cx: &mut Context<'_>,
 ) -> Poll<C::Output> {
     const ROUNDS: usize = 8;
     let mut connection = connection;
-    for _ in 0..ROUNDS {
+    let mut outcome = Poll::Pending;
+    let mut rounds = 0;
+    loop {
         if let Poll::Ready(done) = connection.as_mut().poll(cx) {
-            return Poll::Ready(done);
+            outcome = Poll::Ready(done);
+            break;
         }
         if !streams.poll(cx) {
-            return Poll::Pending;
+            break;
+        }
+        rounds += 1;
+        if rounds == ROUNDS {
+            cx.waker().wake_by_ref();
+            break;
         }
     }
-    cx.waker().wake_by_ref();
-    Poll::Pending
+    if let Some(batch) = batch {
+        // Pending only while the socket is full: the task is woken when it
+        // drains, and the rest goes then.
+        let _ = batch.flush(cx);
+    }
+    outcome
 }
 
 #[cfg(test)]

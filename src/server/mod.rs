@@ -37,7 +37,9 @@ use crate::registry::{handle, App, ConnInfo};
 use crate::tls::LeafIssuer;
 
 mod h2_streams;
+mod write_batch;
 use h2_streams::{poll_connection, StreamExecutor, Streams};
+use write_batch::{BatchFlush, WriteBatch};
 
 /// How long in-flight responses may run on after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -198,7 +200,7 @@ async fn connection(
             tls: false,
             peer: Some(peer),
         };
-        return serve(TokioIo::new(stream), app, info, conn, stop).await;
+        return serve(TokioIo::new(stream), None, app, info, conn, stop).await;
     };
     let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
     let tls_stream = tokio::select! {
@@ -227,11 +229,24 @@ async fn connection(
     };
     // The first-request deadline starts once the handshake is done.
     conn.touch();
-    serve(TokioIo::new(tls_stream), app, info, conn, stop).await
+    if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let (io, batch) = WriteBatch::new(tls_stream);
+        serve(TokioIo::new(io), Some(batch), app, info, conn, stop).await
+    } else {
+        serve(TokioIo::new(tls_stream), None, app, info, conn, stop).await
+    }
 }
 
-async fn serve<I>(io: I, app: Arc<App>, info: ConnInfo, conn: Arc<Conn>, mut stop: watch::Receiver<bool>)
-where
+/// `batch`: for HTTP/2 over TLS, sends what the connection's streams wrote
+/// each time they have run (see `write_batch`).
+async fn serve<I>(
+    io: I,
+    batch: Option<Arc<dyn BatchFlush>>,
+    app: Arc<App>,
+    info: ConnInfo,
+    conn: Arc<Conn>,
+    mut stop: watch::Receiver<bool>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = info.peer;
@@ -277,7 +292,7 @@ where
         let wake_at = conn.deadline().unwrap_or_else(|| Instant::now() + limits.idle_timeout);
         conn.arm(wake_at);
         tokio::select! {
-            result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), &mut streams, cx)) => {
+            result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), &mut streams, batch.as_deref(), cx)) => {
                 if let Err(e) = result {
                     tracing::debug!(peer = ?peer, error = %e, "connection ended with an error");
                 }
