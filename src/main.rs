@@ -139,6 +139,9 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                // Workers hold request lines back while busy (see `logging`).
+                .on_thread_park(regmirror::logging::flush_thread)
+                .on_thread_stop(regmirror::logging::flush_thread)
                 .build()
                 .map_err(|e| format!("starting the runtime: {e}"))?;
             rt.block_on(regmirror::serve(settings, shutdown_signal()))
