@@ -49,7 +49,7 @@ if ((quick)); then
   dur=1; head_n=20; conns_many=200; lat_n=400; lat_s=2
 else
   big_mib=200; small_mib=(40 40 40 40)
-  dur=4; head_n=60; conns_many=1000; lat_n=4000; lat_s=10
+  dur=4; head_n=300; conns_many=1000; lat_n=4000; lat_s=10
   [[ -n $out || -n $only ]] || ((hold)) || out=docs/BENCHMARKS.md
 fi
 want() { [[ -z $only || $only == *",$1,"* ]]; }
