@@ -12,7 +12,8 @@
 //!
 //! The buffer is bounded ([`BATCH_LIMIT`]): past it, a write waits for the
 //! socket exactly as it would without the batch, so a client that stops
-//! reading holds no more than before.
+//! reading holds no more than before. A blob's full-size DATA frames are not
+//! copied into it.
 
 use std::io;
 use std::pin::Pin;
@@ -21,9 +22,11 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Most bytes held back for one flush. Larger writes (a blob's frames once
-/// the buffer is full) go to the socket as they come.
+/// Most bytes held back for one flush.
 pub const BATCH_LIMIT: usize = 64 * 1024;
+/// Writes this large (a blob's DATA frames) are not copied into the batch:
+/// what is held goes first, then they go to the socket as they are.
+const PASS_THROUGH: usize = 16 * 1024;
 
 /// The I/O a connection's HTTP code reads and writes.
 pub struct WriteBatch<T> {
@@ -101,14 +104,15 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
         Poll::Ready(Ok(()))
     }
 
-    /// Takes `len` more bytes, making room first if they would not fit.
-    /// `Ready(false)`: too large to hold, write them through instead.
+    /// Makes room for `len` more bytes. `Ready(false)`: too large to hold,
+    /// write them through (what was held has been written first).
     fn make_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
         self.check()?;
-        if self.buf.len() + len > BATCH_LIMIT {
+        let through = len >= PASS_THROUGH;
+        if through || self.buf.len() + len > BATCH_LIMIT {
             ready!(self.drain(cx))?;
         }
-        Poll::Ready(Ok(len <= BATCH_LIMIT))
+        Poll::Ready(Ok(!through))
     }
 }
 
@@ -226,6 +230,22 @@ mod tests {
         drop(batch);
         drop(flusher);
         assert_eq!(reader.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_large_write_goes_out_after_what_was_held() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let (mut batch, flusher) = WriteBatch::new(near);
+        let large = vec![7u8; PASS_THROUGH];
+        batch.write_all(b"head").await.unwrap();
+        batch.write_all(&large).await.unwrap();
+        batch.write_all(b"tail").await.unwrap();
+        std::future::poll_fn(|cx| flusher.flush(cx)).await;
+        let mut got = vec![0u8; 8 + PASS_THROUGH];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert!(got[4..4 + PASS_THROUGH].iter().all(|&b| b == 7));
+        assert_eq!(&got[4 + PASS_THROUGH..], b"tail");
     }
 
     #[tokio::test]
