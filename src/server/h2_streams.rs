@@ -1,24 +1,23 @@
-//! The HTTP/2 streams of one connection, run inside that connection's own
-//! task instead of one tokio task each.
+//! The HTTP/2 streams of one connection start inside that connection's own
+//! task; only those that must wait get a tokio task of their own.
 //!
 //! hyper hands every accepted stream to an executor. With a task per stream,
 //! a warm manifest GET over HTTP/2 paid for a spawn, a wake of a task on the
 //! other worker, the h2 crate's shared stream lock taken from two threads,
 //! and a socket write per response: the connection task was woken once per
-//! finished stream. Polled here, a stream that can answer at once (a hot
-//! manifest) finishes in the same poll that accepted it, and the responses
-//! of every stream that finished together leave in one write.
+//! finished stream. Polled here first, a stream that can answer at once (a
+//! hot manifest) finishes in the same poll that accepted it, and the
+//! responses of every stream that finished together leave in one write. A
+//! stream that has to wait (a blob read from disk, an upstream fetch) moves
+//! to a task of its own, as before, so long transfers still run in parallel.
 //!
 //! What a client can hold is unchanged: hyper still caps the streams of a
-//! connection (`limits.h2_max_streams`), and the streams end with their
-//! connection, as they did when hyper reset them on close.
+//! connection (`limits.h2_max_streams`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-
-use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use super::write_batch::BatchFlush;
 
@@ -43,10 +42,9 @@ where
     }
 }
 
-/// The running streams of one connection.
+/// The streams of one connection not yet started.
 pub struct Streams {
     executor: StreamExecutor,
-    running: FuturesUnordered<StreamTask>,
     /// Swapped with the executor's queue, so taking new streams does not
     /// allocate once the connection has warmed up.
     spare: Vec<StreamTask>,
@@ -56,29 +54,25 @@ impl Streams {
     pub fn new(executor: StreamExecutor) -> Self {
         Streams {
             executor,
-            running: FuturesUnordered::new(),
             spare: Vec::new(),
         }
     }
 
-    /// Takes the streams accepted since the last call and polls every stream
-    /// that is new or was woken. Returns whether the connection has frames to
-    /// send or streams to accept because of it: a stream was taken or ended.
+    /// Polls each stream accepted since the last call once, here; a stream
+    /// that is not done gets a task of its own. Returns whether any stream
+    /// was taken: the connection then has frames to send.
     pub fn poll(&mut self, cx: &mut Context<'_>) -> bool {
         {
             let mut accepted = self.executor.accepted.lock().unwrap_or_else(PoisonError::into_inner);
             std::mem::swap(&mut *accepted, &mut self.spare);
         }
-        let mut progressed = !self.spare.is_empty();
-        for task in self.spare.drain(..) {
-            self.running.push(task);
+        let took = !self.spare.is_empty();
+        for mut task in self.spare.drain(..) {
+            if task.as_mut().poll(cx).is_pending() {
+                tokio::spawn(task);
+            }
         }
-        // `FuturesUnordered` yields after one pass over its members, so a
-        // stream that keeps waking itself cannot hold the loop here.
-        while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {
-            progressed = true;
-        }
-        progressed
+        took
     }
 }
 
@@ -125,27 +119,41 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[tokio::test]
-    async fn streams_queued_by_the_executor_run_in_the_polling_task() {
+    async fn a_ready_stream_finishes_in_the_polling_task_and_a_waiting_one_in_its_own() {
         let executor = StreamExecutor::default();
         let mut streams = Streams::new(executor.clone());
         let done = Arc::new(AtomicUsize::new(0));
-        for _ in 0..3 {
+        let (release, wait) = tokio::sync::oneshot::channel::<()>();
+        {
             let done = done.clone();
             executor.execute(async move {
-                tokio::task::yield_now().await;
                 done.fetch_add(1, Ordering::SeqCst);
             });
         }
+        {
+            let done = done.clone();
+            executor.execute(async move {
+                let _ = wait.await;
+                done.fetch_add(10, Ordering::SeqCst);
+            });
+        }
         assert_eq!(done.load(Ordering::SeqCst), 0, "queued, not started");
-        std::future::poll_fn(|cx| {
-            streams.poll(cx);
-            if streams.running.is_empty() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
+        let took = std::future::poll_fn(|cx| Poll::Ready(streams.poll(cx))).await;
+        assert!(took);
+        assert_eq!(done.load(Ordering::SeqCst), 1, "the ready stream finished inline");
+        release.send(()).unwrap();
+        for _ in 0..100 {
+            if done.load(Ordering::SeqCst) == 11 {
+                break;
             }
-        })
-        .await;
-        assert_eq!(done.load(Ordering::SeqCst), 3);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            11,
+            "the waiting stream finished in its own task"
+        );
+        let took = std::future::poll_fn(|cx| Poll::Ready(streams.poll(cx))).await;
+        assert!(!took);
     }
 }
