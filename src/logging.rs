@@ -135,19 +135,23 @@ fn hand_on(writer: &NonBlocking, held: &mut String) {
     }
 }
 
+/// Hands on this thread's held lines, unless this thread is in the middle
+/// of formatting one (a park or a `tracing` line cannot interrupt it).
+fn hand_on_held(writer: &NonBlocking) {
+    HELD.with(|held| {
+        if let Ok(mut held) = held.try_borrow_mut() {
+            hand_on(writer, &mut held);
+        }
+    });
+}
+
 /// Hands this thread's held request lines to the log thread. For the
 /// runtime to call when a worker thread goes idle (`on_thread_park`) and
 /// when it stops (`on_thread_stop`).
 pub fn flush_thread() {
     HOLDS_LINES.set(true);
     if let Some(out) = OUTPUT.get() {
-        // Not reentrant: a line being formatted on this thread is not
-        // interrupted by its own park.
-        HELD.with(|held| {
-            if let Ok(mut held) = held.try_borrow_mut() {
-                hand_on(&out.writer, &mut held);
-            }
-        });
+        hand_on_held(&out.writer);
     }
 }
 
@@ -159,11 +163,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for InOrder {
     type Writer = NonBlocking;
 
     fn make_writer(&'a self) -> NonBlocking {
-        HELD.with(|held| {
-            if let Ok(mut held) = held.try_borrow_mut() {
-                hand_on(&self.0, &mut held);
-            }
-        });
+        hand_on_held(&self.0);
         self.0.clone()
     }
 }
