@@ -361,3 +361,78 @@ fn upstream_refusal_reaches_the_client_as_the_registry_error() {
         .unwrap_or(0);
     assert_eq!(blobs, 0, "nothing of a refused repository is cached");
 }
+
+/// Rule 1 with a real registry: a tag asked for again is asked upstream
+/// with the ETag of the manifest it named last time, and distribution
+/// answers 304 without reading that manifest again; once the tag moves,
+/// the next request gets the new manifest at once.
+#[test]
+fn a_tag_asked_again_is_confirmed_with_a_304_and_a_moved_tag_is_seen_at_once() {
+    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    let s = Stack::start(false);
+    let first = images::build_image(Format::Oci, "amd64", &[32 * KIB]);
+    let second = images::build_image(Format::Oci, "amd64", &[48 * KIB]);
+    assert_ne!(first.manifest_digest, second.manifest_digest);
+    s.env.pusher.push_image("library/moving", "1", &first);
+    let url = format!("{}/v2/dockerhub/library/moving/manifests/1", s.rm.http_url());
+    let client = reqwest::Client::new();
+    let token = common::block_on(async {
+        let challenged = client.get(&url).send().await.expect("regmirror answers");
+        assert_eq!(challenged.status(), 401);
+        common::anonymous_token(&client, &challenged).await
+    });
+    // (status, Docker-Content-Digest, digest of the body) of a GET or HEAD by tag.
+    let ask = |method: reqwest::Method| {
+        common::block_on(async {
+            let resp = client
+                .request(method, &url)
+                .header("accept", OCI_MANIFEST)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("regmirror answers");
+            let status = resp.status().as_u16();
+            let named = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = resp.bytes().await.unwrap_or_default();
+            (status, named, (!body.is_empty()).then(|| common::sha256_digest(&body)))
+        })
+    };
+    let tag_heads = |mark: usize| -> Vec<u16> {
+        s.up()
+            .entries_since(mark)
+            .iter()
+            .filter(|e| e.method == "HEAD" && e.repo() == Some("library/moving") && e.manifest_ref() == Some("1"))
+            .map(|e| e.status)
+            .collect()
+    };
+    let d1 = Some(first.manifest_digest.clone());
+
+    let mark = s.up().mark();
+    assert_eq!(ask(reqwest::Method::GET), (200, d1.clone(), d1.clone()));
+    assert_eq!(tag_heads(mark), [200], "the first tag request is a plain HEAD");
+
+    let mark = s.up().mark();
+    assert_eq!(ask(reqwest::Method::GET), (200, d1.clone(), d1.clone()));
+    assert_eq!(ask(reqwest::Method::HEAD), (200, d1.clone(), None));
+    assert_eq!(
+        tag_heads(mark),
+        [304, 304],
+        "a tag asked for again is confirmed with a conditional HEAD"
+    );
+
+    // The tag moves upstream: the very next request serves the new manifest.
+    s.env.pusher.push_image("library/moving", "1", &second);
+    let d2 = Some(second.manifest_digest.clone());
+    let mark = s.up().mark();
+    assert_eq!(ask(reqwest::Method::HEAD), (200, d2.clone(), None));
+    assert_eq!(ask(reqwest::Method::GET), (200, d2.clone(), d2.clone()));
+    assert_eq!(
+        tag_heads(mark),
+        [200, 304],
+        "the moved tag is answered in full, then confirmed"
+    );
+}

@@ -59,13 +59,15 @@ pub struct Cache {
     life: Option<Arc<Lifecycle>>,
     /// Recently served manifests, answered without the store.
     hot: hot::HotManifests,
-    /// Tag records written lately, so that upstream repeating the same
-    /// answer does not rewrite the same file on every tag request.
-    written_tags: Mutex<lru::LruCache<TagKey, (TagRecord, std::time::Instant)>>,
+    /// Tag records written lately, one per media type, so that upstream
+    /// repeating the same answer does not rewrite the same file on every tag
+    /// request, and a tag request can ask upstream whether the answer still
+    /// holds without reading the store.
+    written_tags: Mutex<lru::LruCache<TagKey, Vec<(TagRecord, std::time::Instant)>>>,
 }
 
-/// (upstream, repository, tag, media type) of a tag record.
-type TagKey = (String, String, String, String);
+/// (upstream, repository, tag) of tag records.
+type TagKey = (String, String, String);
 
 /// How long a tag record written is not written again with the same
 /// answer: its `seen_ms` (which only ranks equally preferred answers when
@@ -241,22 +243,25 @@ impl Cache {
     /// Remembers upstream's answer for a tag. A failure is logged, not
     /// returned: the answer is served either way.
     pub async fn record_tag(&self, at: RepoKey<'_>, tag: &Tag, rec: &TagRecord) {
-        let key: TagKey = (
-            at.upstream.to_string(),
-            at.repo.to_string(),
-            tag.as_str().to_string(),
-            rec.media_type.clone(),
-        );
+        let key: TagKey = (at.upstream.to_string(), at.repo.to_string(), tag.as_str().to_string());
         let now = std::time::Instant::now();
-        let unchanged = lock(&self.written_tags)
-            .get(&key)
-            .is_some_and(|(last, at)| same_answer(last, rec) && now.duration_since(*at) < TAG_REWRITE_AFTER);
+        let unchanged = lock(&self.written_tags).get(&key).is_some_and(|written| {
+            written.iter().any(|(last, at)| {
+                last.media_type == rec.media_type
+                    && same_answer(last, rec)
+                    && now.duration_since(*at) < TAG_REWRITE_AFTER
+            })
+        });
         if unchanged {
             return;
         }
         match self.meta.put_tag(at, tag, rec).await {
             Ok(()) => {
-                lock(&self.written_tags).put(key, (rec.clone(), now));
+                let mut written = lock(&self.written_tags);
+                let records = written.get_or_insert_mut(key, Vec::new);
+                records.retain(|(last, _)| last.media_type != rec.media_type);
+                records.push((rec.clone(), now));
+                drop(written);
                 let mut index = lock(&self.repositories);
                 index
                     .entry(at.upstream.to_string())
@@ -266,6 +271,18 @@ impl Cache {
             }
             Err(e) => tracing::warn!(repo = %at.repo, %tag, error = %e, "could not record tag"),
         }
+    }
+
+    /// What upstream said of `tag` lately, one record per media type, from
+    /// memory only: none after a restart until the tag is asked for again.
+    /// For asking upstream whether an answer still holds, on every tag
+    /// request, without a read of the store.
+    pub fn recent_tags(&self, at: RepoKey<'_>, tag: &Tag) -> Vec<TagRecord> {
+        let key: TagKey = (at.upstream.to_string(), at.repo.to_string(), tag.as_str().to_string());
+        lock(&self.written_tags)
+            .peek(&key)
+            .map(|written| written.iter().map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// What upstream last said of `tag`, one record per media type.

@@ -4,7 +4,9 @@
 //! with its stored media type. By tag: upstream is asked with a HEAD
 //! carrying the client's Accept (cheap, and not counted against Docker Hub's
 //! pull limit); the answer's digest is then served from the store when
-//! present. When upstream fails (unreachable, 5xx, 429) the last digest seen
+//! present. A tag this process has seen is asked conditionally
+//! (`If-None-Match` with the digest it named): a 304 confirms it, and a
+//! registry that ignores the header answers in full as before. When upstream fails (unreachable, 5xx, 429) the last digest seen
 //! for the tag is served with a `Warning: 110` header: records are kept per
 //! media type upstream answered with, so a tag docker pulled is served stale
 //! to podman or curl too, in the type the client's Accept prefers most among
@@ -304,6 +306,13 @@ async fn fetch_served(
         .map_err(|e| manifest_unknown(e.into(), d))
 }
 
+/// Upstream's answer to a tag HEAD.
+enum TagAnswer {
+    /// 304: the tag still names the digest of this record.
+    Same((Digest, TagRecord)),
+    New(upstream::Response),
+}
+
 async fn by_tag(
     app: &Arc<App>,
     r: &RepoRequest,
@@ -314,17 +323,38 @@ async fn by_tag(
 ) -> Result<Response<Body>, RegistryError> {
     let client = &app.upstream(r).client;
 
-    let asked = client
-        .get_ok(&manifest_request(
-            r,
-            tag.as_str(),
-            Method::HEAD,
-            accept,
-            access.credential(),
-        ))
-        .await;
+    // The answer upstream gave this Accept last time, if this process saw
+    // it: asked whether it still holds (`If-None-Match` with its ETag), a
+    // registry answers 304 after looking the tag up, without reading and
+    // checking the manifest again. Any other answer is a full one.
+    let known = admissible(app.cache.recent_tags(app.repo_key(r), tag), accept)
+        .into_iter()
+        .find_map(|record| Some((Digest::parse(&record.digest).ok()?, record)));
+    let mut ask = manifest_request(r, tag.as_str(), Method::HEAD, accept, access.credential());
+    if let Some((digest, _)) = &known {
+        ask.headers
+            .insert(header::IF_NONE_MATCH, header_value(&format!("\"{digest}\"")));
+    }
+    let asked = match (client.send(&ask).await, known) {
+        (Ok(resp), Some(known)) if resp.status() == http::StatusCode::NOT_MODIFIED => Ok(TagAnswer::Same(known)),
+        (Ok(resp), _) => resp.ok().await.map(TagAnswer::New),
+        (Err(e), _) => Err(e),
+    };
     let resp = match asked {
-        Ok(resp) => resp,
+        Ok(TagAnswer::New(resp)) => resp,
+        Ok(TagAnswer::Same((digest, record))) => {
+            access.note_public();
+            // Still upstream's answer: recorded as given now (its time, and
+            // to whom it may be served stale), then served like a new one.
+            let record = TagRecord {
+                public: access.answers_are_public(),
+                seen_ms: now_ms(),
+                ..record
+            };
+            app.cache.record_tag(app.repo_key(r), tag, &record).await;
+            let manifest = fetch_by_digest(app, r, &digest, accept, access, access.answers_are_public()).await?;
+            return Ok(respond(&digest, manifest, head, None));
+        }
         Err(e) => return stale_or(app, r, tag, accept, head, e, access).await,
     };
     access.note_public();
