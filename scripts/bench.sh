@@ -3,7 +3,8 @@
 # the same generated image (issue 16). Prints a table of ratios and, unless
 # --quick, writes docs/BENCHMARKS.md.
 #
-#   scripts/bench.sh            full run (~200 MiB blob, 3 alternating repetitions; ~20 min on a 2-core machine; the issue asks for < 15)
+#   scripts/bench.sh            full run (~200 MiB blob, 3 alternating repetitions; ~13 min on a 2-core
+#                               machine, plus the release build the first time)
 #   scripts/bench.sh --quick    tiny sizes, 1 repetition, debug build: proves the script works (CI)
 #   scripts/bench.sh --reps N   repetitions (default 3)
 #   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
@@ -49,7 +50,7 @@ if ((quick)); then
   dur=1; head_n=20; conns_many=200; lat_n=400; lat_s=2
 else
   big_mib=200; small_mib=(40 40 40 40)
-  dur=4; head_n=300; conns_many=1000; lat_n=4000; lat_s=10
+  dur=4; head_n=300; conns_many=1000; lat_n=4000; lat_s=8
   [[ -n $out || -n $only ]] || ((hold)) || out=docs/BENCHMARKS.md
 fi
 want() { [[ -z $only || $only == *",$1,"* ]]; }
@@ -80,6 +81,7 @@ if ((quick)); then
 else
   echo "==> cargo build --release"
   cargo build --release --locked --quiet
+  echo "bench: build took $SECONDS s" >&2
   RM_BIN=${BENCH_RM_BIN:-$repo_root/target/release/regmirror}
 fi
 
@@ -319,6 +321,14 @@ record() { # record FIGURE PEER VALUE; an empty value is a measurement that fail
   printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"
 }
 fail() { echo "bench: $*" >&2; exit 1; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+measure_start=$SECONDS
+declare -A SECS=()
+lap_t=$SECONDS
+lap() { # lap FIGURE: adds the time since the last lap to FIGURE's total (printed at the end)
+  SECS[$1]=$((${SECS[$1]:-0} + SECONDS - lap_t))
+  lap_t=$SECONDS
+}
 
 c() { # c PEER ARGS...: curl at a peer under the shared name
   curl -sS --resolve "$H:443:${IP[$1]}" --cacert "$W/trust.pem" "${@:2}"
@@ -373,11 +383,12 @@ cold_blob() { # cold_blob PEER → seconds for the first GET of the big blob
   echo "${r% *}"
 }
 
-tag_head() { # tag_head PEER → median ms of HEAD by tag on one kept-alive connection
+tag_head() { # tag_head PEER N → ms of each of N HEADs by tag on one kept-alive connection
   local urls=() i
-  for ((i = 0; i < head_n; i++)); do urls+=(-o /dev/null "$REPO_URL/manifests/1"); done
+  # One more than asked: the first carries the TLS handshake and is left out.
+  for ((i = 0; i <= $2; i++)); do urls+=(-o /dev/null "$REPO_URL/manifests/1"); done
   c "$1" --http1.1 -f -I -H "Accept: $MT" -w '%{time_total}\n' "${urls[@]}" |
-    tail -n +2 | sort -g | awk '{a[NR] = $1} END {printf "%.3f", a[int((NR + 1) / 2)] * 1000}'
+    tail -n +2 | awk '{printf "%.3f\n", $1 * 1000}'
 }
 
 many_conns() { # many_conns PEER → seconds for N new TLS connections × 5 manifest GETs
@@ -440,6 +451,7 @@ concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls an
 }
 
 cached_peers=(regmirror nginx-cache dist-proxy)
+declare -A tag_ms=() pull_s=()
 all_peers=(direct regmirror nginx-cache nginx-static dist-proxy)
 p99_ms() { # p99_ms PATH [ACCEPT] [N] → p99 latency (ms) of N (default lat_n) warm GETs at regmirror, 8 connections
   local log=$W/latency.log hdr=()
@@ -483,7 +495,7 @@ during() { # during LOAD: run the p99 probes while LOAD runs; prints the four p9
   $1 >/dev/null 2>&1 &
   pid=$!
   sleep 1
-  echo "$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 10))")" \
+  echo "$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 20))")" \
     "$(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
   rm -f "$flag"
   wait "$pid" || true
@@ -491,7 +503,7 @@ during() { # during LOAD: run the p99 probes while LOAD runs; prints the four p9
 
 eviction_stalls() { # p99 of warm requests while eviction runs, over the same without eviction
   local idle control evicting
-  idle="$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 10))")"
+  idle="$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 20))")"
   idle+=" $(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
   control=$(during control_load)
   evicting=$(during churn)
@@ -514,6 +526,15 @@ rotate() { # rotate REP PEERS...: the peers in an order that shifts each repetit
   local a=("$@") n=$#
   local i
   for ((i = 0; i < n; i++)); do echo "${a[$(((i + r) % n))]}"; done
+}
+
+trim() { # trim REP PEERS...: the first repetition measures every peer; later ones leave out
+  # direct and dist-proxy, for figures where no target compares with them (they are
+  # the slow ones there, ~1k manifests/s; shown from one repetition).
+  local r=$1 p; shift
+  for p in "$@"; do
+    if ((r == 0)) || [[ $p != direct && $p != dist-proxy ]]; then echo "$p"; fi
+  done
 }
 
 if ((hold)); then
@@ -542,40 +563,67 @@ for ((rep = 0; rep < reps; rep++)); do
     done
   fi
   for p in "${all_peers[@]}"; do warm "$p"; done
+  lap cold
   if want manifest; then
-    for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h1 "$p" "$(manifest_rate "$p" h1)"; done
-    for p in $(rotate "$rep" "${all_peers[@]}"); do record manifest_h2 "$p" "$(manifest_rate "$p" h2)"; done
+    for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record manifest_h1 "$p" "$(manifest_rate "$p" h1)"; done
+    for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record manifest_h2 "$p" "$(manifest_rate "$p" h2)"; done
+    lap manifest
   fi
   if want blob1; then
-    for p in $(rotate "$rep" "${all_peers[@]}"); do record blob1_mibs "$p" "$(blob_one "$p")"; done
+    for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record blob1_mibs "$p" "$(blob_one "$p")"; done
+    lap blob1
   fi
   # 64 × the big blob: only where a target is (distribution takes minutes).
   if want blob64 || want rss; then
     for p in $(rotate "$rep" regmirror nginx-cache nginx-static); do record blob64_mibs "$p" "$(blob_many "$p")"; done
+    lap blob64
   fi
+  # Tag HEAD and whole-image pulls: the peers take turns in three rounds, so a
+  # drift in the machine's speed (or upstream's) falls on all of them alike.
   if want tag; then
-    for p in $(rotate "$rep" direct "${cached_peers[@]}"); do record tag_head_ms "$p" "$(tag_head "$p")"; done
+    tag_ms=()
+    for round in 0 1 2; do
+      for p in $(rotate "$((rep + round))" direct "${cached_peers[@]}"); do
+        tag_ms[$p]+=" $(tag_head "$p" "$((head_n / 3))")"
+      done
+    done
+    for p in "${!tag_ms[@]}"; do record tag_head_ms "$p" "$(median ${tag_ms[$p]})"; done
+    lap tag
   fi
   if want conns; then
-    for p in $(rotate "$rep" "${all_peers[@]}"); do record conns_s "$p" "$(many_conns "$p")"; done
+    for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record conns_s "$p" "$(many_conns "$p")"; done
+    lap conns
   fi
   if want rss; then
     for p in "${cached_peers[@]}"; do record rss_mib "$p" "$(($(hwm_kib "$p") / 1024))"; done
     record rss_mib nginx-static "$(($(hwm_kib nginx-static) / 1024))"
   fi
   if want pull; then
-    for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
+    pull_s=()
+    for p in direct $(trim "$rep" "${cached_peers[@]}"); do
       pull "$p" "$W/pull-warm-$p" # warm-up (tag, manifests, blobs)
       rm -rf "$W/pull-warm-$p"
-      record pull_warm_s "$p" "$(timed pull "$p" "$W/pull-warm-$p")"
-      rm -rf "$W/pull-warm-$p"
     done
+    for round in 0 1 2; do
+      for p in $(rotate "$((rep + round))" direct $(trim "$rep" "${cached_peers[@]}")); do
+        pull_s[$p]+=" $(timed pull "$p" "$W/pull-warm-$p")"
+        rm -rf "$W/pull-warm-$p"
+      done
+    done
+    for p in "${!pull_s[@]}"; do record pull_warm_s "$p" "$(median ${pull_s[$p]})"; done
+    lap pull
   fi
   if want cold8; then
-    for p in $(rotate "$rep" "${cached_peers[@]}"); do concurrent_cold_pulls "$p"; done
+    for p in $(rotate "$rep" $(trim "$rep" "${cached_peers[@]}")); do concurrent_cold_pulls "$p"; done
+    lap cold8
   fi
-  if want evict; then eviction_stalls; fi
+  if want evict; then
+    eviction_stalls
+    lap evict
+  fi
 done
+echo "bench: seconds per figure, all repetitions: $(for f in "${!SECS[@]}"; do printf '%s %s, ' "$f" "${SECS[$f]}"; done)" \
+  "measuring $((SECONDS - measure_start)) s, the whole run $SECONDS s" >&2
 
 # ---------------------------------------------------------------- report
 machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -r)"
