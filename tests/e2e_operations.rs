@@ -99,7 +99,8 @@ fn metrics_and_request_log_tell_what_two_pulls_did() {
     assert_eq!(upstream_200, 8.0, "{m:?}");
 
     // Warm: the same four from the store, nothing more fetched, one more
-    // tag HEAD (the content is now known to be public: no blob HEADs).
+    // tag HEAD (the content is now known to be public: no blob HEADs),
+    // asked conditionally and confirmed by upstream with a 304.
     assert_pulled(name, &s.client().skopeo_copy(name, None), &img.manifest_digest);
     let (_, m) = metrics(&s);
     assert_eq!(val(&m, &format!("regmirror_cache_hits_total{{{up}}}")), 4.0, "{m:?}");
@@ -114,7 +115,12 @@ fn metrics_and_request_log_tell_what_two_pulls_did() {
     );
     assert_eq!(
         val(&m, &format!("regmirror_upstream_requests_total{{{up},status=\"200\"}}")),
-        upstream_200 + 1.0
+        upstream_200
+    );
+    assert_eq!(
+        val(&m, &format!("regmirror_upstream_requests_total{{{up},status=\"304\"}}")),
+        1.0,
+        "{m:?}"
     );
     assert_eq!(
         val(
