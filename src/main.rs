@@ -112,6 +112,12 @@ enum CaAction {
     },
 }
 
+/// jemalloc instead of glibc's malloc: allocation and free were ~15% of
+/// the CPU a warm manifest GET cost (issue 16's profile, `perf record`
+/// under h2load), mostly glibc's free-list upkeep across worker threads.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let flush_on_exit = regmirror::logging::init(match cli.log_format {
