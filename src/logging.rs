@@ -16,7 +16,7 @@
 //! manifest rate's CPU). Any other line from the same thread hands the held
 //! ones on first, so a thread's lines stay in order.
 //!
-//! Lines reach the log thread through an [`Inbox`]: a buffer behind a
+//! Lines reach the log thread through an `Inbox`: a buffer behind a
 //! mutex. The log thread takes everything that arrived while it wrote the
 //! last batch in one go, and is woken only when it found nothing and went
 //! to sleep. (`tracing-appender`'s channel, used before, spun and yielded
@@ -61,6 +61,7 @@ struct Inbox {
 #[derive(Default)]
 struct InboxState {
     lines: Vec<u8>,
+    /// The log thread sleeps on `arrived`: the next line must wake it.
     waiting: bool,
     /// The log thread has stopped: lines go to stderr directly.
     closed: bool,
@@ -76,6 +77,14 @@ fn lock(state: &Mutex<InboxState>) -> MutexGuard<'_, InboxState> {
 }
 
 impl Inbox {
+    fn new() -> Self {
+        Inbox {
+            state: Mutex::new(InboxState::default()),
+            arrived: Condvar::new(),
+            room: Condvar::new(),
+        }
+    }
+
     fn put(&self, bytes: &[u8]) {
         let mut s = lock(&self.state);
         while s.lines.len() >= INBOX_LIMIT && !s.closed {
@@ -160,11 +169,7 @@ impl std::io::Write for InboxWriter {
 /// Never lossy: under a backlog of 8 MiB, logging waits rather than
 /// dropping lines.
 pub fn init(format: Format) -> LogGuard {
-    let inbox = Arc::new(Inbox {
-        state: Mutex::new(InboxState::default()),
-        arrived: Condvar::new(),
-        room: Condvar::new(),
-    });
+    let inbox = Arc::new(Inbox::new());
     let thread = std::thread::Builder::new()
         .name("regmirror-log".into())
         .spawn({
@@ -441,11 +446,7 @@ mod tests {
 
     #[test]
     fn the_inbox_writes_every_line_in_order_and_waits_when_full() {
-        let inbox = Arc::new(Inbox {
-            state: Mutex::new(InboxState::default()),
-            arrived: Condvar::new(),
-            room: Condvar::new(),
-        });
+        let inbox = Arc::new(Inbox::new());
         // Writers that outrun the log thread fill the inbox and then wait
         // for it: more than INBOX_LIMIT goes through, none of it lost.
         let line = vec![b'x'; 4095];

@@ -246,11 +246,9 @@ impl Cache {
         let key: TagKey = (at.upstream.to_string(), at.repo.to_string(), tag.as_str().to_string());
         let now = std::time::Instant::now();
         let unchanged = lock(&self.written_tags).get(&key).is_some_and(|written| {
-            written.iter().any(|(last, at)| {
-                last.media_type == rec.media_type
-                    && same_answer(last, rec)
-                    && now.duration_since(*at) < TAG_REWRITE_AFTER
-            })
+            written
+                .iter()
+                .any(|(last, at)| same_answer(last, rec) && now.duration_since(*at) < TAG_REWRITE_AFTER)
         });
         if unchanged {
             return;

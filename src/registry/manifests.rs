@@ -6,7 +6,8 @@
 //! pull limit); the answer's digest is then served from the store when
 //! present. A tag this process has seen is asked conditionally
 //! (`If-None-Match` with the digest it named): a 304 confirms it, and a
-//! registry that ignores the header answers in full as before. When upstream fails (unreachable, 5xx, 429) the last digest seen
+//! registry that ignores the header answers in full as before. When
+//! upstream fails (unreachable, 5xx, 429) the last digest seen
 //! for the tag is served with a `Warning: 110` header: records are kept per
 //! media type upstream answered with, so a tag docker pulled is served stale
 //! to podman or curl too, in the type the client's Accept prefers most among
@@ -309,7 +310,7 @@ async fn fetch_served(
 /// Upstream's answer to a tag HEAD.
 enum TagAnswer {
     /// 304: the tag still names the digest of this record.
-    Same((Digest, TagRecord)),
+    Same(Digest, TagRecord),
     New(upstream::Response),
 }
 
@@ -336,13 +337,15 @@ async fn by_tag(
             .insert(header::IF_NONE_MATCH, header_value(&format!("\"{digest}\"")));
     }
     let asked = match (client.send(&ask).await, known) {
-        (Ok(resp), Some(known)) if resp.status() == http::StatusCode::NOT_MODIFIED => Ok(TagAnswer::Same(known)),
+        (Ok(resp), Some((digest, record))) if resp.status() == http::StatusCode::NOT_MODIFIED => {
+            Ok(TagAnswer::Same(digest, record))
+        }
         (Ok(resp), _) => resp.ok().await.map(TagAnswer::New),
         (Err(e), _) => Err(e),
     };
     let resp = match asked {
         Ok(TagAnswer::New(resp)) => resp,
-        Ok(TagAnswer::Same((digest, record))) => {
+        Ok(TagAnswer::Same(digest, record)) => {
             access.note_public();
             // Still upstream's answer: recorded as given now (its time, and
             // to whom it may be served stale), then served like a new one.
