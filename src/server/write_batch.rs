@@ -12,8 +12,11 @@
 //!
 //! The buffer is bounded ([`BATCH_LIMIT`]): past it, a write waits for the
 //! socket exactly as it would without the batch, so a client that stops
-//! reading holds no more than before. A blob's full-size DATA frames are not
-//! copied into it.
+//! reading holds no more than before. A blob's DATA frames (16 KiB and a
+//! 9-byte header each, at the usual frame size) are batched too: four
+//! frames are one `writev` of full TLS records, where one write per frame
+//! made a full record and a 9-byte one each, for the client to decrypt one
+//! by one. Only a write larger than the whole buffer goes through as it is.
 
 use std::io;
 use std::pin::Pin;
@@ -22,15 +25,9 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Most bytes held back for one flush.
+/// Most bytes held back for one flush. Larger writes go to the socket as
+/// they come, after what was held.
 pub const BATCH_LIMIT: usize = 64 * 1024;
-/// Writes this large are not copied into the batch: what is held goes
-/// first, then they go to the socket as they are. A blob's DATA frames
-/// (16 KiB and a 9-byte header each, at the usual frame size) are smaller
-/// and are batched too: one TLS write of four frames is one `writev`
-/// instead of four, and full 16 KiB records instead of a full one and a
-/// 9-byte one per frame, which the client decrypts one by one.
-const PASS_THROUGH: usize = BATCH_LIMIT;
 
 /// The I/O a connection's HTTP code reads and writes.
 pub struct WriteBatch<T> {
@@ -112,11 +109,10 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
     /// write them through (what was held has been written first).
     fn make_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
         self.check()?;
-        let through = len >= PASS_THROUGH;
-        if through || self.buf.len() + len > BATCH_LIMIT {
+        if self.buf.len() + len > BATCH_LIMIT {
             ready!(self.drain(cx))?;
         }
-        Poll::Ready(Ok(!through))
+        Poll::Ready(Ok(len <= BATCH_LIMIT))
     }
 }
 
@@ -240,16 +236,17 @@ mod tests {
     async fn a_large_write_goes_out_after_what_was_held() {
         let (near, mut far) = tokio::io::duplex(1 << 20);
         let (mut batch, flusher) = WriteBatch::new(near);
-        let large = vec![7u8; PASS_THROUGH];
+        const LARGE: usize = BATCH_LIMIT + 1;
+        let large = vec![7u8; LARGE];
         batch.write_all(b"head").await.unwrap();
         batch.write_all(&large).await.unwrap();
         batch.write_all(b"tail").await.unwrap();
         std::future::poll_fn(|cx| flusher.flush(cx)).await;
-        let mut got = vec![0u8; 8 + PASS_THROUGH];
+        let mut got = vec![0u8; 8 + LARGE];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[..4], b"head");
-        assert!(got[4..4 + PASS_THROUGH].iter().all(|&b| b == 7));
-        assert_eq!(&got[4 + PASS_THROUGH..], b"tail");
+        assert!(got[4..4 + LARGE].iter().all(|&b| b == 7));
+        assert_eq!(&got[4 + LARGE..], b"tail");
     }
 
     #[tokio::test]
