@@ -50,7 +50,7 @@ if ((quick)); then
   dur=1; head_n=20; conns_many=200; lat_n=400; lat_s=2
 else
   big_mib=200; small_mib=(40 40 40 40)
-  dur=4; head_n=300; conns_many=1000; lat_n=4000; lat_s=8
+  dur=4; head_n=300; conns_many=1000; lat_n=4000; lat_s=6
   [[ -n $out || -n $only ]] || ((hold)) || out=docs/BENCHMARKS.md
 fi
 want() { [[ -z $only || $only == *",$1,"* ]]; }
@@ -321,7 +321,10 @@ record() { # record FIGURE PEER VALUE; an empty value is a measurement that fail
   printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"
 }
 fail() { echo "bench: $*" >&2; exit 1; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+median() { # median VALUES...: the middle one, or the mean of the middle two
+  printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2}'
+}
+largest() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 measure_start=$SECONDS
 declare -A SECS=()
 lap_t=$SECONDS
@@ -410,6 +413,17 @@ hwm_kib() { # peak RSS (VmHWM) of a peer's processes, KiB
   echo "$sum"
 }
 
+cpu_ticks() { # cpu_ticks PEER → CPU (user + system, in clock ticks) its processes have used so far
+  local pids=${PID[$1]} sum=0 p
+  [[ $1 == nginx-* ]] && pids="$pids $(pgrep -P "${PID[$1]}" | tr '\n' ' ')"
+  for p in $pids; do
+    sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$sum"
+}
+TICKS=$(getconf CLK_TCK)
+cpu_s() { awk -v a="$1" -v b="$2" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}'; } # cpu_s BEFORE AFTER → seconds
+
 pull() { # pull PEER OUT: skopeo copy of the image by tag, as a client addressing registry-1.docker.io
   unshare --mount -- sh -c 'mount --bind "$1" /etc/hosts && exec skopeo copy -q --src-cert-dir "$2" "docker://$3/library/bench:1" "dir:$4"' \
     sh "$W/hosts-$1" "$W/certdir" "$H" "$2" >/dev/null
@@ -429,14 +443,16 @@ upstream_blob_bytes() { # bytes of blob GETs in the upstream's access log so far
 
 concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls and the upstream bytes
   # (not in a $(...) subshell: it restarts the peer, whose new pid the exit trap must see)
-  local before after t0 t1 i pids=()
+  local before after t0 t1 cpu0 cpu1 i pids=()
   wipe_peer "$1"; start_peer "$1"
   before=$(upstream_blob_bytes)
+  cpu0=$(cpu_ticks "$1")
   t0=$(date +%s.%N)
   for i in $(seq 8); do pull "$1" "$W/pull-$1-$i" & pids+=($!); done
   local failed=0
   for i in "${pids[@]}"; do wait "$i" || failed=1; done
   t1=$(date +%s.%N)
+  cpu1=$(cpu_ticks "$1")
   after=$(upstream_blob_bytes)
   rm -rf "$W"/pull-*
   if ((failed)); then
@@ -446,12 +462,19 @@ concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls an
     echo "bench: $1: a concurrent cold pull failed; no figure for it" >&2
     return 0
   fi
-  record cold8_upstream_bytes "$1" "$(awk -v a="$before" -v b="$after" -v n="$IMAGE_BYTES" 'BEGIN {printf "%.2f", (b - a) / n}')"
-  record cold8_s "$1" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
+  cold8_b[$1]+=" $(awk -v a="$before" -v b="$after" -v n="$IMAGE_BYTES" 'BEGIN {printf "%.2f", (b - a) / n}')"
+  cold8_t[$1]+=" $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
+  cold8_cpu[$1]+=" $(cpu_s "$cpu0" "$cpu1")"
 }
 
 cached_peers=(regmirror nginx-cache dist-proxy)
-declare -A tag_ms=() pull_s=()
+# Per peer, the values of this repetition's rounds (space-separated).
+declare -A tag_ms=() pull_t=() pull_cpu=() cold_t=() conns_t=() conns_cpu=() cold8_b=() cold8_t=() cold8_cpu=()
+record_medians() { # record_medians FIGURE ARRAY [largest]: one value per peer, the median (or largest) of its rounds
+  local -n values=$2
+  local p
+  for p in "${!values[@]}"; do record "$1" "$p" "$(${3:-median} ${values[$p]})"; done
+}
 all_peers=(direct regmirror nginx-cache nginx-static dist-proxy)
 p99_ms() { # p99_ms PATH [ACCEPT] [N] → p99 latency (ms) of N (default lat_n) warm GETs at regmirror, 8 connections
   local log=$W/latency.log hdr=()
@@ -495,7 +518,7 @@ during() { # during LOAD: run the p99 probes while LOAD runs; prints the four p9
   $1 >/dev/null 2>&1 &
   pid=$!
   sleep 1
-  echo "$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 20))")" \
+  echo "$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 40))")" \
     "$(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
   rm -f "$flag"
   wait "$pid" || true
@@ -503,7 +526,7 @@ during() { # during LOAD: run the p99 probes while LOAD runs; prints the four p9
 
 eviction_stalls() { # p99 of warm requests while eviction runs, over the same without eviction
   local idle control evicting
-  idle="$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 20))")"
+  idle="$(p99_ms "manifests/$MANIFEST" "$MT") $(p99_ms "blobs/$SMALL" "" "$((lat_n / 40))")"
   idle+=" $(p99_open_ms "manifests/$MANIFEST" "$MT") $(p99_open_ms "blobs/$CONFIG")"
   control=$(during control_load)
   evicting=$(during churn)
@@ -556,11 +579,18 @@ for ((rep = 0; rep < reps; rep++)); do
   echo "==> repetition $((rep + 1))/$reps"
   # Cold first: each caching peer restarts empty, so its peak RSS below
   # covers a cold pull and then everything warm.
+  # Three rounds for regmirror and direct (the target's pair): one cold GET
+  # lasts ~0.5 s and swung by ±30% between repetitions.
   if want cold || want rss; then
-    for p in $(rotate "$rep" direct "${cached_peers[@]}"); do
-      [[ $p == direct ]] || { wipe_peer "$p"; start_peer "$p"; }
-      record cold_blob_s "$p" "$(cold_blob "$p")"
+    cold_t=()
+    for round in 0 1 2; do
+      peers=(direct regmirror); ((round)) || peers=(direct "${cached_peers[@]}")
+      for p in $(rotate "$((rep + round))" "${peers[@]}"); do
+        [[ $p == direct ]] || { wipe_peer "$p"; start_peer "$p"; }
+        cold_t[$p]+=" $(cold_blob "$p")"
+      done
     done
+    record_medians cold_blob_s cold_t
   fi
   for p in "${all_peers[@]}"; do warm "$p"; done
   lap cold
@@ -587,11 +617,23 @@ for ((rep = 0; rep < reps; rep++)); do
         tag_ms[$p]+=" $(tag_head "$p" "$((head_n / 3))")"
       done
     done
-    for p in "${!tag_ms[@]}"; do record tag_head_ms "$p" "$(median ${tag_ms[$p]})"; done
+    record_medians tag_head_ms tag_ms
     lap tag
   fi
+  # Connections: three rounds for regmirror and nginx-cache (the target's pair),
+  # each also timing the CPU the server spent.
   if want conns; then
-    for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record conns_s "$p" "$(many_conns "$p")"; done
+    conns_t=() conns_cpu=()
+    for round in 0 1 2; do
+      peers=(regmirror nginx-cache); ((round)) || peers=($(trim "$rep" "${all_peers[@]}"))
+      for p in $(rotate "$((rep + round))" "${peers[@]}"); do
+        cpu0=$(cpu_ticks "$p")
+        conns_t[$p]+=" $(many_conns "$p")"
+        conns_cpu[$p]+=" $(cpu_s "$cpu0" "$(cpu_ticks "$p")")"
+      done
+    done
+    record_medians conns_s conns_t
+    record_medians conns_cpu_s conns_cpu
     lap conns
   fi
   if want rss; then
@@ -599,22 +641,36 @@ for ((rep = 0; rep < reps; rep++)); do
     record rss_mib nginx-static "$(($(hwm_kib nginx-static) / 1024))"
   fi
   if want pull; then
-    pull_s=()
+    pull_t=() pull_cpu=()
     for p in direct $(trim "$rep" "${cached_peers[@]}"); do
       pull "$p" "$W/pull-warm-$p" # warm-up (tag, manifests, blobs)
       rm -rf "$W/pull-warm-$p"
     done
-    for round in 0 1 2; do
-      for p in $(rotate "$((rep + round))" direct $(trim "$rep" "${cached_peers[@]}")); do
-        pull_s[$p]+=" $(timed pull "$p" "$W/pull-warm-$p")"
+    # Five rounds for regmirror and direct (the target's pair), three for the
+    # others: a pull's time is skopeo's CPU time, which swings by ±15%.
+    for round in 0 1 2 3 4; do
+      peers=(direct regmirror); ((round > 2)) || peers=(direct $(trim "$rep" "${cached_peers[@]}"))
+      for p in $(rotate "$((rep + round))" "${peers[@]}"); do
+        cpu0=$(cpu_ticks "$p")
+        pull_t[$p]+=" $(timed pull "$p" "$W/pull-warm-$p")"
+        pull_cpu[$p]+=" $(cpu_s "$cpu0" "$(cpu_ticks "$p")")"
         rm -rf "$W/pull-warm-$p"
       done
     done
-    for p in "${!pull_s[@]}"; do record pull_warm_s "$p" "$(median ${pull_s[$p]})"; done
+    record_medians pull_warm_s pull_t
+    record_medians pull_cpu_s pull_cpu
     lap pull
   fi
+  # Two rounds for regmirror and nginx-cache (the target's pair).
   if want cold8; then
-    for p in $(rotate "$rep" $(trim "$rep" "${cached_peers[@]}")); do concurrent_cold_pulls "$p"; done
+    cold8_b=() cold8_t=() cold8_cpu=()
+    for round in 0 1; do
+      peers=(regmirror nginx-cache); ((round)) || peers=($(trim "$rep" "${cached_peers[@]}"))
+      for p in $(rotate "$((rep + round))" "${peers[@]}"); do concurrent_cold_pulls "$p"; done
+    done
+    record_medians cold8_upstream_bytes cold8_b largest
+    record_medians cold8_s cold8_t
+    record_medians cold8_cpu_s cold8_cpu
     lap cold8
   fi
   if want evict; then
