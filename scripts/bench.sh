@@ -402,11 +402,14 @@ many_conns() { # many_conns PEER → seconds for N new TLS connections × 5 mani
   awk -v s="$secs" 'BEGIN {split(s, a, " "); t = a[1]; if (a[2] == "ms") t /= 1000; printf "%.3f", t}'
 }
 
+peer_pids() { # peer_pids PEER → its processes (nginx: the master and its workers)
+  echo "${PID[$1]}"
+  [[ $1 != nginx-* ]] || pgrep -P "${PID[$1]}" || true
+}
+
 hwm_kib() { # peak RSS (VmHWM) of a peer's processes, KiB
-  local pids=${PID[$1]}
-  [[ $1 == nginx-* ]] && pids="$pids $(pgrep -P "${PID[$1]}" | tr '\n' ' ')"
   local sum=0 p v
-  for p in $pids; do
+  for p in $(peer_pids "$1"); do
     v=$(awk '/^VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
     sum=$((sum + ${v:-0}))
   done
@@ -414,9 +417,8 @@ hwm_kib() { # peak RSS (VmHWM) of a peer's processes, KiB
 }
 
 cpu_ticks() { # cpu_ticks PEER → CPU (user + system, in clock ticks) its processes have used so far
-  local pids=${PID[$1]} sum=0 p
-  [[ $1 == nginx-* ]] && pids="$pids $(pgrep -P "${PID[$1]}" | tr '\n' ' ')"
-  for p in $pids; do
+  local sum=0 p
+  for p in $(peer_pids "$1"); do
     sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
   done
   echo "$sum"

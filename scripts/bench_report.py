@@ -32,7 +32,6 @@ FIGURES = [
     ("pull_cpu_s", "server CPU during one warm whole-image pull", "s", [("direct", None, None)]),
     ("cold8_cpu_s", "server CPU during 8 concurrent cold pulls", "s", [("nginx-cache", None, None)]),
     ("conns_cpu_s", "server CPU during {conns} new TLS connections × 5 manifest GETs", "s", [("nginx-cache", None, None)]),
-    # No stall: eviction (cache gc of the big layer, refetched from upstream, in a loop) beside warm requests.
     # No stall: eviction (cache gc of the big layer, then its refetch from upstream, in a loop)
     # beside warm requests. Open loop (scripts/bench_latency.py, 200 requests/s on a fixed
     # schedule), compared with the same refetch loop where the layer's file is deleted

@@ -104,6 +104,14 @@ impl Inbox {
         }
     }
 
+    /// Lets the log thread finish with what it holds and sends later lines
+    /// straight to stderr; wakes every waiter.
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.arrived.notify_one();
+        self.room.notify_all();
+    }
+
     /// The log thread: writes what arrived, in arrival order, until closed
     /// and empty.
     fn write_out(&self, out: &mut impl std::io::Write) {
@@ -141,9 +149,7 @@ pub struct LogGuard {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        lock(&self.inbox.state).closed = true;
-        self.inbox.arrived.notify_one();
-        self.inbox.room.notify_all();
+        self.inbox.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -179,7 +185,7 @@ pub fn init(format: Format) -> LogGuard {
         .ok();
     if thread.is_none() {
         // No thread, no batching: every line straight to stderr.
-        lock(&inbox.state).closed = true;
+        inbox.close();
     }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
@@ -476,8 +482,7 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
-        lock(&inbox.state).closed = true;
-        inbox.arrived.notify_one();
+        inbox.close();
         let out = reader.join().unwrap();
         let mut next = [0u64; 2];
         let mut count = 0;
