@@ -1,7 +1,7 @@
 //! `regmirror cache …`: the operator's commands on a store, safe while
 //! `serve` runs on it.
 //!
-//! They open the store without clearing anything (`LocalStore::attach`)
+//! They open the store without clearing anything (`DiskStore::attach`)
 //! and the recency index in redb's multi-writer mode, so `serve` keeps
 //! serving and sees their changes (totals, removals) on its next pass.
 //! Deleting under `serve` is as safe as eviction: what a client has open
@@ -18,7 +18,7 @@ use regmirror::cache::blob_store::BlobStore;
 use regmirror::cache::evict::{evict_to, now_ms};
 use regmirror::cache::index::{Change, Class, Index};
 use regmirror::cache::listing::{cached_tags, closure, references, CachedTag};
-use regmirror::cache::{LocalStore, MetaStore, RepoKey, INDEX_FILE};
+use regmirror::cache::{DiskStore, MetaStore, RepoKey, INDEX_FILE};
 use regmirror::config::{format_size as human, parse_size, Settings};
 use regmirror::reference::{Digest, RepoName, Tag};
 
@@ -31,15 +31,15 @@ application/vnd.docker.distribution.manifest.v2+json";
 type Res<T> = Result<T, String>;
 
 struct Store {
-    local: Arc<LocalStore>,
+    disk: Arc<DiskStore>,
     index: Arc<Index>,
 }
 
 fn open(s: &Settings) -> Res<Store> {
-    let local = LocalStore::attach(&s.cache_dir).map_err(|e| format!("cache.dir: {e}"))?;
+    let disk = DiskStore::attach(&s.cache_dir).map_err(|e| format!("cache.dir: {e}"))?;
     let (index, _) = Index::open(&s.cache_dir.join(INDEX_FILE)).map_err(|e| format!("cache index: {e}"))?;
     Ok(Store {
-        local: Arc::new(local),
+        disk: Arc::new(disk),
         index: Arc::new(index),
     })
 }
@@ -93,7 +93,7 @@ pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
     };
     let store = open(s)?;
     let done = rt()?
-        .block_on(evict_to(&store.index, store.local.as_ref(), target, &|_| false))
+        .block_on(evict_to(&store.index, store.disk.as_ref(), target, &|_| false))
         .map_err(|e| e.to_string())?;
     println!(
         "evicted {} blobs ({}); store {} -> {}",
@@ -118,7 +118,7 @@ pub fn verify(s: &Settings) -> Res<()> {
 }
 
 async fn verify_async(store: &Store, root: &Path) -> Res<()> {
-    let listed = store.local.list().await.map_err(|e| e.to_string())?;
+    let listed = store.disk.list().await.map_err(|e| e.to_string())?;
     let bar = progress(listed.len() as u64, "verifying");
     let mut bad = Vec::new();
     let mut changes = Vec::new();
@@ -153,7 +153,7 @@ async fn verify_async(store: &Store, root: &Path) -> Res<()> {
                 std::fs::create_dir_all(&q).map_err(|e| e.to_string())?;
                 let dest = q.join(format!("{}-{}", b.digest.hex(), now_ms()));
                 std::fs::rename(blob_file(root, &b.digest), &dest).map_err(|e| e.to_string())?;
-                let _ = store.local.delete(&b.digest).await;
+                let _ = store.disk.delete(&b.digest).await;
                 changes.push(Change::Remove {
                     digest: b.digest.to_string(),
                 });
@@ -286,7 +286,7 @@ pub fn ls(s: &Settings, json: bool) -> Res<()> {
 
 async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
     let names: Vec<String> = s.upstreams.iter().map(|u| u.name.clone()).collect();
-    let local = store.local.as_ref();
+    let local = store.disk.as_ref();
     cached_tags(local, local, Some(&store.index), &names)
         .await
         .map_err(|e| e.to_string())
@@ -308,10 +308,10 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         let mut roots = Vec::new();
         match Tag::parse(&img.reference) {
             Ok(tag) if Digest::parse(&img.reference).is_err() => {
-                for rec in store.local.get_tags(at, &tag).await.map_err(|e| e.to_string())? {
+                for rec in store.disk.get_tags(at, &tag).await.map_err(|e| e.to_string())? {
                     roots.extend(Digest::parse(&rec.digest).ok());
                 }
-                store.local.delete_tag(at, &tag).await.map_err(|e| e.to_string())?;
+                store.disk.delete_tag(at, &tag).await.map_err(|e| e.to_string())?;
             }
             _ => roots.extend(Digest::parse(&img.reference).ok()),
         }
@@ -320,7 +320,7 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         }
         let mut doomed = Vec::new();
         for r in &roots {
-            for d in closure(store.local.as_ref(), r).await {
+            for d in closure(store.disk.as_ref(), r).await {
                 if !doomed.contains(&d) {
                     doomed.push(d);
                 }
@@ -330,7 +330,7 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         let others = ls_async(s, &store).await?;
         for row in others {
             if let Ok(d) = Digest::parse(&row.digest) {
-                for keep in closure(store.local.as_ref(), &d).await {
+                for keep in closure(store.disk.as_ref(), &d).await {
                     doomed.retain(|x| x != &keep);
                 }
             }
@@ -338,10 +338,10 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         let mut changes = Vec::new();
         let mut bytes = 0;
         for d in &doomed {
-            if let Ok(Some(info)) = store.local.stat(d).await {
+            if let Ok(Some(info)) = store.disk.stat(d).await {
                 bytes += info.size;
             }
-            store.local.delete(d).await.map_err(|e| e.to_string())?;
+            store.disk.delete(d).await.map_err(|e| e.to_string())?;
             changes.push(Change::Remove { digest: d.to_string() });
         }
         store.index.apply(&changes).map_err(|e| e.to_string())?;

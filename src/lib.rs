@@ -57,7 +57,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         .iter()
         .map(|u| (u.namespace.clone(), u.name.clone()))
         .collect();
-    let cache = cache::Cache::open_local(
+    let cache = cache::Cache::open_disk(
         &settings.cache_dir,
         namespace_moves,
         settings.limits.download_concurrency,

@@ -596,7 +596,7 @@ mod tests {
 
     fn cache() -> (tempfile::TempDir, Arc<Cache>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(crate::cache::LocalStore::open_dir(dir.path()).unwrap());
+        let store = Arc::new(crate::cache::DiskStore::open_dir(dir.path()).unwrap());
         let cache = Cache::new(store.clone(), store, 2);
         (dir, Arc::new(cache))
     }

@@ -1,6 +1,6 @@
 //! The content cache: verified, content-addressed bytes (`blob_store`),
-//! what upstream last said of tags (`meta_store`), their local-directory
-//! backend (`local`), the single-flight fetch that fills the cache
+//! what upstream last said of tags (`meta_store`), their disk
+//! backend (`disk`), the single-flight fetch that fills the cache
 //! (`fetch`), the streams that serve from it (`served`), and the size bound:
 //! a recency index (`index`) and the evictor that keeps the store under
 //! `cache.max_size` (`evict`).
@@ -17,7 +17,7 @@ pub mod fetch;
 pub mod hot;
 pub mod index;
 pub mod listing;
-pub mod local;
+pub mod disk;
 pub mod meta_store;
 pub mod served;
 #[cfg(test)]
@@ -34,7 +34,7 @@ pub use blob_store::{BlobInfo, BlobStore, ByteStream};
 pub use error::FetchError;
 pub use evict::{Lifecycle, Limits};
 pub use fetch::{OpenFuture, Source};
-pub use local::LocalStore;
+pub use disk::DiskStore;
 pub use meta_store::{MetaStore, RepoKey, TagRecord};
 pub use served::{Lookup, Served, ServedInfo};
 
@@ -100,11 +100,11 @@ impl Cache {
         }
     }
 
-    /// The cache on a local directory (the only backend so far), with
+    /// The cache on a disk directory (the only backend so far), with
     /// metadata kept under an old namespace name moved to its upstream's,
     /// kept under `limits` by an evictor started here. The directory work
     /// runs on a blocking thread; the index opens in the background.
-    pub async fn open_local(
+    pub async fn open_disk(
         dir: &Path,
         namespace_moves: Vec<(String, String)>,
         download_concurrency: usize,
@@ -113,7 +113,7 @@ impl Cache {
         let index_path = dir.join(INDEX_FILE);
         let dir = dir.to_path_buf();
         let store = tokio::task::spawn_blocking(move || {
-            let store = LocalStore::open_dir(&dir)?;
+            let store = DiskStore::open_dir(&dir)?;
             store.migrate_namespaces(&namespace_moves)?;
             Ok::<_, io::Error>(store)
         })

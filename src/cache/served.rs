@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::blob_store::{ByteStream, GrowingBlob, StoredBlob};
 use super::fetch::{Progress, Source};
-use super::local::READ_CHUNK;
+use super::disk::READ_CHUNK;
 use crate::metrics::METRICS;
 use crate::reference::Digest;
 

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Stores written before metadata was keyed by upstream name kept it under
-//! `tags/<namespace>/`; [`LocalStore::migrate_namespaces`] moves it. Stores
+//! `tags/<namespace>/`; [`DiskStore::migrate_namespaces`] moves it. Stores
 //! written before tag records were kept per media type hold one record per
 //! Accept list (`<accept-key>.json`) beside them: those are read like the
 //! others (each names its media type) and removed once a record of the same
@@ -40,12 +40,12 @@ use crate::reference::{Digest, RepoName, Tag};
 /// The most a stored read hands out at once.
 pub const READ_CHUNK: usize = 256 * 1024;
 
-pub struct LocalStore {
+pub struct DiskStore {
     root: PathBuf,
     counter: AtomicU64,
 }
 
-impl LocalStore {
+impl DiskStore {
     /// Opens the store, creating its directories and clearing `tmp/` (left
     /// over from a crash). Does not walk the store. Refuses a directory that
     /// holds anything but a regmirror store, since regmirror deletes inside
@@ -61,7 +61,7 @@ impl LocalStore {
         for d in [root.join("blobs/sha256"), root.join("meta"), tmp] {
             std::fs::create_dir_all(&d).map_err(|e| with_path(&d, e))?;
         }
-        Ok(LocalStore {
+        Ok(DiskStore {
             root: root.to_path_buf(),
             counter: AtomicU64::new(0),
         })
@@ -81,7 +81,7 @@ impl LocalStore {
                 ),
             ));
         }
-        Ok(LocalStore {
+        Ok(DiskStore {
             root: root.to_path_buf(),
             counter: AtomicU64::new(0),
         })
@@ -326,7 +326,7 @@ async fn pread(file: Arc<std::fs::File>, pos: u64, max: usize) -> io::Result<Byt
 }
 
 #[async_trait]
-impl BlobStore for LocalStore {
+impl BlobStore for DiskStore {
     async fn stat(&self, d: &Digest) -> io::Result<Option<BlobInfo>> {
         let Some(meta) = not_found_is_none(fs::metadata(self.blob_path(d)).await)? else {
             return Ok(None);
@@ -350,7 +350,7 @@ impl BlobStore for LocalStore {
         let Some((file, size)) = not_found_is_none(opened)? else {
             return Ok(None);
         };
-        Ok(Some(Box::new(LocalBlob {
+        Ok(Some(Box::new(DiskBlob {
             file: Arc::new(file),
             info: BlobInfo {
                 size,
@@ -373,10 +373,10 @@ impl BlobStore for LocalStore {
                 return Err(e);
             }
         };
-        Ok(Box::new(LocalPending {
+        Ok(Box::new(DiskPending {
             writer: Some(writer),
             len: 0,
-            reader: Arc::new(LocalGrowing { file: Arc::new(reader) }),
+            reader: Arc::new(DiskGrowing { file: Arc::new(reader) }),
             temp: path,
             dest: self.blob_path(d),
             type_path: self.type_path(d),
@@ -454,12 +454,12 @@ fn list_blobs(root: &Path) -> io::Result<Vec<ListedBlob>> {
     Ok(out)
 }
 
-struct LocalBlob {
+struct DiskBlob {
     file: Arc<std::fs::File>,
     info: BlobInfo,
 }
 
-impl StoredBlob for LocalBlob {
+impl StoredBlob for DiskBlob {
     fn info(&self) -> &BlobInfo {
         &self.info
     }
@@ -487,22 +487,22 @@ impl StoredBlob for LocalBlob {
     }
 }
 
-struct LocalGrowing {
+struct DiskGrowing {
     file: Arc<std::fs::File>,
 }
 
 #[async_trait]
-impl GrowingBlob for LocalGrowing {
+impl GrowingBlob for DiskGrowing {
     async fn read_at(&self, pos: u64, max: usize) -> io::Result<Bytes> {
         pread(self.file.clone(), pos, max).await
     }
 }
 
-struct LocalPending {
+struct DiskPending {
     writer: Option<Arc<std::fs::File>>,
     /// Bytes written so far: where the next write goes.
     len: u64,
-    reader: Arc<LocalGrowing>,
+    reader: Arc<DiskGrowing>,
     temp: PathBuf,
     dest: PathBuf,
     type_path: PathBuf,
@@ -521,7 +521,7 @@ struct LocalPending {
 /// 200 MiB on the benchmark machine's disk).
 const SYNC_EVERY: u64 = 16 * 1024 * 1024;
 
-impl LocalPending {
+impl DiskPending {
     /// Starts a background sync of what is written so far, unless one is
     /// still running (then the next write tries again).
     fn sync_in_background(&mut self) -> io::Result<()> {
@@ -565,7 +565,7 @@ impl LocalPending {
 }
 
 #[async_trait]
-impl PendingBlob for LocalPending {
+impl PendingBlob for DiskPending {
     async fn write(&mut self, data: Bytes) -> io::Result<()> {
         let w = self
             .writer
@@ -635,7 +635,7 @@ impl PendingBlob for LocalPending {
     }
 }
 
-impl Drop for LocalPending {
+impl Drop for DiskPending {
     fn drop(&mut self) {
         if self.finished {
             return;
@@ -656,7 +656,7 @@ impl Drop for LocalPending {
 }
 
 #[async_trait]
-impl MetaStore for LocalStore {
+impl MetaStore for DiskStore {
     async fn put_tag(&self, at: RepoKey<'_>, tag: &Tag, rec: &TagRecord) -> io::Result<()> {
         let data = serde_json::to_vec(rec).map_err(io::Error::other)?;
         self.write_atomically(&self.tag_path(at, tag, &rec.media_type), &data)
@@ -749,9 +749,9 @@ mod tests {
     use super::*;
     use crate::cache::store_suite;
 
-    fn store() -> (tempfile::TempDir, LocalStore) {
+    fn store() -> (tempfile::TempDir, DiskStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open_dir(dir.path()).unwrap();
+        let store = DiskStore::open_dir(dir.path()).unwrap();
         (dir, store)
     }
 
@@ -794,7 +794,7 @@ mod tests {
         std::fs::create_dir_all(foreign.join("tmp")).unwrap();
         std::fs::write(foreign.join("tmp/precious"), b"x").unwrap();
         std::fs::write(foreign.join("notes.txt"), b"x").unwrap();
-        let e = LocalStore::open_dir(&foreign)
+        let e = DiskStore::open_dir(&foreign)
             .err()
             .expect("a foreign directory is refused");
         assert!(e.to_string().contains("not a regmirror store"), "{e}");
@@ -807,21 +807,21 @@ mod tests {
         std::fs::create_dir_all(only_tmp.join("tmp")).unwrap();
         std::fs::write(only_tmp.join("tmp/precious"), b"x").unwrap();
         assert!(
-            LocalStore::open_dir(&only_tmp).is_err(),
+            DiskStore::open_dir(&only_tmp).is_err(),
             "a tmp/ alone does not make a store"
         );
         assert!(only_tmp.join("tmp/precious").exists());
 
         let empty = dir.path().join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        LocalStore::open_dir(&empty).unwrap();
+        DiskStore::open_dir(&empty).unwrap();
         assert!(empty.join(MARKER).is_file());
-        LocalStore::open_dir(&empty).expect("a marked store is reopened");
+        DiskStore::open_dir(&empty).expect("a marked store is reopened");
 
         let old = dir.path().join("old");
         std::fs::create_dir_all(old.join("blobs/sha256")).unwrap();
         std::fs::create_dir_all(old.join("tags/dockerhub")).unwrap();
-        LocalStore::open_dir(&old).expect("a store from before the marker is adopted");
+        DiskStore::open_dir(&old).expect("a store from before the marker is adopted");
         assert!(old.join(MARKER).is_file());
     }
 
@@ -867,9 +867,9 @@ mod tests {
     #[tokio::test]
     async fn tmp_is_cleared_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        LocalStore::open_dir(dir.path()).unwrap();
+        DiskStore::open_dir(dir.path()).unwrap();
         std::fs::write(dir.path().join("tmp/leftover"), b"x").unwrap();
-        LocalStore::open_dir(dir.path()).unwrap();
+        DiskStore::open_dir(dir.path()).unwrap();
         assert!(!dir.path().join("tmp/leftover").exists());
     }
 
@@ -887,7 +887,7 @@ mod tests {
             seen_ms: 5,
         };
         std::fs::write(old.join("k.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
-        let s = LocalStore::open_dir(dir.path()).unwrap();
+        let s = DiskStore::open_dir(dir.path()).unwrap();
         s.migrate_namespaces(&[("dockerhub".into(), "docker.io".into())])
             .unwrap();
         let repo = RepoName::parse("library/alpine").unwrap();
