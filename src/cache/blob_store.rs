@@ -39,6 +39,10 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn open(&self, d: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>>;
     /// Starts writing content that is not stored yet.
     async fn begin(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>>;
+    /// Starts writing a push whose digest the client names only at the
+    /// end: it becomes visible with [`PendingBlob::commit_to`]. `id` is the
+    /// upload session's, for finding strays.
+    async fn begin_upload(&self, id: &str) -> io::Result<Box<dyn PendingBlob>>;
     async fn delete(&self, d: &Digest) -> io::Result<()>;
     /// Records the media type of content first stored without one (manifest
     /// bytes fetched through the blobs URL), once upstream has named it.
@@ -89,6 +93,11 @@ pub trait PendingBlob: Send {
     fn follower(&self) -> Arc<dyn GrowingBlob>;
     /// Makes the content durable and visible under its digest.
     async fn commit(self: Box<Self>, media_type: Option<&str>) -> io::Result<()>;
+    /// Makes an upload durable and visible under `d`, which the caller
+    /// has verified against the bytes written.
+    async fn commit_to(self: Box<Self>, d: &Digest, media_type: Option<&str>) -> io::Result<()>;
+    /// Bytes written so far.
+    fn written(&self) -> u64;
     async fn abort(self: Box<Self>);
 }
 

@@ -10,6 +10,8 @@
 //! meta/<upstream>/<repo>/_tags/<tag>/mt-<type-key>.json  last digest seen for (repo, tag, media type)
 //! meta/<upstream>/<repo>/_lists/<query-key>.json         last tags/list answer
 //! tmp/                           downloads in progress (same filesystem: commit is a rename)
+//! uploads/<id>                   pushes in progress (cleared at start, like tmp/)
+//! local/<repo>/...               pushed repositories (see `disk_hosted`)
 //! ```
 //!
 //! Stores written before metadata was keyed by upstream name kept it under
@@ -53,12 +55,17 @@ impl DiskStore {
     pub fn open_dir(root: &Path) -> io::Result<Self> {
         adopt(root)?;
         let tmp = root.join("tmp");
-        match std::fs::remove_dir_all(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(with_path(&tmp, e)),
+        // Upload sessions live in memory (their digest state above all), so
+        // what a crash left of them can never be finished.
+        let uploads = root.join("uploads");
+        for dir in [&tmp, &uploads] {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(with_path(dir, e)),
+            }
         }
-        for d in [root.join("blobs/sha256"), root.join("meta"), tmp] {
+        for d in [root.join("blobs/sha256"), root.join("meta"), tmp, uploads] {
             std::fs::create_dir_all(&d).map_err(|e| with_path(&d, e))?;
         }
         Ok(DiskStore {
@@ -154,6 +161,11 @@ impl DiskStore {
         self.repo_dir(at).join("_lists").join(format!("{}.json", safe_key(key)))
     }
 
+    /// A fresh name under `tmp/`, for records written then renamed.
+    pub(crate) fn temp_file(&self, what: &str) -> PathBuf {
+        self.temp_path(what)
+    }
+
     fn temp_path(&self, what: &str) -> PathBuf {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!("{what}.{}.{n}", std::process::id()))
@@ -192,6 +204,34 @@ impl DiskStore {
 
     async fn media_type(&self, d: &Digest) -> io::Result<Option<String>> {
         not_found_is_none(fs::read_to_string(self.type_path(d)).await)
+    }
+
+    /// A new file at `path` that commits to `d`'s place in the store, or
+    /// to the place `commit_to` names (an upload learns its digest last).
+    async fn pending_at(&self, path: PathBuf, d: Option<&Digest>) -> io::Result<DiskPending> {
+        let writer = fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
+        let writer = Arc::new(writer.into_std().await);
+        // Opened now, by handle: followers keep reading the same file after
+        // it is renamed into the store.
+        let reader = match fs::File::open(&path).await {
+            Ok(r) => r.into_std().await,
+            Err(e) => {
+                let _ = fs::remove_file(&path).await;
+                return Err(e);
+            }
+        };
+        Ok(DiskPending {
+            writer: Some(writer),
+            len: 0,
+            reader: Arc::new(DiskGrowing { file: Arc::new(reader) }),
+            temp: path,
+            dest: d.map(|d| (self.blob_path(d), self.type_path(d))),
+            blobs_root: self.root.join("blobs"),
+            meta_temp: self.temp_path("type"),
+            finished: false,
+            unsynced: 0,
+            syncing: None,
+        })
     }
 
     async fn write_atomically(&self, path: &Path, data: &[u8]) -> io::Result<()> {
@@ -361,30 +401,14 @@ impl BlobStore for DiskStore {
     }
 
     async fn begin(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>> {
-        let path = self.temp_path(d.hex());
-        let writer = fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
-        let writer = Arc::new(writer.into_std().await);
-        // Opened now, by handle: followers keep reading the same file after
-        // it is renamed into the store.
-        let reader = match fs::File::open(&path).await {
-            Ok(r) => r.into_std().await,
-            Err(e) => {
-                let _ = fs::remove_file(&path).await;
-                return Err(e);
-            }
-        };
-        Ok(Box::new(DiskPending {
-            writer: Some(writer),
-            len: 0,
-            reader: Arc::new(DiskGrowing { file: Arc::new(reader) }),
-            temp: path,
-            dest: self.blob_path(d),
-            type_path: self.type_path(d),
-            meta_temp: self.temp_path("type"),
-            finished: false,
-            unsynced: 0,
-            syncing: None,
-        }))
+        let pending = self.pending_at(self.temp_path(d.hex()), Some(d)).await?;
+        Ok(Box::new(pending))
+    }
+
+    async fn begin_upload(&self, id: &str) -> io::Result<Box<dyn PendingBlob>> {
+        let name = safe_component(id);
+        let pending = self.pending_at(self.root.join("uploads").join(name), None).await?;
+        Ok(Box::new(pending))
     }
 
     async fn delete(&self, d: &Digest) -> io::Result<()> {
@@ -504,8 +528,9 @@ struct DiskPending {
     len: u64,
     reader: Arc<DiskGrowing>,
     temp: PathBuf,
-    dest: PathBuf,
-    type_path: PathBuf,
+    /// The content's and its media type's places in the store, once known.
+    dest: Option<(PathBuf, PathBuf)>,
+    blobs_root: PathBuf,
     meta_temp: PathBuf,
     finished: bool,
     /// Bytes written since the last background sync started.
@@ -553,14 +578,18 @@ impl DiskPending {
         tokio::task::spawn_blocking(move || w.sync_data())
             .await
             .map_err(io::Error::other)??;
-        if let Some(parent) = self.dest.parent() {
+        let (dest, type_path) = self
+            .dest
+            .clone()
+            .ok_or_else(|| io::Error::other("an upload commits with commit_to"))?;
+        if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).await?;
         }
         if let Some(t) = media_type {
             fs::write(&self.meta_temp, t.as_bytes()).await?;
-            fs::rename(&self.meta_temp, &self.type_path).await?;
+            fs::rename(&self.meta_temp, &type_path).await?;
         }
-        fs::rename(&self.temp, &self.dest).await
+        fs::rename(&self.temp, &dest).await
     }
 }
 
@@ -620,6 +649,16 @@ impl PendingBlob for DiskPending {
         }
         // On failure, Drop removes what is left.
         result
+    }
+
+    async fn commit_to(mut self: Box<Self>, d: &Digest, media_type: Option<&str>) -> io::Result<()> {
+        let dir = self.blobs_root.join(d.algorithm().name()).join(&d.hex()[..2]);
+        self.dest = Some((dir.join(d.hex()), dir.join(format!("{}.type", d.hex()))));
+        self.commit(media_type).await
+    }
+
+    fn written(&self) -> u64 {
+        self.len
     }
 
     async fn abort(mut self: Box<Self>) {

@@ -54,6 +54,9 @@ pub struct Lifecycle {
     limits: Limits,
     index: OnceLock<Arc<Index>>,
     pending: Mutex<Pending>,
+    /// Content a pushed (local) repository holds: never evicted, and not
+    /// counted towards `max_size` (local namespaces have their own quota).
+    pinned: Mutex<std::collections::HashSet<String>>,
     wake: Arc<Notify>,
     /// Bytes a write could not get (ENOSPC) since the evictor last looked.
     pressure: AtomicU64,
@@ -87,6 +90,7 @@ impl Lifecycle {
             limits,
             index: OnceLock::new(),
             pending: Mutex::new(Pending::default()),
+            pinned: Mutex::new(Default::default()),
             wake: Arc::new(Notify::new()),
             pressure: AtomicU64::new(0),
         })
@@ -110,6 +114,16 @@ impl Lifecycle {
             None => {
                 pending.touches.insert(d.to_string(), now);
             }
+        }
+    }
+
+    /// A pushed repository holds `d`: it leaves the LRU for good.
+    pub fn pin(&self, d: &Digest) {
+        if super::lock(&self.pinned).insert(d.to_string()) {
+            super::lock(&self.pending)
+                .changes
+                .push(Change::Remove { digest: d.to_string() });
+            self.wake.notify_one();
         }
     }
 
@@ -218,7 +232,8 @@ async fn run(weak: Weak<Lifecycle>, blobs: Arc<dyn BlobStore>, path: PathBuf) ->
             } else {
                 "over cache.max_size"
             };
-            let keep = |d: &str| super::lock(&life.pending).touches.contains_key(d);
+            let keep =
+                |d: &str| super::lock(&life.pinned).contains(d) || super::lock(&life.pending).touches.contains_key(d);
             match evict_to(&index, blobs.as_ref(), target, &keep).await {
                 Ok(done) if done.blobs > 0 => {
                     tracing::info!(

@@ -11,13 +11,15 @@
 //! stores only through [`Cache`]'s methods, and never name a backend.
 
 pub mod blob_store;
+pub mod disk;
+mod disk_hosted;
 pub mod error;
 pub mod evict;
 pub mod fetch;
+pub mod hosted_store;
 pub mod hot;
 pub mod index;
 pub mod listing;
-pub mod disk;
 pub mod meta_store;
 pub mod served;
 #[cfg(test)]
@@ -31,10 +33,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 pub use blob_store::{BlobInfo, BlobStore, ByteStream};
+pub use disk::DiskStore;
 pub use error::FetchError;
 pub use evict::{Lifecycle, Limits};
 pub use fetch::{OpenFuture, Source};
-pub use disk::DiskStore;
+pub use hosted_store::{HostedStore, Link};
 pub use meta_store::{MetaStore, RepoKey, TagRecord};
 pub use served::{Lookup, Served, ServedInfo};
 
@@ -46,6 +49,9 @@ pub const INDEX_FILE: &str = "index.redb";
 pub struct Cache {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
+    /// Pushed repositories' records; `None` for a cache of pulls only
+    /// (unit tests of the fetch path).
+    hosted: Option<Arc<dyn HostedStore>>,
     inflight: Mutex<HashMap<Digest, Arc<fetch::Inflight>>>,
     /// Permits for upstream downloads: a client that asks for many cold
     /// digests and leaves cannot start more than this many at once (a
@@ -89,6 +95,7 @@ impl Cache {
         Cache {
             blobs,
             meta,
+            hosted: None,
             inflight: Mutex::new(HashMap::new()),
             downloads: Arc::new(Semaphore::new(download_concurrency.max(1))),
             repositories: Mutex::new(HashMap::new()),
@@ -120,11 +127,53 @@ impl Cache {
         .await
         .map_err(io::Error::other)??;
         let store = Arc::new(store);
-        let mut cache = Cache::new(store.clone(), store, download_concurrency);
+        let mut cache = Cache::new(store.clone(), store.clone(), download_concurrency);
+        cache.hosted = Some(store);
         let life = Lifecycle::new(limits);
         life.spawn(cache.blobs.clone(), index_path);
         cache.life = Some(life);
         Ok(cache)
+    }
+
+    /// The records of pushed repositories.
+    pub fn hosted(&self) -> io::Result<&dyn HostedStore> {
+        self.hosted
+            .as_deref()
+            .ok_or_else(|| io::Error::other("this store keeps no pushed repositories"))
+    }
+
+    /// A pushed repository holds `d`: it is never evicted from now on.
+    pub fn pin(&self, d: &Digest) {
+        if let Some(life) = &self.life {
+            life.pin(d);
+        }
+    }
+
+    /// Starts the file an upload session writes to.
+    pub async fn begin_upload(&self, id: &str) -> io::Result<Box<dyn blob_store::PendingBlob>> {
+        self.blobs.begin_upload(id).await
+    }
+
+    /// Makes a finished upload, verified against `d` by the caller,
+    /// visible under `d`, and keeps it out of eviction.
+    pub async fn commit_upload(&self, upload: Box<dyn blob_store::PendingBlob>, d: &Digest) -> io::Result<()> {
+        upload.commit_to(d, None).await?;
+        self.pin(d);
+        Ok(())
+    }
+
+    /// Stores a pushed manifest (bytes the caller hashed to `d`) with its
+    /// media type, and keeps it out of eviction.
+    pub async fn store_manifest(&self, d: &Digest, bytes: bytes::Bytes, media_type: &str) -> io::Result<()> {
+        let stored = self.blobs.stat(d).await?;
+        if stored.as_ref().and_then(|i| i.media_type.as_deref()) != Some(media_type) {
+            let mut pending = self.blobs.begin(d).await?;
+            pending.write(bytes).await?;
+            pending.commit(Some(media_type)).await?;
+            self.hot.forget(d);
+        }
+        self.pin(d);
+        Ok(())
     }
 
     /// Writes pending recency notes to the index (at shutdown).

@@ -10,8 +10,8 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::blob_store::{ByteStream, GrowingBlob, StoredBlob};
-use super::fetch::{Progress, Source};
 use super::disk::READ_CHUNK;
+use super::fetch::{Progress, Source};
 use crate::metrics::METRICS;
 use crate::reference::Digest;
 
