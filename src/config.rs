@@ -44,6 +44,28 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[[local]]`: namespaces regmirror hosts itself (pushes land here).
+    #[serde(rename = "local", default)]
+    pub locals: Vec<LocalConfig>,
+}
+
+/// One `[[local]]` namespace as written: a private registry under
+/// `/v2/<namespace>/...`, with its own logins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    pub namespace: String,
+    pub htpasswd: PathBuf,
+    pub writers: Option<Vec<String>>,
+    pub readers: Option<Vec<String>>,
+    #[serde(default)]
+    pub anonymous_pull: bool,
+    #[serde(default)]
+    pub delete: bool,
+    pub quota: Option<String>,
+    /// An upload session with no request for this long is removed.
+    pub upload_timeout: Option<String>,
+    pub max_uploads_per_user: Option<usize>,
 }
 
 /// `[limits]`: what one client, or all of them together, can make regmirror
@@ -154,7 +176,32 @@ pub struct Settings {
     pub access_allow: Vec<ipnet::IpNet>,
     pub upstreams: Vec<Upstream>,
     pub limits: Limits,
+    pub locals: Vec<LocalNamespace>,
 }
+
+/// A validated `[[local]]` namespace.
+#[derive(Debug, Clone)]
+pub struct LocalNamespace {
+    pub namespace: String,
+    pub htpasswd_path: PathBuf,
+    /// The logins, read and checked (bcrypt only) at start.
+    pub users: crate::auth::htpasswd::Htpasswd,
+    /// Who may push; `None`: every user in the file.
+    pub writers: Option<Vec<String>>,
+    /// Who may pull; `None`: every user in the file.
+    pub readers: Option<Vec<String>>,
+    pub anonymous_pull: bool,
+    pub delete: bool,
+    /// Bytes the namespace may hold; `None`: no bound but the disk.
+    pub quota: Option<u64>,
+    pub upload_timeout: Duration,
+    pub max_uploads_per_user: usize,
+}
+
+/// How long an upload session may go without a request by default.
+pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Upload sessions one user may hold open at once by default.
+pub const DEFAULT_MAX_UPLOADS_PER_USER: usize = 32;
 
 /// The validated `[limits]`: bounds on what clients can make regmirror hold,
 /// so that no single client (or a crowd of idle sockets) takes the mirror
@@ -538,6 +585,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
     }
 
     let limits = validate_limits(raw.limits)?;
+    let locals = validate_locals(raw.locals, &namespaces)?;
 
     Ok(Settings {
         https,
@@ -551,7 +599,72 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         access_allow,
         upstreams,
         limits,
+        locals,
     })
+}
+
+fn validate_locals(
+    raw: Vec<LocalConfig>,
+    upstream_namespaces: &HashSet<String>,
+) -> Result<Vec<LocalNamespace>, Invalid> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, l) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("local[{i}].{k}");
+        if !valid_component(&l.namespace) {
+            return Err(invalid(
+                key("namespace"),
+                format!("{:?} is not a repository name component", l.namespace),
+            ));
+        }
+        if upstream_namespaces.contains(&l.namespace) {
+            return Err(invalid(
+                key("namespace"),
+                format!("{:?} is also an upstream's namespace", l.namespace),
+            ));
+        }
+        if !seen.insert(l.namespace.clone()) {
+            return Err(invalid(key("namespace"), format!("{:?} is used twice", l.namespace)));
+        }
+        let users =
+            crate::auth::htpasswd::Htpasswd::load(&l.htpasswd).map_err(|e| invalid(key("htpasswd"), e.to_string()))?;
+        for (field, list) in [("writers", &l.writers), ("readers", &l.readers)] {
+            for name in list.iter().flatten() {
+                if !users.has_user(name) {
+                    return Err(invalid(
+                        key(field),
+                        format!("{name:?} is not a user in {}", l.htpasswd.display()),
+                    ));
+                }
+            }
+        }
+        let quota = match l.quota.as_deref() {
+            None => None,
+            Some(v) => Some(parse_size(v).map_err(|m| invalid(key("quota"), m))?),
+        };
+        let upload_timeout = match l.upload_timeout.as_deref() {
+            None => DEFAULT_UPLOAD_TIMEOUT,
+            Some(v) => parse_duration(v).map_err(|m| invalid(key("upload_timeout"), m))?,
+        };
+        let max_uploads_per_user = match l.max_uploads_per_user {
+            None => DEFAULT_MAX_UPLOADS_PER_USER,
+            Some(0) => return Err(invalid(key("max_uploads_per_user"), "must be at least 1")),
+            Some(n) => n,
+        };
+        out.push(LocalNamespace {
+            namespace: l.namespace,
+            htpasswd_path: l.htpasswd,
+            users,
+            writers: l.writers,
+            readers: l.readers,
+            anonymous_pull: l.anonymous_pull,
+            delete: l.delete,
+            quota,
+            upload_timeout,
+            max_uploads_per_user,
+        });
+    }
+    Ok(out)
 }
 
 fn validate_limits(raw: LimitsConfig) -> Result<Limits, Invalid> {

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod reference;
@@ -80,15 +81,26 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         .await
         .map_err(StartError::Listen)?;
     let cache = Arc::new(cache);
+    let mut auth = auth::Auth::new(auth::access::ClientFilter::new(settings.access_allow.clone()));
+    if !settings.locals.is_empty() {
+        let signer =
+            auth::signed_token::TokenSigner::load_or_create(&settings.ca_dir).map_err(|source| StartError::Store {
+                path: settings.ca_dir.display().to_string(),
+                source,
+            })?;
+        auth.local = Some(auth::local::LocalAuth::new(settings.locals.clone(), signer));
+    }
     let app = Arc::new(registry::App {
         routes: route::RouteTable::from_settings(&settings),
         upstreams,
         cache: cache.clone(),
-        auth: auth::Auth::new(auth::access::ClientFilter::new(settings.access_allow.clone())),
+        auth,
         ca_pem,
         via,
         settings,
+        hosted: local::Hosted::default(),
     });
+    local::Hosted::spawn_expiry(&app);
     let served = server::run(app, issuer, listeners, shutdown).await;
     cache.flush().await;
     served.map_err(StartError::Listen)

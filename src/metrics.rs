@@ -132,6 +132,15 @@ pub struct Metrics {
     pub upstream_url_failures: Family<UrlLabels, Gauge>,
     /// When an upstream URL last answered (Unix seconds; 0: never).
     pub upstream_url_last_success: Family<UrlLabels, Gauge>,
+    /// Upload sessions of local namespaces open now.
+    pub uploads_open: Gauge,
+    /// Blobs committed by pushes to local namespaces, and their bytes.
+    pub pushed_blobs: Counter,
+    pub pushed_bytes: Counter,
+    /// Manifests pushed to local namespaces.
+    pub pushed_manifests: Counter,
+    /// Requests to local namespaces refused for want of a login or a right.
+    pub local_refused: Counter,
 }
 
 /// The one registry of the process.
@@ -168,6 +177,11 @@ impl Metrics {
             upstream_url_up: Family::default(),
             upstream_url_failures: Family::default(),
             upstream_url_last_success: Family::default(),
+            uploads_open: Gauge::default(),
+            pushed_blobs: Counter::default(),
+            pushed_bytes: Counter::default(),
+            pushed_manifests: Counter::default(),
+            local_refused: Counter::default(),
         };
         let mut r = Registry::with_prefix("regmirror");
         r.register(
@@ -203,6 +217,32 @@ impl Metrics {
             "bytes of content read from upstream",
             Unit::Bytes,
             m.upstream_fetched_bytes.clone(),
+        );
+        r.register(
+            "uploads_open",
+            "upload sessions of local namespaces open now",
+            m.uploads_open.clone(),
+        );
+        r.register(
+            "pushed_blobs",
+            "blobs committed by pushes to local namespaces",
+            m.pushed_blobs.clone(),
+        );
+        r.register_with_unit(
+            "pushed",
+            "bytes of blobs committed by pushes to local namespaces",
+            Unit::Bytes,
+            m.pushed_bytes.clone(),
+        );
+        r.register(
+            "pushed_manifests",
+            "manifests pushed to local namespaces",
+            m.pushed_manifests.clone(),
+        );
+        r.register(
+            "local_refused",
+            "requests to local namespaces refused for want of a login or a right",
+            m.local_refused.clone(),
         );
         r.register(
             "downloads_in_flight",

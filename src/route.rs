@@ -24,6 +24,8 @@ pub struct RouteUpstream {
 pub struct RouteTable {
     pub upstreams: Vec<RouteUpstream>,
     pub default_upstream: usize,
+    /// The `[[local]]` namespaces, in config order.
+    pub locals: Vec<String>,
 }
 
 impl RouteTable {
@@ -40,6 +42,7 @@ impl RouteTable {
                 })
                 .collect(),
             default_upstream: s.default_upstream(),
+            locals: s.locals.iter().map(|l| l.namespace.clone()).collect(),
         }
     }
 
@@ -93,8 +96,50 @@ pub enum Kind {
     Manifest(Reference),
     Blob(Digest),
     TagsList,
-    /// Any push endpoint: regmirror's mirrors are read-only.
-    Upload,
+    /// `blobs/uploads/` (`None`: start a session) or one session. Only
+    /// local namespaces take pushes; the mirrors are read-only.
+    Upload(Option<UploadId>),
+    /// `referrers/<digest>` (OCI 1.1).
+    Referrers(Digest),
+}
+
+/// An upload session's id as it appears in its URL: regmirror makes them
+/// (hex), so anything else names no session; validated before it is
+/// looked up or names a file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UploadId(String);
+
+impl UploadId {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if ok {
+            Ok(UploadId(s.to_string()))
+        } else {
+            Err(format!("{s:?} is not an upload session id"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for UploadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A request for a repository regmirror hosts itself (`[[local]]`).
+#[derive(Debug, Clone)]
+pub struct LocalRequest {
+    /// Index into `RouteTable::locals` (and `Settings::locals`).
+    pub namespace: usize,
+    /// The whole name, namespace first (`private/team/app`).
+    pub repo: RepoName,
+    pub kind: Kind,
+    /// `n` and `last` of a tag list, validated.
+    pub page: Option<(Option<u32>, Option<crate::reference::Tag>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +166,8 @@ pub enum Endpoint {
         upstream: Option<UpstreamId>,
     },
     Repo(RepoRequest),
+    /// A repository of a local namespace: the private registry.
+    Local(LocalRequest),
     Health,
     /// `/readyz`: the store takes writes, the CA is loaded, listeners bound.
     Ready,
@@ -144,6 +191,8 @@ pub enum RouteError {
     TagInvalid(String),
     PaginationInvalid(String),
     UnknownNamespace(String),
+    /// An upload URL whose session id regmirror never made.
+    UploadUnknown(String),
 }
 
 /// The most tags one page may ask for (distribution's own default limit is 1000).
@@ -215,6 +264,26 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
     }
 
     let (name, kind) = split_kind(rest)?;
+    if from_ns.is_none() && from_host.is_none() {
+        // A local namespace is followed by at least one component
+        // (`private/app`); it is never an upstream's name on this host.
+        let (first, tail) = name.split_once('/').unwrap_or((name, ""));
+        if let Some(namespace) = table.locals.iter().position(|l| l == first) {
+            if !tail.is_empty() {
+                let repo = RepoName::parse(name).map_err(RouteError::NameInvalid)?;
+                let page = match kind {
+                    Kind::TagsList => Some(page(page_size.as_deref(), last.as_deref())?),
+                    _ => None,
+                };
+                return Ok(Endpoint::Local(LocalRequest {
+                    namespace,
+                    repo,
+                    kind,
+                    page,
+                }));
+            }
+        }
+    }
     let (upstream, mode, upstream_name) = if let Some(u) = from_ns {
         (u, Mode::Namespace, name)
     } else if let Some(u) = from_host {
@@ -251,24 +320,37 @@ pub fn route(table: &RouteTable, host: Option<&str>, path: &str, query: Option<&
 }
 
 /// `n` and `last` of a tag list, checked and in canonical form.
-fn pagination(n: Option<&str>, last: Option<&str>) -> Result<Option<String>, RouteError> {
-    let mut q = form_urlencoded::Serializer::new(String::new());
-    if let Some(n) = n {
-        let valid = n.len() <= 6 && n.bytes().all(|c| c.is_ascii_digit());
-        match n.parse::<u32>() {
-            Ok(v) if valid && v <= MAX_PAGE => {
-                q.append_pair("n", &v.to_string());
-            }
-            _ => {
-                return Err(RouteError::PaginationInvalid(format!(
-                    "n={n:?} is not a page size from 0 to {MAX_PAGE}"
-                )))
+/// A tag list's `n` and `last`, validated.
+fn page(n: Option<&str>, last: Option<&str>) -> Result<(Option<u32>, Option<crate::reference::Tag>), RouteError> {
+    let n = match n {
+        None => None,
+        Some(n) => {
+            let valid = n.len() <= 6 && n.bytes().all(|c| c.is_ascii_digit());
+            match n.parse::<u32>() {
+                Ok(v) if valid && v <= MAX_PAGE => Some(v),
+                _ => {
+                    return Err(RouteError::PaginationInvalid(format!(
+                        "n={n:?} is not a page size from 0 to {MAX_PAGE}"
+                    )))
+                }
             }
         }
+    };
+    let last = match last {
+        None => None,
+        Some(l) => Some(crate::reference::Tag::parse(l).map_err(RouteError::TagInvalid)?),
+    };
+    Ok((n, last))
+}
+
+fn pagination(n: Option<&str>, last: Option<&str>) -> Result<Option<String>, RouteError> {
+    let (n, last) = page(n, last)?;
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    if let Some(n) = n {
+        q.append_pair("n", &n.to_string());
     }
     if let Some(last) = last {
-        let tag = crate::reference::Tag::parse(last).map_err(RouteError::TagInvalid)?;
-        q.append_pair("last", tag.as_str());
+        q.append_pair("last", last.as_str());
     }
     let q = q.finish();
     Ok(if q.is_empty() { None } else { Some(q) })
@@ -281,7 +363,17 @@ fn split_kind(rest: &str) -> Result<(&str, Kind), RouteError> {
         return Ok((name, Kind::TagsList));
     }
     if let Some(i) = rest.rfind("/blobs/uploads") {
-        return Ok((&rest[..i], Kind::Upload));
+        let session = rest[i + "/blobs/uploads".len()..].trim_start_matches('/');
+        let id = if session.is_empty() {
+            None
+        } else {
+            Some(UploadId::parse(session).map_err(RouteError::UploadUnknown)?)
+        };
+        return Ok((&rest[..i], Kind::Upload(id)));
+    }
+    if let Some(i) = rest.rfind("/referrers/") {
+        let d = Digest::parse(&rest[i + "/referrers/".len()..]).map_err(RouteError::DigestInvalid)?;
+        return Ok((&rest[..i], Kind::Referrers(d)));
     }
     if let Some(i) = rest.rfind("/manifests/") {
         let r = &rest[i + "/manifests/".len()..];
@@ -467,6 +559,6 @@ mod tests {
     #[test]
     fn uploads_are_recognised() {
         let r = repo(Some("docker.io"), "/v2/library/x/blobs/uploads/", None);
-        assert_eq!(r.kind, Kind::Upload);
+        assert_eq!(r.kind, Kind::Upload(None));
     }
 }

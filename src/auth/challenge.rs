@@ -62,6 +62,18 @@ pub fn for_client(scheme: &AuthScheme, upstream: &str, origin: &Origin, scope: O
     HeaderValue::from_str(&v).ok()
 }
 
+/// The challenge of a local namespace: regmirror's own `/token` on the
+/// host the client used, for regmirror's own `service` (its name).
+pub fn for_local(origin: &Origin, service: &str, scope: &Scope) -> Option<HeaderValue> {
+    let v = format!(
+        "Bearer realm=\"{}\",service=\"{}\",scope=\"{}\"",
+        quote(&origin.realm()),
+        quote(service),
+        quote(&scope.to_string())
+    );
+    HeaderValue::from_str(&v).ok()
+}
+
 fn quote(s: &str) -> String {
     s.chars()
         .filter(|c| !c.is_control())

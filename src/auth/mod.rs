@@ -18,7 +18,10 @@
 
 pub mod access;
 pub mod challenge;
+pub mod htpasswd;
+pub mod local;
 pub mod scope;
+pub mod signed_token;
 pub mod token;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -101,6 +104,8 @@ fn jwt_lifetime(token: &str) -> Option<Duration> {
 #[derive(Default)]
 pub struct Auth {
     pub clients: ClientFilter,
+    /// Logins and rights of the local namespaces, when any is configured.
+    pub local: Option<local::LocalAuth>,
     /// (token key, upstream, repository) upstream accepted the token for.
     checked: Remembered<(String, String, String)>,
     /// (upstream, repository) read anonymously, lately.

@@ -40,6 +40,9 @@ pub struct TokenRequest {
     /// Whether the client presented credentials at all.
     pub has_credentials: bool,
     pub ns: Option<String>,
+    /// The `service` the client names (regmirror's own name for local
+    /// namespaces; upstream's is put in its place when relaying).
+    pub service: Option<String>,
 }
 
 impl TokenRequest {
@@ -51,7 +54,7 @@ impl TokenRequest {
             for (k, v) in pairs {
                 match &*k {
                     "scope" => out.scopes.extend(v.split(' ').filter_map(Scope::parse)),
-                    "service" => {}
+                    "service" => out.service = Some(v.into_owned()),
                     "ns" => out.ns = Some(v.into_owned()),
                     _ => out.params.push((k.into_owned(), v.into_owned())),
                 }
@@ -234,7 +237,7 @@ fn anonymous_token(upstream: &str) -> Response<Body> {
     resp
 }
 
-fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",

@@ -40,7 +40,12 @@ pub async fn serve(
         return head_blob(app, r, d, &plan).await;
     }
     let served = fetch(app, r, d, &plan).await?;
+    Ok(respond(served, headers, d))
+}
 
+/// The answer to a GET of a blob being served: the whole of it, or the
+/// range the client asked for (206), or 416.
+pub(crate) fn respond(served: Served, headers: &HeaderMap, d: &Digest) -> Response<Body> {
     let outcome = RequestOutcome::from(served.info.lookup);
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let mut resp = match (served.info.size, range) {
@@ -49,7 +54,7 @@ pub async fn serve(
                 let mut resp = RegistryError::range_not_satisfiable(size).into_response();
                 resp.headers_mut()
                     .insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
-                return Ok(resp);
+                return resp;
             }
             ByteRange::Partial { first, last } => {
                 let mut resp = Response::new(stream(served.into_stream(first, Some(last + 1))));
@@ -68,7 +73,7 @@ pub async fn serve(
     };
     identify(resp.headers_mut(), d);
     outcome.mark(&mut resp);
-    Ok(resp)
+    resp
 }
 
 fn full_response(served: Served, size: Option<u64>) -> Response<Body> {
@@ -149,7 +154,7 @@ fn blob_error(e: RegistryError, d: &Digest) -> RegistryError {
 }
 
 /// The headers GET and HEAD of a blob share (rule 4: HEAD answers like GET).
-fn identify(h: &mut HeaderMap, d: &Digest) {
+pub(crate) fn identify(h: &mut HeaderMap, d: &Digest) {
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),

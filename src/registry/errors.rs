@@ -20,6 +20,10 @@ use crate::upstream::error::{Error as UpstreamError, OciBody, TokenError};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OciCode {
     BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    ManifestBlobUnknown,
+    SizeInvalid,
     DigestInvalid,
     ManifestUnknown,
     ManifestInvalid,
@@ -43,6 +47,10 @@ impl OciCode {
     pub fn as_str(&self) -> &str {
         match self {
             OciCode::BlobUnknown => "BLOB_UNKNOWN",
+            OciCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            OciCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            OciCode::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            OciCode::SizeInvalid => "SIZE_INVALID",
             OciCode::DigestInvalid => "DIGEST_INVALID",
             OciCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             OciCode::ManifestInvalid => "MANIFEST_INVALID",
@@ -65,6 +73,10 @@ impl OciCode {
     fn parse(s: &str) -> OciCode {
         [
             OciCode::BlobUnknown,
+            OciCode::BlobUploadInvalid,
+            OciCode::BlobUploadUnknown,
+            OciCode::ManifestBlobUnknown,
+            OciCode::SizeInvalid,
             OciCode::DigestInvalid,
             OciCode::ManifestUnknown,
             OciCode::ManifestInvalid,
@@ -92,11 +104,13 @@ pub struct RegistryError {
     pub status: StatusCode,
     pub code: OciCode,
     pub message: String,
-    pub detail: Option<serde_json::Value>,
-    /// Passed through from an upstream 429/503.
-    pub retry_after: Option<HeaderValue>,
+    pub detail: Option<Box<serde_json::Value>>,
     /// The `WWW-Authenticate` of a 401: how the client gets a usable token.
     pub challenge: Option<HeaderValue>,
+    /// Headers the answer needs besides: `Retry-After` passed through from
+    /// an upstream 429/503, an upload's `Range` and `Location` on a 416 (so
+    /// the client can resume).
+    pub extra_headers: Box<[(header::HeaderName, HeaderValue)]>,
 }
 
 impl std::fmt::Display for RegistryError {
@@ -112,8 +126,8 @@ impl RegistryError {
             code,
             message: message.into(),
             detail: None,
-            retry_after: None,
             challenge: None,
+            extra_headers: Box::default(),
         }
     }
 
@@ -136,8 +150,16 @@ impl RegistryError {
         )
     }
 
+    /// Adds a header to the error's answer.
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        let mut all = std::mem::take(&mut self.extra_headers).into_vec();
+        all.push((name, value));
+        self.extra_headers = all.into_boxed_slice();
+        self
+    }
+
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
-        self.detail = Some(detail);
+        self.detail = Some(Box::new(detail));
         self
     }
 
@@ -250,9 +272,14 @@ impl RegistryError {
             status,
             code,
             message,
-            detail: body.and_then(|b| b.detail.clone()),
-            retry_after: retry_after.and_then(|r| HeaderValue::from_str(r).ok()),
+            detail: body.and_then(|b| b.detail.clone().map(Box::new)),
             challenge: None,
+            extra_headers: retry_after
+                .and_then(|r| HeaderValue::from_str(r).ok())
+                .map(|v| (header::RETRY_AFTER, v))
+                .into_iter()
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
         }
     }
 
@@ -260,18 +287,18 @@ impl RegistryError {
         let entry = serde_json::json!({
             "code": self.code.as_str(),
             "message": self.message,
-            "detail": self.detail.unwrap_or(serde_json::Value::Null),
+            "detail": self.detail.map_or(serde_json::Value::Null, |d| *d),
         });
         let body = serde_json::json!({ "errors": [entry] }).to_string();
         let mut resp = Response::new(full(Bytes::from(body)));
         *resp.status_mut() = self.status;
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(r) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, r);
-        }
         if let Some(c) = self.challenge {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+        }
+        for (k, v) in self.extra_headers.into_vec() {
+            resp.headers_mut().insert(k, v);
         }
         resp
     }
@@ -315,7 +342,7 @@ impl From<UpstreamError> for RegistryError {
             UpstreamError::Loop { .. } => RegistryError::loop_detected(),
             UpstreamError::Unavailable { retry_after, .. } => {
                 let mut e = RegistryError::unavailable(message);
-                e.retry_after = Some(HeaderValue::from(retry_after.as_secs().max(1)));
+                e = e.with_header(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
                 e
             }
         }
@@ -349,6 +376,7 @@ impl From<RouteError> for RegistryError {
                 RegistryError::new(StatusCode::BAD_REQUEST, OciCode::PaginationNumberInvalid, m)
             }
             RouteError::UnknownNamespace(m) => RegistryError::new(StatusCode::NOT_FOUND, OciCode::NameUnknown, m),
+            RouteError::UploadUnknown(m) => RegistryError::new(StatusCode::NOT_FOUND, OciCode::BlobUploadUnknown, m),
         }
     }
 }
@@ -392,7 +420,12 @@ mod tests {
         let e = RegistryError::from(upstream_status(503, b"<html>"));
         assert_eq!((e.status.as_u16(), e.code.as_str()), (502, "UNAVAILABLE"));
         let e = RegistryError::from(upstream_status(429, b""));
-        assert_eq!(e.retry_after.as_ref().unwrap(), "7", "Retry-After reaches the client");
+        assert!(
+            e.extra_headers
+                .iter()
+                .any(|(k, v)| k == header::RETRY_AFTER && v == "7"),
+            "Retry-After reaches the client"
+        );
         let e = RegistryError::from(upstream_status(400, br#"{"errors":[{"code":"WEIRD_THING"}]}"#));
         assert_eq!(e.code.as_str(), "WEIRD_THING", "codes we do not know pass through");
         let e = RegistryError::from(UpstreamError::Loop { upstream: "q".into() });

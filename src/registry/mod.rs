@@ -49,6 +49,8 @@ pub struct App {
     pub ca_pem: String,
     /// This process's loop-detection token (see `VIA_HEADER`).
     pub via: String,
+    /// Upload sessions and usage of the local namespaces.
+    pub hosted: crate::local::Hosted,
 }
 
 /// What the listener knows of the connection a request came on.
@@ -75,8 +77,8 @@ impl App {
 
 pub async fn handle<B>(app: Arc<App>, conn: ConnInfo, req: Request<B>) -> Response<Body>
 where
-    B: hyper::body::Body<Data = bytes::Bytes> + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
 {
     let started = Instant::now();
     let method = req.method().clone();
@@ -164,8 +166,8 @@ async fn dispatch<B>(
     info: &mut outcome::RequestInfo,
 ) -> Result<Response<Body>, RegistryError>
 where
-    B: hyper::body::Body<Data = bytes::Bytes> + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
 {
     let uri = req.uri();
     let uri_bytes = uri.scheme_str().map_or(0, |s| s.len() + 3)
@@ -243,13 +245,28 @@ where
             } else {
                 bytes::Bytes::new()
             };
+            let authorization = parts.headers.contains_key(header::AUTHORIZATION);
+            let request = auth::token::TokenRequest::parse(&method, parts.uri.query(), authorization, &form);
+            if crate::local::token::is_local(app, &request) {
+                return crate::local::token::serve(app, &request, &parts.headers).await;
+            }
             auth::token::serve(app, host, &method, parts.uri.query(), &parts.headers, form).await
+        }
+        Endpoint::Local(r) => {
+            use http_body_util::BodyExt;
+            let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+            crate::local::serve(app, &origin, r, req).await
         }
         _ if !read_only => Err(RegistryError::unsupported(format!(
             "{method} is not supported: regmirror is a read-only pull-through cache"
         ))),
         Endpoint::Token => Err(RegistryError::unsupported("HEAD /token")),
         Endpoint::CaCert | Endpoint::Hostnames | Endpoint::StatusPage => Err(RegistryError::unsupported("only GET")),
+        Endpoint::Ping
+            if app.auth.local.is_some() && !host.is_some_and(|h| app.routes.knows_host(h)) && origin.ns.is_none() =>
+        {
+            local_ping(app, &origin, req.headers()).await
+        }
         Endpoint::Ping => ping(app, host, &origin, req.headers()).await,
         Endpoint::Catalog { upstream } => {
             let identity = app.auth.identity_of(req.headers());
@@ -276,8 +293,13 @@ where
                     }
                     Kind::Blob(digest) => blobs::serve(app, &r, digest, req.headers(), head, &access).await,
                     Kind::TagsList => tags::list(app, &r, head, &access).await,
-                    Kind::Upload => Err(RegistryError::unsupported(
+                    Kind::Upload(_) => Err(RegistryError::unsupported(
                         "pushing is not supported: regmirror is a read-only pull-through cache",
+                    )),
+                    Kind::Referrers(_) => Err(RegistryError::new(
+                        StatusCode::NOT_FOUND,
+                        errors::OciCode::NotFound,
+                        "the referrers API is served for local namespaces only",
                     )),
                 }
             };
@@ -339,7 +361,7 @@ fn describe(app: &App, endpoint: &Endpoint, host: Option<&str>, query: Option<&s
                     "blob"
                 }
                 Kind::TagsList => "list",
-                Kind::Upload => "other",
+                Kind::Upload(_) | Kind::Referrers(_) => "other",
             }
         }
         _ => "other",
@@ -367,6 +389,35 @@ async fn ping(
         origin,
         None,
     ))
+}
+
+/// `/v2/` on the proxy's own name or the plain listener when local
+/// namespaces exist: the challenge of regmirror's own `/token`, so
+/// `docker login` checks the password, and 200 for a client that brings a
+/// token (any: a pull through the mirror brings upstream's).
+async fn local_ping(app: &App, origin: &Origin, headers: &HeaderMap) -> Result<Response<Body>, RegistryError> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let local = app.auth.local.as_ref();
+        let basic = v.starts_with("Basic ") || v.starts_with("basic ");
+        if !basic {
+            return Ok(text(StatusCode::OK, "{}", "application/json"));
+        }
+        if let Some(auth) = local {
+            // Basic on the ping (podman's login does this first): checked
+            // against any namespace that lists the user.
+            if auth.caller_any(headers).await {
+                return Ok(text(StatusCode::OK, "{}", "application/json"));
+            }
+        }
+    }
+    let mut e = RegistryError::unauthorized("authentication required");
+    let v = format!(
+        "Bearer realm=\"{}\",service=\"{}\"",
+        origin.realm(),
+        app.settings.server_name
+    );
+    e.challenge = HeaderValue::from_str(&v).ok();
+    Err(e)
 }
 
 /// The upstream a `/v2/` ping stands for: `ns=`, else the host, else the default.
