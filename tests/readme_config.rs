@@ -17,6 +17,7 @@ fn schema_keys() -> BTreeSet<String> {
         ("AccessConfig", "access"),
         ("UpstreamConfig", "upstream"),
         ("LimitsConfig", "limits"),
+        ("LocalConfig", "local"),
     ];
     let mut keys = BTreeSet::new();
     for (name, section) in sections {
@@ -68,6 +69,9 @@ fn documented_keys() -> BTreeSet<String> {
             if let Some(field) = token.strip_prefix("[[upstream]] ") {
                 bare_section = Some("upstream");
                 keys.insert(format!("upstream.{field}"));
+            } else if let Some(field) = token.strip_prefix("[[local]] ") {
+                bare_section = Some("local");
+                keys.insert(format!("local.{field}"));
             } else if token.contains('.') {
                 keys.insert(token.to_string());
                 if !token.starts_with("upstream.") {

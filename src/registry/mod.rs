@@ -345,6 +345,27 @@ fn describe(app: &App, endpoint: &Endpoint, host: Option<&str>, query: Option<&s
             info.upstream = upstream.map(|id| app.upstreams.get(id).name().to_string());
             "list"
         }
+        Endpoint::Local(r) => {
+            info.upstream = app
+                .settings
+                .locals
+                .get(r.namespace)
+                .map(|l| format!("local:{}", l.namespace));
+            info.repo = Some(r.repo.to_string());
+            match &r.kind {
+                Kind::Manifest(reference) => {
+                    info.reference = Some(reference.to_string());
+                    "manifest"
+                }
+                Kind::Blob(d) => {
+                    info.reference = Some(d.to_string());
+                    "blob"
+                }
+                Kind::TagsList => "list",
+                Kind::Upload(_) => "upload",
+                Kind::Referrers(_) => "referrers",
+            }
+        }
         Endpoint::Repo(r) => {
             info.upstream = Some(app.upstream(r).name().to_string());
             info.repo = Some(r.repo.to_string());
