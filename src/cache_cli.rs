@@ -44,6 +44,15 @@ fn open(s: &Settings) -> Res<Store> {
     })
 }
 
+/// Every digest a local namespace's repository holds: never evicted,
+/// removed only by the local collection in `gc`.
+async fn held(s: &Settings, store: &Store) -> Res<std::collections::HashSet<Digest>> {
+    let namespaces: Vec<String> = s.locals.iter().map(|l| l.namespace.clone()).collect();
+    regmirror::local::gc::held(store.disk.as_ref(), &namespaces)
+        .await
+        .map_err(|e| format!("local namespaces: {e}"))
+}
+
 fn rt() -> Res<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -81,6 +90,24 @@ pub fn du(s: &Settings) -> Res<()> {
         human(s.low_water)
     );
     println!("total_bytes {total}");
+    if !s.locals.is_empty() {
+        let local = rt()?.block_on(async {
+            let held = held(s, &store).await?;
+            let mut bytes = 0;
+            for d in &held {
+                if let Ok(Some(info)) = store.disk.stat(d).await {
+                    bytes += info.size;
+                }
+            }
+            Ok::<_, String>((held.len(), bytes))
+        })?;
+        println!(
+            "local namespaces: {} in {} blobs (pushed content, outside max_size)",
+            human(local.1),
+            local.0
+        );
+        println!("local_bytes {}", local.1);
+    }
     Ok(())
 }
 
@@ -92,8 +119,13 @@ pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
         None => s.low_water,
     };
     let store = open(s)?;
-    let done = rt()?
-        .block_on(evict_to(&store.index, store.disk.as_ref(), target, &|_| false))
+    let runtime = rt()?;
+    let keep = runtime.block_on(held(s, &store))?;
+    let keep: std::collections::HashSet<String> = keep.iter().map(|d| d.to_string()).collect();
+    let done = runtime
+        .block_on(evict_to(&store.index, store.disk.as_ref(), target, &|d| {
+            keep.contains(d)
+        }))
         .map_err(|e| e.to_string())?;
     println!(
         "evicted {} blobs ({}); store {} -> {}",
@@ -102,6 +134,31 @@ pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
         human(done.before),
         human(done.after)
     );
+    if !s.locals.is_empty() {
+        let namespaces: Vec<String> = s.locals.iter().map(|l| l.namespace.clone()).collect();
+        let cached: std::collections::HashSet<String> = store
+            .index
+            .all()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|e| e.digest)
+            .collect();
+        let collected = runtime
+            .block_on(regmirror::local::gc::collect(
+                store.disk.as_ref(),
+                store.disk.as_ref(),
+                &namespaces,
+                regmirror::local::gc::GC_GRACE,
+                &|d| cached.contains(d.as_str()),
+            ))
+            .map_err(|e| format!("local namespaces: {e}"))?;
+        println!(
+            "local namespaces: {} unreferenced blob links removed, {} blobs deleted ({})",
+            collected.unlinked,
+            collected.deleted,
+            human(collected.bytes)
+        );
+    }
     Ok(())
 }
 
@@ -114,10 +171,11 @@ pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
 /// mismatch.
 pub fn verify(s: &Settings) -> Res<()> {
     let store = open(s)?;
-    rt()?.block_on(verify_async(&store, &s.cache_dir))
+    rt()?.block_on(verify_async(s, &store, &s.cache_dir))
 }
 
-async fn verify_async(store: &Store, root: &Path) -> Res<()> {
+async fn verify_async(s: &Settings, store: &Store, root: &Path) -> Res<()> {
+    let held = held(s, store).await?;
     let listed = store.disk.list().await.map_err(|e| e.to_string())?;
     let bar = progress(listed.len() as u64, "verifying");
     let mut bad = Vec::new();
@@ -139,7 +197,7 @@ async fn verify_async(store: &Store, root: &Path) -> Res<()> {
         match ok {
             Ok(true) => {
                 present.insert(b.digest.to_string());
-                if !indexed.contains(&b.digest.to_string()) {
+                if !indexed.contains(&b.digest.to_string()) && !held.contains(&b.digest) {
                     changes.push(Change::Add {
                         digest: b.digest.to_string(),
                         size: b.size,
@@ -256,7 +314,9 @@ fn parse_image(s: &Settings, image: &str) -> Res<ImageRef> {
 
 pub fn ls(s: &Settings, json: bool) -> Res<()> {
     let store = open(s)?;
-    let rows = rt()?.block_on(ls_async(s, &store))?;
+    let (mut rows, local) =
+        rt()?.block_on(async { Ok::<_, String>((ls_async(s, &store).await?, ls_local(s, &store).await?)) })?;
+    rows.extend(local);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?);
         return Ok(());
@@ -282,6 +342,44 @@ pub fn ls(s: &Settings, json: bool) -> Res<()> {
         );
     }
     Ok(())
+}
+
+/// The tags of the local namespaces' repositories, as `local/<repo>` rows
+/// (pushed, so never "used": their last use is left at 0).
+async fn ls_local(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
+    use regmirror::cache::HostedStore;
+    let mut rows = Vec::new();
+    for ns in &s.locals {
+        let repos = store
+            .disk
+            .repositories(&ns.namespace)
+            .await
+            .map_err(|e| e.to_string())?;
+        for repo in repos {
+            for (tag, d) in store.disk.tags(&repo).await.map_err(|e| e.to_string())? {
+                let mut size = 0;
+                let mut media_type = String::new();
+                for part in closure(store.disk.as_ref(), &d).await {
+                    if let Ok(Some(info)) = store.disk.stat(&part).await {
+                        size += info.size;
+                        if part == d {
+                            media_type = info.media_type.unwrap_or_default();
+                        }
+                    }
+                }
+                rows.push(CachedTag {
+                    upstream: "local".into(),
+                    repository: repo.to_string(),
+                    tag: tag.as_str().to_string(),
+                    digest: d.to_string(),
+                    media_type,
+                    size,
+                    last_used_ms: 0,
+                });
+            }
+        }
+    }
+    Ok(rows)
 }
 
 async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
@@ -326,7 +424,10 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
                 }
             }
         }
-        // Keep what any other recorded tag reaches.
+        // Keep what a local namespace holds, and what any other recorded
+        // tag reaches.
+        let held = held(s, &store).await?;
+        doomed.retain(|d| !held.contains(d));
         let others = ls_async(s, &store).await?;
         for row in others {
             if let Ok(d) = Digest::parse(&row.digest) {

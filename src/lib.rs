@@ -100,7 +100,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         settings,
         hosted: local::Hosted::default(),
     });
-    local::Hosted::spawn_expiry(&app);
+    local::Hosted::spawn_background(&app);
     let served = server::run(app, issuer, listeners, shutdown).await;
     cache.flush().await;
     served.map_err(StartError::Listen)

@@ -3,6 +3,7 @@
 //! ```text
 //! local/<repo>/_blobs/<alg>-<hex>          a layer or config the repository holds
 //! local/<repo>/_manifests/<alg>-<hex>      a manifest the repository holds
+//! local/<repo>/_deleted/<alg>-<hex>        a manifest deleted through the API, until gc
 //! local/<repo>/_tags/<tag>                 the digest the tag points at
 //! local/<repo>/_referrers/<alg>-<hex>/<alg>-<hex>.json   a referrer's descriptor, by subject
 //! ```
@@ -21,7 +22,15 @@ use super::disk::DiskStore;
 use super::hosted_store::{HostedStore, Link};
 use crate::reference::{Digest, RepoName, Tag};
 
-const RECORDS: [&str; 4] = ["_blobs", "_manifests", "_tags", "_referrers"];
+const RECORDS: [&str; 5] = ["_blobs", "_manifests", "_tags", "_referrers", "_deleted"];
+
+fn link_dir(link: Link) -> &'static str {
+    match link {
+        Link::Blob => "_blobs",
+        Link::Manifest => "_manifests",
+        Link::Deleted => "_deleted",
+    }
+}
 
 fn file_name(d: &Digest) -> String {
     format!("{}-{}", d.algorithm().name(), d.hex())
@@ -50,11 +59,7 @@ impl DiskStore {
     }
 
     fn link_path(&self, repo: &RepoName, link: Link, d: &Digest) -> PathBuf {
-        let kind = match link {
-            Link::Blob => "_blobs",
-            Link::Manifest => "_manifests",
-        };
-        self.hosted_dir(repo).join(kind).join(file_name(d))
+        self.hosted_dir(repo).join(link_dir(link)).join(file_name(d))
     }
 
     fn referrer_dir(&self, repo: &RepoName, subject: &Digest) -> PathBuf {
@@ -99,16 +104,19 @@ impl HostedStore for DiskStore {
         Ok(not_found_is_none(fs::metadata(self.link_path(repo, link, d)).await)?.is_some())
     }
 
+    async fn link_age(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<Option<std::time::Duration>> {
+        let Some(meta) = not_found_is_none(fs::metadata(self.link_path(repo, link, d)).await)? else {
+            return Ok(None);
+        };
+        Ok(Some(meta.modified()?.elapsed().unwrap_or_default()))
+    }
+
     async fn unlink(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<bool> {
         Ok(not_found_is_none(fs::remove_file(self.link_path(repo, link, d)).await)?.is_some())
     }
 
     async fn links(&self, repo: &RepoName, link: Link) -> io::Result<Vec<Digest>> {
-        let kind = match link {
-            Link::Blob => "_blobs",
-            Link::Manifest => "_manifests",
-        };
-        let dir = self.hosted_dir(repo).join(kind);
+        let dir = self.hosted_dir(repo).join(link_dir(link));
         Ok(names(&dir).await?.iter().filter_map(|n| parse_file_name(n)).collect())
     }
 

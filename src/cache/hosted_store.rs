@@ -22,6 +22,8 @@ pub enum Link {
     Blob,
     /// A manifest or index, pushed with a media type.
     Manifest,
+    /// A manifest deleted through the API: its content waits for gc.
+    Deleted,
 }
 
 #[async_trait]
@@ -31,6 +33,8 @@ pub trait HostedStore: Send + Sync + 'static {
     /// True when the digest was linked.
     async fn unlink(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<bool>;
     async fn links(&self, repo: &RepoName, link: Link) -> io::Result<Vec<Digest>>;
+    /// How long ago the digest was linked; `None` when it is not.
+    async fn link_age(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<Option<std::time::Duration>>;
     async fn set_tag(&self, repo: &RepoName, tag: &Tag, d: &Digest) -> io::Result<()>;
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>>;
     /// True when the tag existed.

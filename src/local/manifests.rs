@@ -285,6 +285,8 @@ pub async fn delete(app: &App, r: &LocalRequest, reference: &Reference) -> Resul
             if !store.unlink(&r.repo, Link::Manifest, d).await.map_err(store_error)? {
                 return Err(unknown(reference));
             }
+            // Its content is collectable now (`regmirror cache gc`).
+            store.link(&r.repo, Link::Deleted, d).await.map_err(store_error)?;
             for (t, at) in store.tags(&r.repo).await.map_err(store_error)? {
                 if at == *d {
                     store.delete_tag(&r.repo, &t).await.map_err(store_error)?;

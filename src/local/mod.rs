@@ -12,6 +12,7 @@
 //! manifests (`manifests`), blobs, tags and referrers (here). Nothing here
 //! asks an upstream.
 
+pub mod gc;
 pub mod manifests;
 pub mod quota;
 pub mod token;
@@ -48,8 +49,21 @@ pub struct Hosted {
 const EXPIRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Hosted {
-    /// Removes abandoned upload sessions until `app` is gone.
-    pub fn spawn_expiry(app: &Arc<App>) {
+    /// Starts the background work of local namespaces: pinning what they
+    /// hold (so the cache's evictor never takes it, even from an index
+    /// rebuilt from the store), and removing abandoned upload sessions
+    /// until `app` is gone.
+    pub fn spawn_background(app: &Arc<App>) {
+        if app.settings.locals.is_empty() {
+            return;
+        }
+        let pinning = app.clone();
+        tokio::spawn(async move {
+            let pinned = pin_all(&pinning).await;
+            if let Err(e) = pinned {
+                tracing::warn!(error = %e, "could not list what the local namespaces hold; it is pinned as it is used");
+            }
+        });
         let weak = Arc::downgrade(app);
         tokio::spawn(async move {
             loop {
@@ -63,6 +77,24 @@ impl Hosted {
             }
         });
     }
+}
+
+/// Pins every digest a local repository holds.
+async fn pin_all(app: &App) -> std::io::Result<()> {
+    let store = app.cache.hosted()?;
+    let mut n = 0usize;
+    for ns in &app.settings.locals {
+        for repo in store.repositories(&ns.namespace).await? {
+            for kind in [Link::Blob, Link::Manifest] {
+                for d in store.links(&repo, kind).await? {
+                    app.cache.pin(&d);
+                    n += 1;
+                }
+            }
+        }
+    }
+    tracing::debug!(digests = n, "local namespaces' content pinned");
+    Ok(())
 }
 
 fn local_auth(app: &App) -> Result<&LocalAuth, RegistryError> {
