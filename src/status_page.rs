@@ -27,7 +27,19 @@ pub struct StatusData {
     pub health: std::collections::BTreeMap<String, UpstreamHealth>,
     /// Each upstream's URLs (`urls`) and their health, in config order.
     pub urls: Vec<(String, Vec<UrlState>)>,
+    /// Repositories of the local namespaces (pushed, not cached).
+    pub local: Vec<LocalRepo>,
     pub now: SystemTime,
+}
+
+/// One pushed repository as the page lists it.
+#[derive(Debug, Clone)]
+pub struct LocalRepo {
+    pub repository: String,
+    pub tags: usize,
+    /// Bytes of everything it holds.
+    pub size: u64,
+    pub last_push: Option<SystemTime>,
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -225,6 +237,25 @@ pub fn render(d: &StatusData) -> String {
         h.push_str("</table></div>");
     }
 
+    // Pushed repositories, apart from the cache.
+    if !d.local.is_empty() {
+        h.push_str(
+            "<h2>Local repositories</h2><div class=\"scroll\"><table id=\"local\"><tr><th>repository</th>\
+<th class=\"n\">tags</th><th class=\"n\">size</th><th>last push</th></tr>",
+        );
+        for r in &d.local {
+            let _ = write!(
+                h,
+                "<tr><td class=\"repo\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+                escape(&r.repository),
+                r.tags,
+                human(r.size),
+                ago(d.now, r.last_push)
+            );
+        }
+        h.push_str("</table></div>");
+    }
+
     // The cache, per upstream.
     h.push_str("<h2>Cached images</h2>");
     for u in &d.upstreams {
@@ -281,6 +312,12 @@ mod tests {
             }],
             health: Default::default(),
             urls: Vec::new(),
+            local: vec![LocalRepo {
+                repository: "private/<b>app".into(),
+                tags: 2,
+                size: 5 << 20,
+                last_push: Some(SystemTime::now()),
+            }],
             now: SystemTime::now(),
         }
     }
@@ -293,6 +330,10 @@ mod tests {
         assert!(page.contains("v1&quot;&amp;&#39;"));
         assert!(page.contains("status-test.io/a&lt;b"));
         assert!(page.contains("3.0 MiB"));
+        assert!(
+            page.contains("private/&lt;b&gt;app") && page.contains("5.0 MiB"),
+            "local repositories listed"
+        );
     }
 
     #[test]

@@ -180,6 +180,22 @@ fn skopeo_copies_a_multi_arch_index_in_and_out_and_a_cached_image_costs_no_uploa
     back.assert_ok();
     assert_eq!(common::sha256_digest(back.stdout.as_bytes()), fresh.manifest_digest);
 
+    // The status page lists pushed repositories apart from cached ones.
+    let page = common::block_on(async {
+        reqwest::get(format!("{}/", s.rm.http_url()))
+            .await
+            .expect("status page")
+            .text()
+            .await
+            .expect("page")
+    });
+    let local = page.split("<h2>Local repositories</h2>").nth(1).unwrap_or("");
+    let local = local.split("<h2>").next().unwrap_or("");
+    assert!(
+        local.contains("private/pr-cached") && local.contains("private/pr-fresh"),
+        "status page: {page}"
+    );
+
     // Refusals as skopeo reports them.
     let denied = skopeo(
         &sb,

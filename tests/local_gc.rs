@@ -163,7 +163,10 @@ fn deleted_manifests_content_is_collected_and_shared_content_stays() {
 
     age_links(rm.dir(), "private/a");
     let said = cache(&rm, &["gc"]);
-    assert!(said.contains("4 unreferenced blob links removed, 2 blobs deleted"), "{said}");
+    assert!(
+        said.contains("4 unreferenced blob links removed, 2 blobs deleted"),
+        "{said}"
+    );
     for d in [&only_a, &stray] {
         assert!(!blob_file(&rm, d).exists(), "{d} was used by nothing left: {said}");
     }

@@ -79,6 +79,48 @@ impl Hosted {
     }
 }
 
+/// Every local repository with its tags, size and last push, for the
+/// status page. Walks the namespaces' records (not the content).
+pub async fn summary(app: &App) -> Vec<crate::status_page::LocalRepo> {
+    let Ok(store) = app.cache.hosted() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ns in &app.settings.locals {
+        let repos = match store.repositories(&ns.namespace).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(namespace = %ns.namespace, error = %e, "status page: could not list a local namespace");
+                continue;
+            }
+        };
+        for repo in repos {
+            let tags = store.tags(&repo).await.map(|t| t.len()).unwrap_or(0);
+            let mut size = 0;
+            let mut newest: Option<std::time::Duration> = None;
+            for kind in [Link::Blob, Link::Manifest] {
+                for d in store.links(&repo, kind).await.unwrap_or_default() {
+                    if let Ok(Some(info)) = app.cache.stat(&d).await {
+                        size += info.size;
+                    }
+                    if kind == Link::Manifest {
+                        if let Ok(Some(age)) = store.link_age(&repo, kind, &d).await {
+                            newest = Some(newest.map_or(age, |n| n.min(age)));
+                        }
+                    }
+                }
+            }
+            out.push(crate::status_page::LocalRepo {
+                repository: repo.to_string(),
+                tags,
+                size,
+                last_push: newest.and_then(|a| std::time::SystemTime::now().checked_sub(a)),
+            });
+        }
+    }
+    out
+}
+
 /// Pins every digest a local repository holds.
 async fn pin_all(app: &App) -> std::io::Result<()> {
     let store = app.cache.hosted()?;

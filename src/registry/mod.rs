@@ -328,6 +328,7 @@ async fn status_page(app: &App) -> String {
             .iter()
             .map(|u| (u.name().to_string(), u.url_states()))
             .collect(),
+        local: crate::local::summary(app).await,
         now: std::time::SystemTime::now(),
     })
 }
