@@ -16,6 +16,7 @@ pub mod clients;
 pub mod daemons;
 pub mod images;
 pub mod matrix;
+pub mod push;
 pub mod regmirror;
 pub mod token_server;
 pub mod upstream;
