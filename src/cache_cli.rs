@@ -53,6 +53,17 @@ async fn held(s: &Settings, store: &Store) -> Res<std::collections::HashSet<Dige
         .map_err(|e| format!("local namespaces: {e}"))
 }
 
+/// The digests the recency index holds: the cache's own content.
+fn indexed_digests(store: &Store) -> Res<std::collections::HashSet<String>> {
+    Ok(store
+        .index
+        .all()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|e| e.digest)
+        .collect())
+}
+
 fn rt() -> Res<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -136,13 +147,7 @@ pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
     );
     if !s.locals.is_empty() {
         let namespaces: Vec<String> = s.locals.iter().map(|l| l.namespace.clone()).collect();
-        let cached: std::collections::HashSet<String> = store
-            .index
-            .all()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|e| e.digest)
-            .collect();
+        let cached = indexed_digests(&store)?;
         let collected = runtime
             .block_on(regmirror::local::gc::collect(
                 store.disk.as_ref(),
@@ -180,13 +185,7 @@ async fn verify_async(s: &Settings, store: &Store, root: &Path) -> Res<()> {
     let bar = progress(listed.len() as u64, "verifying");
     let mut bad = Vec::new();
     let mut changes = Vec::new();
-    let indexed: std::collections::HashSet<String> = store
-        .index
-        .all()
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|e| e.digest)
-        .collect();
+    let indexed = indexed_digests(store)?;
     let mut present = std::collections::HashSet::new();
     for (i, b) in listed.iter().enumerate() {
         let path = blob_file(root, &b.digest);

@@ -161,11 +161,6 @@ impl DiskStore {
         self.repo_dir(at).join("_lists").join(format!("{}.json", safe_key(key)))
     }
 
-    /// A fresh name under `tmp/`, for records written then renamed.
-    pub(crate) fn temp_file(&self, what: &str) -> PathBuf {
-        self.temp_path(what)
-    }
-
     fn temp_path(&self, what: &str) -> PathBuf {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!("{what}.{}.{n}", std::process::id()))
@@ -234,7 +229,9 @@ impl DiskStore {
         })
     }
 
-    async fn write_atomically(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+    /// Writes `data` to a temp file and renames it to `path`: readers see
+    /// the old record or the new, never part of one.
+    pub(super) async fn write_atomically(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).await?;
         }
@@ -339,7 +336,7 @@ fn safe_component(s: &str) -> String {
     }
 }
 
-fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+pub(super) fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

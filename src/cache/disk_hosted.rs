@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio::fs;
 
-use super::disk::DiskStore;
+use super::disk::{not_found_is_none, DiskStore};
 use super::hosted_store::{HostedStore, Link};
 use crate::reference::{Digest, RepoName, Tag};
 
@@ -41,14 +41,6 @@ fn parse_file_name(name: &str) -> Option<Digest> {
     Digest::parse(&format!("{alg}:{hex}")).ok()
 }
 
-fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 impl DiskStore {
     fn hosted_dir(&self, repo: &RepoName) -> PathBuf {
         let mut p = self.root().join("local");
@@ -64,19 +56,6 @@ impl DiskStore {
 
     fn referrer_dir(&self, repo: &RepoName, subject: &Digest) -> PathBuf {
         self.hosted_dir(repo).join("_referrers").join(file_name(subject))
-    }
-
-    async fn write_record(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).await?;
-        }
-        let tmp = self.temp_file("record");
-        fs::write(&tmp, data).await?;
-        if let Err(e) = fs::rename(&tmp, path).await {
-            let _ = fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-        Ok(())
     }
 }
 
@@ -97,7 +76,7 @@ async fn names(dir: &Path) -> io::Result<Vec<String>> {
 #[async_trait]
 impl HostedStore for DiskStore {
     async fn link(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<()> {
-        self.write_record(&self.link_path(repo, link, d), b"").await
+        self.write_atomically(&self.link_path(repo, link, d), b"").await
     }
 
     async fn linked(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<bool> {
@@ -122,7 +101,7 @@ impl HostedStore for DiskStore {
 
     async fn set_tag(&self, repo: &RepoName, tag: &Tag, d: &Digest) -> io::Result<()> {
         let path = self.hosted_dir(repo).join("_tags").join(tag.as_str());
-        self.write_record(&path, d.as_str().as_bytes()).await
+        self.write_atomically(&path, d.as_str().as_bytes()).await
     }
 
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
@@ -161,7 +140,7 @@ impl HostedStore for DiskStore {
         let path = self
             .referrer_dir(repo, subject)
             .join(format!("{}.json", file_name(referrer)));
-        self.write_record(&path, descriptor).await
+        self.write_atomically(&path, descriptor).await
     }
 
     async fn remove_referrer(&self, repo: &RepoName, subject: &Digest, referrer: &Digest) -> io::Result<()> {
