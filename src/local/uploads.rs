@@ -25,8 +25,10 @@ use crate::registry::errors::{OciCode, RegistryError};
 use crate::route::UploadId;
 use http::StatusCode;
 
-/// Bytes gathered before one write to the file.
-const WRITE_BATCH: usize = 1 << 20;
+/// Bytes gathered before one write to the file: enough that a write is
+/// not a blocking-pool hand-off per 16 KiB frame, small enough that eight
+/// concurrent pushes of two layers each hold a few MiB, not 16.
+const WRITE_BATCH: usize = 256 * 1024;
 
 pub struct Session {
     pub id: UploadId,
@@ -229,7 +231,7 @@ async fn write_body(
     room: Option<u64>,
 ) -> Result<(), ChunkError> {
     let mut got: u64 = 0;
-    let mut batch = BytesMut::new();
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
     loop {
         let frame = match body.frame().await {
             None => break,
