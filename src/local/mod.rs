@@ -169,6 +169,24 @@ pub async fn serve(
     r: LocalRequest,
     req: Request<PushBody>,
 ) -> Result<Response<Body>, RegistryError> {
+    // A refused upload leaves its body unread, so the HTTP/1.1 connection
+    // cannot carry another request: say so, or a client that reuses it
+    // sees its next request fail with no answer at all.
+    let unread_body =
+        req.version() <= http::Version::HTTP_11 && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
+    let result = serve_request(app, origin, r, req).await;
+    match result {
+        Err(e) if unread_body => Err(e.with_header(header::CONNECTION, HeaderValue::from_static("close"))),
+        other => other,
+    }
+}
+
+async fn serve_request(
+    app: &Arc<App>,
+    origin: &Origin,
+    r: LocalRequest,
+    req: Request<PushBody>,
+) -> Result<Response<Body>, RegistryError> {
     let auth = local_auth(app)?;
     let ns = auth
         .namespace(r.namespace)

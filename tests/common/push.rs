@@ -217,6 +217,7 @@ impl Local {
 
     /// `cfg` with the given `[[local]]` tables appended.
     pub fn start_with(mut cfg: Config, namespaces: &[Namespace<'_>]) -> Local {
+        super::init_crypto();
         let dir = super::tempdir("local-ns-");
         for ns in namespaces {
             let path = dir.path().join(format!("htpasswd-{}", ns.namespace));
