@@ -697,6 +697,40 @@ fn manifests_naming_missing_content_or_malformed_are_refused() {
         l.get_manifest(REPO, &sha256_digest(&good), &admin)
             .await
             .expect_error(404, "MANIFEST_UNKNOWN");
+
+        // The namespace alone is no repository.
+        let r = l.start_upload("private", &admin).await;
+        assert!(
+            (400..500).contains(&r.status),
+            "{}: a push to the bare namespace must be refused with a 4xx, got {}: {:?}",
+            r.what,
+            r.status,
+            r.text()
+        );
+
+        // Manifests of a few MiB go in (the spec: at least 4 MB SHOULD);
+        // a far larger one is refused with a 4xx, never a 5xx.
+        let big = image_manifest(
+            &config,
+            std::slice::from_ref(&layer),
+            json!({"annotations": {"org.example.padding": "x".repeat(3 * 1024 * KIB)}}),
+        );
+        l.put_manifest(REPO, "big", OCI_MANIFEST, &big, &admin)
+            .await
+            .expect(201);
+        assert_manifest(&l, REPO, "big", OCI_MANIFEST, &big, &admin).await;
+        let huge = image_manifest(
+            &config,
+            std::slice::from_ref(&layer),
+            json!({"annotations": {"org.example.padding": "x".repeat(24 * 1024 * KIB)}}),
+        );
+        let r = raw_put(&l, &format!("/v2/{REPO}/manifests/huge"), OCI_MANIFEST, huge).await;
+        assert!(
+            (400..500).contains(&r.status),
+            "a 24 MiB manifest: want a 4xx (413), got {} {:?}",
+            r.status,
+            r.headers
+        );
     });
 }
 
@@ -772,6 +806,17 @@ fn tags_list_is_sorted_and_paginated() {
             r.text()
         );
         assert!(r.header("link").is_none(), "{}: Link after the end", r.what);
+
+        // n=0: an empty list and no Link.
+        let r = l.get(&format!("/v2/{REPO}/tags/list?n=0"), &admin).await;
+        r.expect(200);
+        assert!(
+            tags_of(&r).is_empty(),
+            "{}: n=0 must list nothing: {}",
+            r.what,
+            r.text()
+        );
+        assert!(r.header("link").is_none(), "{}: n=0 must carry no Link", r.what);
 
         l.get("/v2/private/nope/tags/list", &admin)
             .await
@@ -902,6 +947,46 @@ fn referrers_list_manifests_whose_subject_is_the_digest() {
         r.expect(200);
         assert_eq!(r.header("oci-filters-applied"), Some("artifactType"), "{}", r.what);
         assert_eq!(r.json()["manifests"], json!([]), "{}", r.text());
+
+        // An index referring to the image: listed with its own media type,
+        // its annotations, and no artifactType (it has none, nor a config).
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": sig_digest, "size": sig.len()}],
+            "subject": subject_desc,
+            "annotations": {"org.example.bundle": "yes"},
+        }))
+        .expect("json");
+        let index_digest = sha256_digest(&index);
+        let put = l.put_manifest(REPO, &index_digest, OCI_INDEX, &index, &admin).await;
+        put.expect(201);
+        assert_eq!(
+            put.header("oci-subject"),
+            Some(subject.digest.as_str()),
+            "{}: OCI-Subject",
+            put.what
+        );
+        let r = l.get(&path, &admin).await;
+        r.expect(200);
+        let v = r.json();
+        let list = v["manifests"].as_array().unwrap_or_else(|| panic!("{v}"));
+        assert_eq!(list.len(), 3, "signature, SBOM and index: {v}");
+        let i = list
+            .iter()
+            .find(|m| m["digest"].as_str() == Some(index_digest.as_str()))
+            .unwrap_or_else(|| panic!("the index is not listed: {v}"));
+        assert_eq!(i["mediaType"].as_str(), Some(OCI_INDEX), "{i}");
+        assert_eq!(i["size"].as_u64(), Some(index.len() as u64), "{i}");
+        assert!(
+            i.get("artifactType").is_none(),
+            "an index without artifactType lists none: {i}"
+        );
+        assert_eq!(i["annotations"]["org.example.bundle"].as_str(), Some("yes"), "{i}");
+
+        // A digest of invalid syntax is a 400.
+        let r = l.get(&format!("/v2/{REPO}/referrers/sha256:abc"), &admin).await;
+        assert_eq!(r.status, 400, "{}: {:?}", r.what, r.text());
 
         // Nothing refers to the signature itself, nor to a digest never seen.
         for d in [sig_digest.clone(), sha256_digest(b"nobody")] {
@@ -1367,8 +1452,8 @@ fn sha512_and_malformed_digests() {
                 "PUT ?digest={bad}: {:?}",
                 r.text()
             );
-            // A small body: an early 400 then a close must not race the
-            // client still writing (that race is reported separately).
+            // A small body: an early 400 then a close would race a client
+            // still writing (tested on its own below).
             let r = send(
                 l.request(
                     "POST",
@@ -1874,19 +1959,27 @@ fn a_push_past_the_quota_is_refused() {
         let _ = l.delete(&loc, &admin).await;
         l.assert_uploads_empty("a refused upload, cancelled");
 
+        // A single POST far past the quota, read as raw HTTP: regmirror may
+        // answer before it has read the body (see the early-refusal test).
         let big = random_bytes(2 * 1024 * KIB);
         let bd = sha256_digest(&big);
-        let r = send(
-            l.request("POST", &format!("/v2/{REPO}/blobs/uploads/?digest={bd}"), &admin)
-                .body(big.clone()),
+        let r = raw_post(
+            &l,
+            &format!("/v2/{REPO}/blobs/uploads/?digest={bd}"),
+            "application/octet-stream",
+            big,
         )
         .await;
-        r.expect_error(403, "DENIED");
+        assert_eq!(r.status, 403, "2 MiB POST past a 1 MiB quota: {r:?}");
+        let body: Value = serde_json::from_slice(&r.body).expect("OCI error JSON");
+        assert_eq!(body["errors"][0]["code"].as_str(), Some("DENIED"), "{body}");
         assert!(
-            r.message().to_lowercase().contains("quota"),
-            "{}: {:?}",
-            r.what,
-            r.text()
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_lowercase()
+                .contains("quota"),
+            "the message must name the quota: {body}"
         );
         assert_no_blob(&l, REPO, &bd, &admin, "a single POST past the quota").await;
 
@@ -1973,6 +2066,34 @@ fn open_upload_sessions_per_user_are_bounded() {
         let dd = l.push_blob(REPO, &dev_blob, &Auth::user(DEV)).await;
         assert_blob(&l, REPO, &dd, &dev_blob, &Auth::user(CI)).await;
 
+        // A session is its user's: another login can neither read, feed,
+        // complete nor cancel it.
+        let mine = open.last().expect("a session").clone();
+        let intruder = [
+            l.get(&mine, &other).await,
+            l.patch_chunk(&mine, 0, &data, &other).await,
+            l.put_upload(&mine, &sha256_digest(&data), &data, &other).await,
+            l.delete(&mine, &other).await,
+        ];
+        for r in &intruder {
+            assert!(
+                matches!(r.status, 403 | 404),
+                "{} by another user must be refused (403/404), got {}: {:?}",
+                r.what,
+                r.status,
+                r.text()
+            );
+        }
+        let st = l.get(&mine, &admin).await;
+        st.expect(204);
+        assert!(
+            st.header("range")
+                .is_none_or(|r| r.trim_start_matches("bytes=") == "0-0"),
+            "{}: another user's bytes landed in the session: {:?}",
+            st.what,
+            st.header("range")
+        );
+
         // Finishing one makes room for one.
         let done = open.pop().expect("a session");
         l.put_upload(&done, &sha256_digest(&data), &data, &admin)
@@ -1990,4 +2111,206 @@ fn open_upload_sessions_per_user_are_bounded() {
         }
         l.assert_uploads_empty("every session cancelled");
     });
+}
+
+/// Pushed content is kept: the cache's size bound evicts pulled content
+/// around it but never what was pushed, and after a restart every tag,
+/// manifest, blob and referrer is served as before; an upload session open
+/// across the restart is resumed or cleanly unknown, never an error.
+#[test]
+fn pushed_content_survives_eviction_and_a_restart() {
+    let env = UpstreamEnv::start(UpstreamEnvOpts::default());
+    let public: Vec<_> = (0..4)
+        .map(|_| common::images::build_image(common::images::Format::Oci, "amd64", &[400 * KIB]))
+        .collect();
+    for (i, img) in public.iter().enumerate() {
+        env.pusher.push_image(&format!("library/big{i}"), "1", img);
+    }
+    let mut cfg = Config::new(alloc_ip()).with_standard_upstreams(UPSTREAM_HOST, env.upstream.ip, &env.ca_file);
+    cfg.max_size = "1MiB".into();
+    let mut l = Local::start_with(
+        cfg,
+        &[Namespace {
+            namespace: "private",
+            users: &[ADMIN, CI, DEV],
+            keys: ROLES,
+        }],
+    );
+    let admin = admin();
+    let layer = random_bytes(700 * KIB);
+    let (img, layer_d, referrer, open_loc) = block_on(async {
+        let layer_d = l.push_blob(REPO, &layer, &admin).await;
+        let config = config_blob();
+        l.push_blob(REPO, &config, &admin).await;
+        let manifest = image_manifest(&config, std::slice::from_ref(&layer), json!({}));
+        l.put_manifest(REPO, "v1", OCI_MANIFEST, &manifest, &admin)
+            .await
+            .expect(201);
+        let img = (manifest, config);
+        let empty = b"{}".to_vec();
+        l.push_blob(REPO, &empty, &admin).await;
+        let referrer = image_manifest_typed(
+            EMPTY_CONFIG_TYPE,
+            &empty,
+            &[],
+            json!({"artifactType": "application/vnd.example.note",
+                   "subject": {"mediaType": OCI_MANIFEST, "digest": sha256_digest(&img.0), "size": img.0.len()}}),
+        );
+        l.put_manifest(REPO, &sha256_digest(&referrer), OCI_MANIFEST, &referrer, &admin)
+            .await
+            .expect(201);
+
+        // 1.6 MiB of public layers through a 1 MiB cache.
+        for (i, p) in public.iter().enumerate() {
+            let r = pull_through(&l, &format!("dockerhub/library/big{i}"), &p.layers[0].digest, None).await;
+            r.expect(200);
+            assert!(r.body == p.layers[0].data, "{}: pulled bytes", r.what);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_blob(&l, REPO, &layer_d, &layer, &admin).await;
+        assert_manifest(&l, REPO, "v1", OCI_MANIFEST, &img.0, &admin).await;
+
+        let loc = l.session(REPO, &admin).await;
+        let r = l.patch_chunk(&loc, 0, &layer[..100 * KIB], &admin).await;
+        r.expect(202);
+        (img, layer_d, referrer, l.location(&r))
+    });
+
+    l.restart();
+    block_on(async {
+        assert_blob(&l, REPO, &layer_d, &layer, &admin).await;
+        assert_blob(&l, REPO, &sha256_digest(&img.1), &img.1, &admin).await;
+        assert_manifest(&l, REPO, "v1", OCI_MANIFEST, &img.0, &admin).await;
+        assert_manifest(&l, REPO, &sha256_digest(&img.0), OCI_MANIFEST, &img.0, &admin).await;
+        let r = l.get(&format!("/v2/{REPO}/tags/list"), &admin).await;
+        r.expect(200);
+        assert_eq!(tags_of(&r), vec!["v1".to_string()], "{}", r.what);
+        let r = l
+            .get(&format!("/v2/{REPO}/referrers/{}", sha256_digest(&img.0)), &admin)
+            .await;
+        r.expect(200);
+        let listed: Vec<String> = r.json()["manifests"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["digest"].as_str())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            listed,
+            vec![sha256_digest(&referrer)],
+            "the referrer after a restart: {}",
+            r.text()
+        );
+
+        let st = l.get(&open_loc, &admin).await;
+        match st.status {
+            204 => {
+                let next = st.range_end() + 1;
+                let r = l
+                    .patch_chunk(&l.location(&st), next, &layer[next as usize..], &admin)
+                    .await;
+                r.expect(202);
+                l.put_upload(&l.location(&r), &layer_d, &[], &admin).await.expect(201);
+            }
+            404 => assert_eq!(st.code(), "BLOB_UPLOAD_UNKNOWN", "{}", st.text()),
+            s => panic!(
+                "{}: a session open across a restart answered {s}: {:?}",
+                st.what,
+                st.text()
+            ),
+        }
+        // Still pushable after the restart.
+        let fresh = random_bytes(50 * KIB);
+        let d = l.push_blob(REPO, &fresh, &admin).await;
+        assert_blob(&l, REPO, &d, &fresh, &Auth::user(CI)).await;
+    });
+}
+
+/// A request with a large body sent as raw HTTP by admin, read even when
+/// regmirror answers before it has read the body.
+async fn raw_send(l: &Local, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> common::push::RawResp {
+    let head = raw_head(l, method, &l.url(path), &[("Content-Length", body.len().to_string())]).replacen(
+        "Content-Type: application/octet-stream",
+        &format!("Content-Type: {content_type}"),
+        1,
+    );
+    let addr = l.rm.config.http;
+    let what = format!("{method} {path}");
+    tokio::task::spawn_blocking(move || {
+        let s = std::net::TcpStream::connect(addr).expect("connect");
+        common::push::raw_exchange(&s, &head, body)
+    })
+    .await
+    .expect("raw client")
+    .unwrap_or_else(|| panic!("{what}: no response"))
+}
+
+async fn raw_post(l: &Local, path: &str, content_type: &str, body: Vec<u8>) -> common::push::RawResp {
+    raw_send(l, "POST", path, content_type, body).await
+}
+
+async fn raw_put(l: &Local, path: &str, content_type: &str, body: Vec<u8>) -> common::push::RawResp {
+    raw_send(l, "PUT", path, content_type, body).await
+}
+
+/// A request refused before its body was read (a bad digest, or no login, on
+/// a 2 MiB monolithic upload) leaves the client a usable connection: either
+/// regmirror reads the rest and answers the next request on the connection,
+/// or it says `Connection: close`. Otherwise a client that reuses the
+/// connection fails its next, unrelated request.
+#[test]
+fn an_early_refusal_closes_the_connection_openly_or_keeps_it_usable() {
+    let l = Local::start(ROLES);
+    let addr = l.rm.config.http;
+    let len = 2 * 1024 * KIB;
+    for (what, path, login) in [
+        (
+            "POST ?digest=sha256:abc",
+            format!("/v2/{REPO}/blobs/uploads/?digest=sha256:abc"),
+            true,
+        ),
+        (
+            "POST without a login",
+            format!("/v2/{REPO}/blobs/uploads/?digest={}", sha256_digest(b"x")),
+            false,
+        ),
+    ] {
+        let mut head = raw_head(&l, "POST", &l.url(&path), &[("Content-Length", len.to_string())]);
+        if !login {
+            head = head
+                .split("\r\n")
+                .filter(|h| !h.starts_with("Authorization:"))
+                .collect::<Vec<_>>()
+                .join("\r\n");
+        }
+        let s = std::net::TcpStream::connect(addr).expect("connect");
+        let r = common::push::raw_exchange(&s, &head, random_bytes(len))
+            .unwrap_or_else(|| panic!("{what}: no response at all"));
+        assert!((400..500).contains(&r.status), "{what}: {r:?}");
+        if r.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
+            continue;
+        }
+        assert!(
+            r.write_error.is_none(),
+            "{what}: answered {} {:?} without `Connection: close`, then stopped reading the request body ({:?})",
+            r.status,
+            r.headers,
+            r.write_error
+        );
+        let next = format!(
+            "GET /v2/ HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\n\r\n",
+            l.rm.config.http,
+            common::images::basic(ADMIN.0, ADMIN.1)
+        );
+        let again = common::push::raw_exchange(&s, &next, Vec::new());
+        assert!(
+            again.is_some(),
+            "{what}: answered {} without `Connection: close`, then closed the connection before answering \
+             the next request on it",
+            r.status
+        );
+    }
 }

@@ -169,9 +169,19 @@ pub const DEAD_UPSTREAM: &str = "https://127.0.0.9";
 /// regmirror with `[[local]]` namespaces, its htpasswd files and a client of
 /// its plain listener (`Deref` to that [`Registry`]).
 pub struct Local {
+    /// A second process on the same config and data dir after [`Local::restart`].
+    respawned: Option<std::process::Child>,
     pub rm: Regmirror,
     pub reg: Registry,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if let Some(child) = self.respawned.as_mut() {
+            super::terminate(child, Duration::from_secs(10));
+        }
+    }
 }
 
 impl std::ops::Deref for Local {
@@ -225,7 +235,44 @@ impl Local {
             base: rm.http_url(),
             client: plain_client(),
         };
-        Local { rm, reg, _dir: dir }
+        Local {
+            respawned: None,
+            rm,
+            reg,
+            _dir: dir,
+        }
+    }
+
+    /// Stops regmirror (SIGTERM) and starts it again on the same config and
+    /// data dir; waits until the plain listener answers `/healthz`.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.respawned.take() {
+            super::terminate(&mut child, Duration::from_secs(10));
+        } else {
+            self.rm.stop();
+        }
+        let log_path = self.rm.dir().join("regmirror-restarted.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = std::process::Command::new(super::regmirror::binary())
+            .args(["serve", "--config"])
+            .arg(&self.rm.config_path)
+            .env("RUST_LOG", "regmirror=debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn regmirror again");
+        self.respawned = Some(child);
+        let url = format!("{}/healthz", self.reg.base);
+        let client = plain_client();
+        let up = super::wait_until(Duration::from_secs(15), || {
+            super::block_on(async { client.get(&url).send().await }).is_ok_and(|r| r.status().is_success())
+        });
+        assert!(
+            up,
+            "regmirror did not come back after a restart:\n{}",
+            super::tail_file(&log_path, 8000)
+        );
     }
 
     /// regmirror's data dir (`[cache] dir`).
@@ -428,7 +475,11 @@ pub const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, 
 /// A plain-HTTP client that follows no redirect.
 pub fn plain_client() -> reqwest::Client {
     super::init_crypto();
+    // No idle connections: regmirror may close a connection after an early
+    // error without `Connection: close` (see the raw test of that), and a
+    // pooled client would then fail the next, unrelated request.
     reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(30))
         .build()
@@ -563,4 +614,81 @@ pub fn send_partial_then_drop(addr: SocketAddr, head: &str, body_part: &[u8]) {
     // Give the server a moment to take the bytes before the connection goes.
     std::thread::sleep(Duration::from_millis(300));
     let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+pub struct RawResp {
+    pub status: u16,
+    /// Lower-cased names.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Why writing the request failed, if it did (the server stopped reading).
+    pub write_error: Option<String>,
+}
+
+impl RawResp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Writes `head` and `body` on `stream` from another thread while reading
+/// the response here, so an answer sent before the body was read is seen
+/// even when the server then stops reading. `None` when the connection
+/// closed before a whole response came.
+pub fn raw_exchange(stream: &std::net::TcpStream, head: &str, body: Vec<u8>) -> Option<RawResp> {
+    use std::io::{Read as _, Write as _};
+    let mut w = stream.try_clone().expect("clone stream");
+    w.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("write timeout");
+    let head = head.to_string();
+    let writer = std::thread::spawn(move || -> Result<(), String> {
+        w.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+        w.write_all(&body).map_err(|e| e.to_string())?;
+        w.flush().map_err(|e| e.to_string())
+    });
+    let mut r = stream.try_clone().expect("clone stream");
+    r.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break Some(i + 4);
+        }
+        match r.read(&mut chunk) {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let parsed = header_end.and_then(|end| {
+        let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let mut lines = text.split("\r\n");
+        let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = buf[end..].to_vec();
+        while body.len() < len {
+            match r.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
+        body.truncate(len);
+        Some((status, headers, body))
+    });
+    let write_error = writer.join().expect("writer thread").err();
+    parsed.map(|(status, headers, body)| RawResp {
+        status,
+        headers,
+        body,
+        write_error,
+    })
 }
