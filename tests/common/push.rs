@@ -475,11 +475,9 @@ pub const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, 
 /// A plain-HTTP client that follows no redirect.
 pub fn plain_client() -> reqwest::Client {
     super::init_crypto();
-    // No idle connections: regmirror may close a connection after an early
-    // error without `Connection: close` (see the raw test of that), and a
-    // pooled client would then fail the next, unrelated request.
+    // Connections are reused, as registry clients do: a refusal that leaves a
+    // connection unusable fails the next, unrelated request.
     reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(30))
         .build()
