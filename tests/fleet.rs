@@ -346,15 +346,27 @@ fn a_silent_flood_from_one_address_does_not_lock_out_another() {
     let filled = common::wait_until(Duration::from_secs(10), || fd_count(pid) >= baseline + 3800);
     let during = fd_count(pid);
     assert!(filled, "the flood never filled regmirror: {during} descriptors");
+    // "Then" a real client: once regmirror has taken every flood socket
+    // off its listen queue, so the clock measures the client's own wait.
+    let drained = common::wait_until(Duration::from_secs(10), || accept_queue(https) == Some(0));
+    assert!(
+        drained,
+        "regmirror's accept queue never drained: {:?}",
+        accept_queue(https)
+    );
 
     let started = Instant::now();
+    let mut handshake = Duration::ZERO;
     let real = rt.block_on(async {
         let mut c = TlsClient::connect(src(2, 2), https, &rm.ca_pem, b"http/1.1").await?;
+        handshake = started.elapsed();
         c.get(&path).await
     });
     let took = started.elapsed();
     eprintln!(
-        "[fleet] silent flood of {FLOOD}: regmirror held {during} descriptors; a real client took {took:?}: {real:?}"
+        "[fleet] silent flood of {FLOOD}: regmirror held {during} descriptors; a real client took {took:?} \
+         ({handshake:?} to its handshake): {:?}",
+        real.as_ref().map(|r| r.status)
     );
     drop(flood);
     assert_eq!(
@@ -366,6 +378,16 @@ fn a_silent_flood_from_one_address_does_not_lock_out_another() {
         took < Duration::from_secs(1),
         "a real client beside the flood took {took:?}"
     );
+}
+
+/// Connections waiting in the listen queue of `addr` (`ss`'s Recv-Q).
+fn accept_queue(addr: SocketAddr) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", "src", &addr.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 // -------------------------------------------------------- over the limit
