@@ -31,7 +31,10 @@
 //! Silent sockets are what a flood of hostile connections looks like, so
 //! they go first; but a real client's ClientHello may not have been read
 //! yet in the first instant after accept, so a silent socket younger than
-//! [`SILENT_GRACE`] ranks after the idle connections.
+//! [`SILENT_GRACE`] ranks after the idle connections, and makes room only
+//! when the table is full (lest a flood lock others out). In the last share
+//! an address competes only with itself, so its newcomer is refused (and
+//! answered) rather than reset one of its own that may be about to speak.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -139,6 +142,9 @@ pub(super) fn decide(
         .filter(eligible)
         .filter_map(|c| {
             let (class, since) = class(c.activity, now)?;
+            if class == 2 && pressure != Pressure::Full {
+                return None;
+            }
             Some(((std::cmp::Reverse(count(&c.ip)), c.ip != ip, class, since), c.id))
         })
         .min();
@@ -152,7 +158,8 @@ pub(super) fn decide(
 
 /// The order in which one address's connections make room: silent sockets
 /// past [`SILENT_GRACE`] (0), idle connections (1), silent sockets that may
-/// be about to speak (2); `None` for one that must not be closed.
+/// be about to speak (2, only when the table is full); `None` for one that
+/// must not be closed.
 fn class(activity: Activity, now: Instant) -> Option<(u8, Instant)> {
     match activity {
         Activity::Silent { since } if now.saturating_duration_since(since) >= SILENT_GRACE => Some((0, since)),
@@ -335,6 +342,17 @@ mod tests {
             .add(1, ip(1), silent, 0.5)
             .add(59, ip(1), busy, 2.0);
         assert_eq!(t.decide(POLICY, ip(2)), Decision::Replace(40));
+    }
+
+    #[test]
+    fn in_the_last_share_a_young_silent_socket_is_not_replaced() {
+        // It may be the address's own client about to speak: refusing the
+        // newcomer (with an answer) beats resetting that one.
+        let mut t = Table::new();
+        t.add(85, ip(1), busy, 1.0).add(5, ip(1), silent, 0.3);
+        assert_eq!(t.decide(POLICY, ip(1)), Decision::Refuse(Refused::Share));
+        t.add(1, ip(1), silent, 1.5);
+        assert_eq!(t.decide(POLICY, ip(1)), Decision::Replace(90));
     }
 
     #[test]
