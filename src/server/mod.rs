@@ -54,6 +54,11 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// less than this is queued, so a slow reader holds about one chunk per
 /// stream, not hyper's default 400 KiB plus a chunk.
 const H2_MAX_SEND_BUF: usize = 64 * 1024;
+/// Streams a client may open and reset before regmirror has taken them
+/// up; beyond this the connection gets GOAWAY(ENHANCE_YOUR_CALM). Opening
+/// and cancelling streams at once ("rapid reset") costs the client nothing
+/// and the server a stream each; h2's own default, stated so that it stays.
+const H2_MAX_PENDING_RESETS: usize = 20;
 /// How long a connection closed to make room may take to finish: an HTTP/2
 /// one gets a GOAWAY and answers the streams its client had already sent;
 /// an idle HTTP/1 one closes at once.
@@ -309,7 +314,8 @@ async fn serve<I>(
         .max_send_buf_size(H2_MAX_SEND_BUF)
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-        .max_header_list_size(256 * 1024);
+        .max_header_list_size(256 * 1024)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
     let http = builder.serve_connection(io, service);
     tokio::pin!(http);
     let mut draining = false;
