@@ -335,7 +335,12 @@ fn a_silent_flood_from_one_address_does_not_lock_out_another() {
         let mut socks = Vec::new();
         for _ in 0..FLOOD {
             match tcp_from(src(2, 1), https).await {
-                Ok(s) => socks.push(s),
+                Ok(s) => {
+                    // Closed with a reset, so that 4,200 TIME_WAITs do not
+                    // use up this source address's ports for the next run.
+                    s.set_zero_linger().expect("SO_LINGER 0");
+                    socks.push(s)
+                }
                 Err(e) => panic!("flood socket {}: {e}", socks.len()),
             }
         }
@@ -390,6 +395,28 @@ fn accept_queue(addr: SocketAddr) -> Option<u64> {
     text.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Bytes not yet read by the server on each connection to `addr` it has
+/// not closed yet (`ss`'s Recv-Q on the server's side).
+fn unread_by_server(addr: SocketAddr) -> Option<Vec<u64>> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            "state",
+            "close-wait",
+            "src",
+            &addr.to_string(),
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        // With two states ss prints the State column first.
+        .map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect()
+}
+
 // -------------------------------------------------------- over the limit
 
 /// Sends half a request head and keeps the socket: a client mid-request.
@@ -427,6 +454,13 @@ fn over_the_limit_connections_are_answered_503_not_reset() {
          handshake_timeout = \"60s\"\nfirst_request_timeout = \"60s\"\n",
     );
     let http = rm.config.http;
+    // The warm-up connection is gone first: were it still in the table,
+    // the eighth client would find it full and replace the seventh, which
+    // regmirror may not have read a byte of yet (a silent socket).
+    let alone = common::wait_until(Duration::from_secs(10), || {
+        unread_by_server(rm.config.https).is_some_and(|q| q.is_empty())
+    });
+    assert!(alone, "the warm-up connection was never closed");
     let mut busy = rt.block_on(async {
         let mut v = Vec::new();
         for i in 0..8u8 {
@@ -434,8 +468,19 @@ fn over_the_limit_connections_are_answered_503_not_reset() {
         }
         v
     });
-    // Let regmirror read what they sent before anyone else arrives.
-    std::thread::sleep(Duration::from_millis(300));
+    // Before anyone else arrives, regmirror has accepted all eight and read
+    // what they sent (nothing left unread on its side of any of them), so
+    // it knows they are mid-request, not silent.
+    let read_all = common::wait_until(Duration::from_secs(10), || {
+        accept_queue(http) == Some(0)
+            && unread_by_server(http).is_some_and(|q| q.len() == 8 && q.iter().all(|n| *n == 0))
+    });
+    assert!(
+        read_all,
+        "regmirror did not take up the eight clients: accept queue {:?}, unread {:?}",
+        accept_queue(http),
+        unread_by_server(http)
+    );
 
     let newcomer = src(3, 3);
     let mut answers = Vec::new();
