@@ -208,12 +208,14 @@ pub const DEFAULT_MAX_UPLOADS_PER_USER: usize = 32;
 /// down for everyone else.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Open client connections on both listeners together. At the cap, the
-    /// connection idle the longest is closed to make room; a new one is
-    /// refused only when every connection has a request in flight.
+    /// Open client connections on both listeners together. At the cap an
+    /// idle connection of the client holding the most makes room; a new
+    /// one is refused (answered 503) only when none it may replace is idle.
     pub max_connections: usize,
-    /// Open connections from one client IP address; at the cap that
-    /// client's own longest-idle connection makes room.
+    /// The share of `max_connections` one client address may hold once
+    /// the table is nearly full (the last share of it is kept for lighter
+    /// clients); below that there is no per-address limit, since a NAT'd
+    /// fleet arrives as one address.
     pub max_connections_per_client: usize,
     /// From accept to the end of the TLS handshake.
     pub handshake_timeout: Duration,

@@ -3,21 +3,20 @@
 //!
 //! The accept loop never waits on a client: the TLS handshake runs in the
 //! connection's own task under a deadline. Everything a client can make the
-//! server hold is bounded (`[limits]`): connections in total and per client
-//! address, the time a connection may take to finish its handshake, to send
-//! its first request and to sit idle, and HTTP/2 streams and send buffers.
-//! When a cap is reached, the connection that has been idle longest (no
-//! request in flight, including one that never sent anything) is closed to
-//! make room; a new connection is refused only when every connection it
-//! would compete with is busy, so a crowd of silent sockets cannot lock real
-//! clients out.
+//! server hold is bounded (`[limits]`): connections in total (with a
+//! per-address share near the cap, see `admission`), the time a connection
+//! may take to finish its handshake, to send its first request and to sit
+//! idle, and HTTP/2 streams and send buffers. When the table is full an idle
+//! connection of the heaviest client makes room, so a crowd of silent
+//! sockets cannot lock real clients out; a connection that cannot be
+//! admitted is answered with a 503 where there is room to answer it.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use hyper::body::{Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -36,8 +36,11 @@ use crate::registry::body::Body;
 use crate::registry::{handle, App, ConnInfo};
 use crate::tls::LeafIssuer;
 
+mod admission;
 mod h2_streams;
 mod write_batch;
+pub use admission::Refused;
+use admission::{Activity, Candidate, Decision, Policy, Pressure};
 use h2_streams::{poll_connection, StreamExecutor, Streams};
 use write_batch::{BatchFlush, WriteBatch};
 
@@ -51,6 +54,21 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// less than this is queued, so a slow reader holds about one chunk per
 /// stream, not hyper's default 400 KiB plus a chunk.
 const H2_MAX_SEND_BUF: usize = 64 * 1024;
+/// Streams a client may open and reset before regmirror has taken them
+/// up; beyond this the connection gets GOAWAY(ENHANCE_YOUR_CALM). Opening
+/// and cancelling streams at once ("rapid reset") costs the client nothing
+/// and the server a stream each; h2's own default, stated so that it stays.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// How long a connection closed to make room may take to finish: an HTTP/2
+/// one gets a GOAWAY and answers the streams its client had already sent;
+/// an idle HTTP/1 one closes at once.
+const RECLAIM_GRACE: Duration = Duration::from_secs(5);
+/// Refused connections being answered (a TLS handshake and a 503) at once;
+/// beyond this a refused connection is closed unanswered, so refusing
+/// cannot cost more than a bounded amount of work.
+const REFUSAL_SLOTS: usize = 64;
+/// What a refused client is told to wait before it tries again, in seconds.
+const RETRY_AFTER_SECS: &str = "1";
 
 pub struct Listeners {
     pub https: Option<TcpListener>,
@@ -171,14 +189,25 @@ async fn accept_loop(
             tracing::warn!(%peer, "connection refused: client address not in [access] allow");
             continue;
         }
+        let _ = stream.set_nodelay(true);
         let conn = match table.admit(peer.ip()) {
             Ok(c) => c,
             Err(refused) => {
-                tracing::warn!(%peer, "{refused}; closing new connection");
+                match table.refusal_slot() {
+                    Some(slot) => {
+                        tracing::info!(%peer, "{refused}; answering 503");
+                        let limits = table.limits.clone();
+                        tokio::spawn(refuse(stream, tls.clone(), limits, refused, slot));
+                    }
+                    None => tracing::warn!(%peer, "{refused}, and too many refusals are being answered; closing"),
+                }
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        let stream = Counted {
+            inner: stream,
+            signals: conn.signals.clone(),
+        };
         tokio::spawn(connection(stream, peer, tls.clone(), app.clone(), conn, stop.clone()));
     }
 }
@@ -186,7 +215,7 @@ async fn accept_loop(
 /// One connection from accept to close: handshake, then HTTP until the
 /// client leaves, a timeout fires, the table reclaims it, or shutdown.
 async fn connection(
-    stream: TcpStream,
+    stream: Counted,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     app: Arc<App>,
@@ -215,8 +244,8 @@ async fn connection(
                 return;
             }
         },
-        _ = conn.reclaimed.notified() => {
-            tracing::debug!(%peer, "closing a connection still in its TLS handshake to make room");
+        _ = conn.signals.reclaimed.notified() => {
+            tracing::debug!(%peer, "closing a silent connection to make room");
             return;
         }
         _ = stop.changed() => return,
@@ -230,6 +259,7 @@ async fn connection(
     // The first-request deadline starts once the handshake is done.
     conn.touch();
     if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        conn.signals.h2.store(true, Ordering::Release);
         let (io, batch) = WriteBatch::new(tls_stream);
         serve(TokioIo::new(io), Some(batch), app, info, conn, stop).await
     } else {
@@ -284,12 +314,18 @@ async fn serve<I>(
         .max_send_buf_size(H2_MAX_SEND_BUF)
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-        .max_header_list_size(256 * 1024);
+        .max_header_list_size(256 * 1024)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
     let http = builder.serve_connection(io, service);
     tokio::pin!(http);
     let mut draining = false;
+    // Set once the table closed this connection to make room.
+    let mut cut_at: Option<Instant> = None;
     loop {
-        let wake_at = conn.deadline().unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        let mut wake_at = conn.deadline().unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        if let Some(cut) = cut_at {
+            wake_at = wake_at.min(cut);
+        }
         conn.arm(wake_at);
         tokio::select! {
             result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), &mut streams, batch.as_deref(), cx)) => {
@@ -298,12 +334,22 @@ async fn serve<I>(
                 }
                 return;
             }
-            _ = conn.reclaimed.notified() => {
+            _ = conn.signals.reclaimed.notified(), if cut_at.is_none() => {
+                // Gracefully: a request the client sent just now is still
+                // answered (HTTP/2: GOAWAY; HTTP/1: closed once idle).
                 tracing::debug!(peer = ?peer, "closing an idle connection to make room");
-                return;
+                cut_at = Some(Instant::now() + RECLAIM_GRACE);
+                if !draining {
+                    draining = true;
+                    http.as_mut().graceful_shutdown();
+                }
             }
             _ = conn.changed.notified() => {}
             _ = tokio::time::sleep_until(wake_at) => {
+                if cut_at.is_some_and(|cut| Instant::now() >= cut) {
+                    tracing::debug!(peer = ?peer, "connection closed to make room did not finish in time");
+                    return;
+                }
                 if let Some(why) = conn.expired() {
                     tracing::info!(peer = ?peer, "closing connection: {why}");
                     return;
@@ -317,22 +363,81 @@ async fn serve<I>(
     }
 }
 
-/// Why a new connection was not admitted.
-#[derive(Debug, thiserror::Error)]
-pub enum Refused {
-    #[error("connection limit reached and every connection is busy")]
-    Total,
-    #[error("per-client connection limit reached and every connection of this client is busy")]
-    PerClient,
+/// Answers a connection the table could not admit: a 503 with
+/// `Retry-After` to whatever it asks (over TLS once the handshake is done),
+/// then closes, HTTP/2 with a GOAWAY, so a client that already sent its
+/// request learns it was not served instead of seeing a reset.
+async fn refuse(stream: TcpStream, tls: Option<TlsAcceptor>, limits: Limits, why: Refused, _slot: RefusalSlot) {
+    let answer = async {
+        match tls {
+            None => answer_refused(TokioIo::new(stream), why).await,
+            Some(acceptor) => {
+                if let Ok(s) = acceptor.accept(stream).await {
+                    answer_refused(TokioIo::new(s), why).await;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limits.handshake_timeout + limits.first_request_timeout, answer).await;
 }
 
-/// Every open connection, in both listeners, with what the caps and the
-/// "longest idle goes first" rule need to know.
+async fn answer_refused<I>(io: I, why: Refused)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let asked = Arc::new(Notify::new());
+    let service = {
+        let asked = asked.clone();
+        service_fn(move |_req| {
+            asked.notify_one();
+            async move { Ok::<_, std::convert::Infallible>(refusal_response(why)) }
+        })
+    };
+    let mut builder = auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // One answer, then the connection closes.
+    builder.http1().timer(TokioTimer::new()).keep_alive(false);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(4);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = asked.notified() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
+
+fn refusal_response(why: Refused) -> hyper::Response<Body> {
+    let mut e = crate::registry::errors::RegistryError::unavailable(format!(
+        "regmirror is at its connection limit ({why}); retry shortly"
+    ));
+    e.retry_after = Some(http::HeaderValue::from_static(RETRY_AFTER_SECS));
+    let mut resp = e.into_response();
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        http::HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+/// A place among the [`REFUSAL_SLOTS`]; given back on drop.
+struct RefusalSlot(Arc<AtomicUsize>);
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Every open connection, in both listeners, with what admission needs to
+/// know to pick one that may make room (`admission`).
 struct ConnTable {
     limits: Limits,
+    policy: Policy,
     inner: Mutex<TableInner>,
     /// Woken whenever the table becomes empty (for shutdown).
     emptied: Notify,
+    /// Refused connections being answered now (at most [`REFUSAL_SLOTS`]).
+    refusing: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -342,23 +447,28 @@ struct TableInner {
     per_client: HashMap<IpAddr, usize>,
 }
 
-/// A connection as the table sees it. Whether it is idle is read from the
-/// connection itself, and only when a cap is reached: requests do not take
-/// the table's lock.
+/// A connection as the table sees it. What it is doing is read from its
+/// [`Signals`], and only when the table is under pressure: requests do not
+/// take the table's lock.
 struct Entry {
     ip: IpAddr,
-    /// Not an `Arc`: the `Conn`'s drop is what removes the entry.
-    conn: Weak<Conn>,
-    /// The connection's [`Conn::reclaimed`].
-    reclaimed: Arc<Notify>,
+    /// Shared with the connection; not the `Conn` itself, whose drop (which
+    /// removes the entry, taking the table's lock) must never run while
+    /// admission holds that lock.
+    signals: Arc<Signals>,
 }
 
 impl ConnTable {
     fn new(limits: Limits) -> Self {
         ConnTable {
+            policy: Policy {
+                max_connections: limits.max_connections,
+                share: limits.max_connections_per_client,
+            },
             limits,
             inner: Mutex::new(TableInner::default()),
             emptied: Notify::new(),
+            refusing: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -366,45 +476,57 @@ impl ConnTable {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a new connection from `ip`, closing the longest-idle
-    /// connection (that client's own, when it is the per-client cap that is
-    /// reached) if a cap is reached, or refuses it when none is idle.
+    /// Registers a new connection from `ip`, closing an idle one to make
+    /// room when the table is under pressure, or refuses it when none may
+    /// go (the rules are `admission`'s).
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Arc<Conn>, Refused> {
         let ip = ip.to_canonical();
         let mut t = self.lock();
-        let from_client = t.per_client.get(&ip).copied().unwrap_or(0);
-        if from_client >= self.limits.max_connections_per_client {
-            let victim = t.longest_idle(Some(ip)).ok_or(Refused::PerClient)?;
-            t.reclaim(victim);
-        } else if t.conns.len() >= self.limits.max_connections {
-            let victim = t.longest_idle(None).ok_or(Refused::Total)?;
-            t.reclaim(victim);
+        let own = t.per_client.get(&ip).copied().unwrap_or(0);
+        let pressure = self.policy.pressure(t.conns.len(), own);
+        if pressure != Pressure::None {
+            let inner = &*t;
+            let candidates = inner.conns.iter().map(|(id, e)| Candidate {
+                id: *id,
+                ip: e.ip,
+                activity: e.signals.activity(),
+            });
+            match admission::decide(pressure, ip, &inner.per_client, Instant::now(), candidates) {
+                Decision::Admit => {}
+                Decision::Replace(victim) => t.reclaim(victim),
+                Decision::Refuse(why) => return Err(why),
+            }
         }
         let id = t.next_id;
         t.next_id += 1;
-        let now = Instant::now();
+        let signals = Arc::new(Signals {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            served_any: AtomicBool::new(false),
+            last_progress_ms: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_at_rest: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            reclaimed: Notify::new(),
+        });
         let conn = Arc::new(Conn {
             id,
             table: self.clone(),
-            started: now,
-            in_flight: AtomicUsize::new(0),
+            signals: signals.clone(),
             with_client: AtomicUsize::new(0),
-            served_any: AtomicBool::new(false),
-            last_progress_ms: AtomicU64::new(0),
             armed_ms: AtomicU64::new(u64::MAX),
             changed: Notify::new(),
-            reclaimed: Arc::new(Notify::new()),
         });
-        t.conns.insert(
-            id,
-            Entry {
-                ip,
-                conn: Arc::downgrade(&conn),
-                reclaimed: conn.reclaimed.clone(),
-            },
-        );
+        t.conns.insert(id, Entry { ip, signals });
         *t.per_client.entry(ip).or_insert(0) += 1;
         Ok(conn)
+    }
+
+    /// A place to answer one refused connection, if there is one.
+    fn refusal_slot(&self) -> Option<RefusalSlot> {
+        let taken = self.refusing.fetch_add(1, Ordering::AcqRel);
+        let slot = RefusalSlot(self.refusing.clone());
+        (taken < REFUSAL_SLOTS).then_some(slot)
     }
 
     fn remove(&self, id: u64) {
@@ -427,22 +549,11 @@ impl ConnTable {
 }
 
 impl TableInner {
-    /// The connection (of `ip`, when given) with no request in flight for
-    /// the longest time, a connection still in its handshake included.
-    fn longest_idle(&self, ip: Option<IpAddr>) -> Option<u64> {
-        self.conns
-            .iter()
-            .filter(|(_, e)| ip.is_none_or(|ip| e.ip == ip))
-            .filter_map(|(id, e)| Some((e.conn.upgrade()?.idle_since()?, *id)))
-            .min()
-            .map(|(_, id)| id)
-    }
-
     /// Takes `id` out of the table at once (its slot is free for the
     /// connection being admitted) and tells its task to close.
     fn reclaim(&mut self, id: u64) {
         if let Some(e) = self.forget(id) {
-            e.reclaimed.notify_one();
+            e.signals.reclaimed.notify_one();
         }
     }
 
@@ -458,29 +569,123 @@ impl TableInner {
     }
 }
 
+/// What the table reads of a connection to decide whether it may make
+/// room, shared by the connection, its requests and its table entry.
+struct Signals {
+    started: Instant,
+    /// Requests whose response hyper has not finished with.
+    in_flight: AtomicUsize,
+    served_any: AtomicBool,
+    /// Milliseconds after `started` of the last sign of life: handshake
+    /// done, a request begun or ended, a chunk handed to hyper or taken off.
+    last_progress_ms: AtomicU64,
+    /// Bytes read from the socket, TLS records included: a connection that
+    /// has sent something is a client speaking, not a silent socket.
+    bytes_in: AtomicU64,
+    /// `bytes_in` when the last request ended: more since then is the next
+    /// HTTP/1 request arriving, so the connection is no longer idle.
+    bytes_at_rest: AtomicU64,
+    /// HTTP/2 (ALPN, or the h2c preface): its client's PINGs and window
+    /// updates are not requests, and closing it sends a GOAWAY that still
+    /// answers a request already sent.
+    h2: AtomicBool,
+    /// Tells the connection task the table closed it to make room.
+    reclaimed: Notify,
+}
+
+impl Signals {
+    fn last_progress(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed))
+    }
+
+    /// Idle only when closing it loses nothing a client sent: a socket
+    /// that never sent a byte, or one that finished a request and has
+    /// neither a request in flight nor (HTTP/1) the bytes of the next one.
+    /// Mid-handshake and mid-request are busy.
+    fn activity(&self) -> Activity {
+        let bytes = self.bytes_in.load(Ordering::Acquire);
+        if !self.served_any.load(Ordering::Acquire) {
+            return if bytes == 0 {
+                Activity::Silent { since: self.started }
+            } else {
+                Activity::Busy
+            };
+        }
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Activity::Busy;
+        }
+        if !self.h2.load(Ordering::Acquire) && bytes != self.bytes_at_rest.load(Ordering::Acquire) {
+            return Activity::Busy;
+        }
+        Activity::Idle {
+            since: self.last_progress(),
+        }
+    }
+}
+
+/// The client's socket, counting what it sends (see [`Signals::bytes_in`]).
+struct Counted {
+    inner: TcpStream,
+    signals: Arc<Signals>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            let earlier = this.signals.bytes_in.fetch_add(read.len() as u64, Ordering::AcqRel);
+            if earlier == 0 && read.starts_with(b"PRI * HTTP/2") {
+                this.signals.h2.store(true, Ordering::Release);
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// One connection's state, shared by its task, its requests and their
 /// response bodies. Dropped (and so removed from the table) when the last
 /// of them goes.
 struct Conn {
     id: u64,
     table: Arc<ConnTable>,
-    started: Instant,
-    /// Requests whose response hyper has not finished with.
-    in_flight: AtomicUsize,
+    signals: Arc<Signals>,
     /// In-flight responses whose last chunk hyper holds and has not sent on:
     /// the client is not reading (or its flow-control window is shut).
     with_client: AtomicUsize,
-    served_any: AtomicBool,
-    /// Milliseconds after `started` of the last sign of life: handshake
-    /// done, a request begun or ended, a chunk handed to hyper or taken off.
-    last_progress_ms: AtomicU64,
     /// When the connection task's timer fires (milliseconds after
     /// `started`; `u64::MAX` before it is first set).
     armed_ms: AtomicU64,
     /// Wakes the connection task when its deadline moved before its timer.
     changed: Notify,
-    /// Tells the connection task the table closed it to make room.
-    reclaimed: Arc<Notify>,
 }
 
 impl Drop for Conn {
@@ -491,23 +696,17 @@ impl Drop for Conn {
 
 impl Conn {
     fn touch(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_progress_ms.store(ms, Ordering::Relaxed);
+        let ms = u64::try_from(self.signals.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.signals.last_progress_ms.store(ms, Ordering::Relaxed);
     }
 
     fn last_progress(&self) -> Instant {
-        self.started + Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed))
-    }
-
-    /// Since when no request has been in flight (since the connection was
-    /// accepted, when none came yet); `None` while one is.
-    fn idle_since(&self) -> Option<Instant> {
-        (self.in_flight.load(Ordering::Acquire) == 0).then(|| self.last_progress())
+        self.signals.last_progress()
     }
 
     /// The connection task's timer is set for `at`.
     fn arm(&self, at: Instant) {
-        let ms = u64::try_from(at.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+        let ms = u64::try_from(at.saturating_duration_since(self.signals.started).as_millis()).unwrap_or(u64::MAX);
         self.armed_ms.store(ms, Ordering::Release);
     }
 
@@ -518,7 +717,8 @@ impl Conn {
     fn deadline_moved(&self) {
         let Some(deadline) = self.deadline() else { return };
         let armed = self.armed_ms.load(Ordering::Acquire);
-        let due = u64::try_from(deadline.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+        let due =
+            u64::try_from(deadline.saturating_duration_since(self.signals.started).as_millis()).unwrap_or(u64::MAX);
         if due < armed {
             self.changed.notify_one();
         }
@@ -530,9 +730,10 @@ impl Conn {
     /// every `idle_timeout`, so a stall is noticed within twice that.
     fn deadline(&self) -> Option<Instant> {
         let limits = &self.table.limits;
-        if !self.served_any.load(Ordering::Acquire) {
+        let s = &self.signals;
+        if !s.served_any.load(Ordering::Acquire) {
             Some(self.last_progress() + limits.first_request_timeout)
-        } else if self.in_flight.load(Ordering::Acquire) == 0 || self.with_client.load(Ordering::Acquire) > 0 {
+        } else if s.in_flight.load(Ordering::Acquire) == 0 || self.with_client.load(Ordering::Acquire) > 0 {
             Some(self.last_progress() + limits.idle_timeout)
         } else {
             None
@@ -545,9 +746,9 @@ impl Conn {
         if Instant::now() < deadline {
             return None;
         }
-        Some(if !self.served_any.load(Ordering::Acquire) {
+        Some(if !self.signals.served_any.load(Ordering::Acquire) {
             "no request within limits.first_request_timeout"
-        } else if self.in_flight.load(Ordering::Acquire) == 0 {
+        } else if self.signals.in_flight.load(Ordering::Acquire) == 0 {
             "idle for limits.idle_timeout"
         } else {
             "client read nothing for limits.idle_timeout"
@@ -565,8 +766,8 @@ struct Request {
 
 impl Request {
     fn begin(conn: &Arc<Conn>) -> Request {
-        conn.served_any.store(true, Ordering::Release);
-        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        conn.signals.served_any.store(true, Ordering::Release);
+        conn.signals.in_flight.fetch_add(1, Ordering::AcqRel);
         conn.touch();
         Request {
             conn: conn.clone(),
@@ -599,7 +800,12 @@ impl Drop for Request {
             self.conn.with_client.fetch_sub(1, Ordering::AcqRel);
         }
         self.conn.touch();
-        if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let s = &self.conn.signals;
+        // Before `in_flight` drops, so that the table never sees the
+        // connection idle with a stale mark.
+        s.bytes_at_rest
+            .store(s.bytes_in.load(Ordering::Acquire), Ordering::Release);
+        if s.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.conn.deadline_moved();
         }
     }

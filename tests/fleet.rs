@@ -1,0 +1,555 @@
+//! Fleet-scale serving (issue 27): a NAT'd fleet of CI runners arrives as
+//! one client address, and must be served as the crowd it is, not cut down
+//! to one client's share while the mirror is otherwise idle; a crowd of
+//! silent sockets from one address still never locks anyone else out; and
+//! a connection that cannot be admitted is answered (503 with
+//! `Retry-After`), never reset after its request was sent.
+//!
+//! regmirror runs as its own process (`common::regmirror`) in front of an
+//! in-process fake upstream. Client source addresses are 127.252.x.y, which
+//! no other test uses.
+
+mod common;
+
+#[path = "fake_upstream/mod.rs"]
+mod fake_upstream;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::alloc_ip;
+use common::regmirror::{Config, Regmirror, UpstreamEntry, DOCKER_HOSTS};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const SNI: &str = "registry-1.docker.io";
+
+fn src(c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 252, c, d))
+}
+
+/// Lets this test process (and the regmirror it starts, which inherits the
+/// limit) hold thousands of sockets; the hard limit on this machine is 20,000.
+fn raise_nofile(n: u64) {
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &std::process::id().to_string(), &format!("--nofile={n}:{n}")])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit --nofile={n} failed");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The pid of the regmirror process serving `rm` (found by its config path).
+fn pid_of(rm: &Regmirror) -> u32 {
+    let needle = rm.config_path.display().to_string();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" serve ") && cmdline.contains(&needle) {
+            return pid;
+        }
+    }
+    panic!("no regmirror process with config {needle}");
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .expect("read /proc/PID/fd")
+}
+
+/// regmirror (with `limits_toml` appended) in front of a fake upstream that
+/// holds one manifest, fetched once so it is cached. Returns the runtime the
+/// fake runs on (keep it alive), the fake, regmirror and the manifest's path.
+fn cached_manifest_stack(
+    limits_toml: &str,
+) -> (tokio::runtime::Runtime, fake_upstream::FakeUpstream, Regmirror, String) {
+    common::init_crypto();
+    let rt = runtime();
+    let fake = rt.block_on(fake_upstream::FakeUpstream::start(&format!("{}:0", alloc_ip())));
+    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let digest = fake.add_manifest("library/fleet", Some("1"), MANIFEST_TYPE, body);
+    let mut cfg =
+        Config::new(alloc_ip()).with_upstream(UpstreamEntry::new("docker.io", DOCKER_HOSTS, &fake.url(), "dockerhub"));
+    cfg.extra_toml = limits_toml.to_string();
+    let rm = Regmirror::start(cfg);
+    let path = format!("/v2/library/fleet/manifests/{digest}");
+    let warm = rt.block_on(async {
+        let mut c = TlsClient::connect(src(0, 1), rm.config.https, &rm.ca_pem, b"http/1.1")
+            .await
+            .expect("connect to warm the cache");
+        c.get(&path).await
+    });
+    assert_eq!(warm.ok().map(|r| r.status), Some(200), "warming the cache with {path}");
+    assert_eq!(fake.count("GET", &path), 1, "the warm-up reached upstream once");
+    (rt, fake, rm, path)
+}
+
+fn client_config(ca_pem: &Path, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_pem).expect("read CA") {
+        roots.add(c.expect("CA certificate")).expect("add CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(cfg)
+}
+
+async fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(from, 0))?;
+    sock.connect(to).await
+}
+
+/// One HTTP/1.1 response, as far as these tests read it.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    head: String,
+}
+
+/// Reads one response (head and `Content-Length` body) from `io`.
+async fn read_response<S: AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> std::io::Result<Response> {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before a response head",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not a response head: {head:?}")))?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < end + len {
+        let mut chunk = [0u8; 8192];
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short body"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    buf.drain(..end + len);
+    Ok(Response { status, head })
+}
+
+/// A client holding exactly one TLS connection: every request goes over
+/// it, and nothing reconnects behind the test's back, so a connection the
+/// server closes is a failed request, not a hidden retry.
+struct TlsClient {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl TlsClient {
+    async fn connect(from: IpAddr, to: SocketAddr, ca_pem: &Path, alpn: &[u8]) -> std::io::Result<TlsClient> {
+        let tcp = tcp_from(from, to).await?;
+        let connector = tokio_rustls::TlsConnector::from(client_config(ca_pem, alpn));
+        let name = ServerName::try_from(SNI.to_string()).map_err(std::io::Error::other)?;
+        let tls = connector.connect(name, tcp).await?;
+        Ok(TlsClient { tls, buf: Vec::new() })
+    }
+
+    async fn get(&mut self, path: &str) -> std::io::Result<Response> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {SNI}\r\nAccept: {MANIFEST_TYPE}\r\n\r\n");
+        self.tls.write_all(req.as_bytes()).await?;
+        read_response(&mut self.tls, &mut self.buf).await
+    }
+}
+
+// ------------------------------------------------------------- the fleet
+
+/// How one fleet connection fared.
+#[derive(Debug, Default)]
+struct Tally {
+    served: usize,
+    other_status: Vec<u16>,
+    errors: Vec<String>,
+}
+
+/// How long any one step of a runner may take before it counts as failed.
+const STEP: Duration = Duration::from_secs(60);
+
+/// `n` GETs of `path` on `client`'s one connection; the first failure
+/// ends the connection (it is not reopened).
+async fn gets(n: usize, client: &mut Option<TlsClient>, path: &str, tally: &mut Tally) {
+    for _ in 0..n {
+        let Some(c) = client.as_mut() else { return };
+        match tokio::time::timeout(STEP, c.get(path)).await {
+            Ok(Ok(r)) if r.status == 200 => tally.served += 1,
+            Ok(Ok(r)) => {
+                tally.other_status.push(r.status);
+                *client = None;
+            }
+            Ok(Err(e)) => {
+                tally.errors.push(format!("{:?}: {e}", e.kind()));
+                *client = None;
+            }
+            Err(_) => {
+                tally.errors.push("no response".into());
+                *client = None;
+            }
+        }
+    }
+}
+
+/// One runner's connection: connect, one GET, wait until every runner
+/// holds its connection open, then four more GETs on the same connection.
+async fn runner(
+    from: IpAddr,
+    to: SocketAddr,
+    ca_pem: Arc<Path>,
+    path: Arc<str>,
+    all_open: Arc<tokio::sync::Barrier>,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut client = match tokio::time::timeout(STEP, TlsClient::connect(from, to, &ca_pem, b"http/1.1")).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            tally.errors.push(format!("connect: {:?}: {e}", e.kind()));
+            None
+        }
+        Err(_) => {
+            tally.errors.push("connect timed out".into());
+            None
+        }
+    };
+    gets(1, &mut client, &path, &mut tally).await;
+    all_open.wait().await;
+    gets(4, &mut client, &path, &mut tally).await;
+    tally
+}
+
+/// 600 concurrent TLS connections from one address (a fleet behind NAT),
+/// five warm manifest GETs each, default `[limits]`: all 3,000 are served.
+/// Every connection makes its first GET, then all 600 are held open at
+/// once before the other four, so the server sees 600 connections from
+/// one address, more than twice the per-client share.
+#[test]
+fn a_natd_fleet_of_600_connections_is_served_in_full() {
+    const CONNECTIONS: usize = 600;
+    raise_nofile(20_000);
+    let (rt, fake, rm, path) = cached_manifest_stack("");
+    let pid = pid_of(&rm);
+    let fleet = src(1, 1);
+    let ca: Arc<Path> = Arc::from(rm.ca_pem.as_path());
+    let path_arc: Arc<str> = Arc::from(path.as_str());
+    let all_open = Arc::new(tokio::sync::Barrier::new(CONNECTIONS + 1));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            rt.spawn(runner(
+                fleet,
+                rm.config.https,
+                ca.clone(),
+                path_arc.clone(),
+                all_open.clone(),
+            ))
+        })
+        .collect();
+    let held = rt.block_on(async {
+        all_open.wait().await;
+        fd_count(pid)
+    });
+    let tallies: Vec<Tally> = rt.block_on(async {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("runner task"));
+        }
+        out
+    });
+    let served: usize = tallies.iter().map(|t| t.served).sum();
+    let statuses: Vec<u16> = tallies.iter().flat_map(|t| t.other_status.clone()).collect();
+    let errors: Vec<&String> = tallies.iter().flat_map(|t| &t.errors).collect();
+    eprintln!(
+        "[fleet] {served} of {} served in {:?}; regmirror held {held} descriptors with all {CONNECTIONS} open; \
+         other statuses {statuses:?}; {} errors, first: {:?}",
+        CONNECTIONS * 5,
+        started.elapsed(),
+        errors.len(),
+        errors.iter().take(5).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        served,
+        CONNECTIONS * 5,
+        "warm manifest GETs served from {CONNECTIONS} connections of one address"
+    );
+    assert!(
+        held >= CONNECTIONS,
+        "regmirror held {held} descriptors while all {CONNECTIONS} connections were open"
+    );
+    assert_eq!(fake.count("GET", &path), 1, "warm GETs never reached upstream");
+}
+
+// ---------------------------------------------------------- silent flood
+
+/// 4,200 silent sockets from one address (more than the 4,096 connections
+/// the table holds), default `[limits]`, then a real client from another
+/// address: it is served, within a second.
+#[test]
+fn a_silent_flood_from_one_address_does_not_lock_out_another() {
+    const FLOOD: usize = 4200;
+    raise_nofile(20_000);
+    let (rt, _fake, rm, path) = cached_manifest_stack("");
+    let pid = pid_of(&rm);
+    let baseline = fd_count(pid);
+    let https = rm.config.https;
+    let flood = rt.block_on(async {
+        let mut socks = Vec::new();
+        for _ in 0..FLOOD {
+            match tcp_from(src(2, 1), https).await {
+                Ok(s) => {
+                    // Closed with a reset, so that 4,200 TIME_WAITs do not
+                    // use up this source address's ports for the next run.
+                    s.set_zero_linger().expect("SO_LINGER 0");
+                    socks.push(s)
+                }
+                Err(e) => panic!("flood socket {}: {e}", socks.len()),
+            }
+        }
+        socks
+    });
+    // The flood is in: regmirror holds (about) as many of them as it lets
+    // one address hold before the last share of the table.
+    let filled = common::wait_until(Duration::from_secs(10), || fd_count(pid) >= baseline + 3800);
+    let during = fd_count(pid);
+    assert!(filled, "the flood never filled regmirror: {during} descriptors");
+    // "Then" a real client: once regmirror has taken every flood socket
+    // off its listen queue, so the clock measures the client's own wait.
+    let drained = common::wait_until(Duration::from_secs(10), || accept_queue(https) == Some(0));
+    assert!(
+        drained,
+        "regmirror's accept queue never drained: {:?}",
+        accept_queue(https)
+    );
+
+    let started = Instant::now();
+    let mut handshake = Duration::ZERO;
+    let real = rt.block_on(async {
+        let mut c = TlsClient::connect(src(2, 2), https, &rm.ca_pem, b"http/1.1").await?;
+        handshake = started.elapsed();
+        c.get(&path).await
+    });
+    let took = started.elapsed();
+    eprintln!(
+        "[fleet] silent flood of {FLOOD}: regmirror held {during} descriptors; a real client took {took:?} \
+         ({handshake:?} to its handshake): {:?}",
+        real.as_ref().map(|r| r.status)
+    );
+    drop(flood);
+    assert_eq!(
+        real.as_ref().map(|r| r.status).ok(),
+        Some(200),
+        "a real client beside the flood: {real:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "a real client beside the flood took {took:?}"
+    );
+}
+
+/// Connections waiting in the listen queue of `addr` (`ss`'s Recv-Q).
+fn accept_queue(addr: SocketAddr) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", "src", &addr.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Bytes not yet read by the server on each connection to `addr` it has
+/// not closed yet (`ss`'s Recv-Q on the server's side).
+fn unread_by_server(addr: SocketAddr) -> Option<Vec<u64>> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            "state",
+            "close-wait",
+            "src",
+            &addr.to_string(),
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        // With two states ss prints the State column first.
+        .map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect()
+}
+
+// -------------------------------------------------------- over the limit
+
+/// Sends half a request head and keeps the socket: a client mid-request.
+async fn half_a_request(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let mut s = tcp_from(from, to).await.expect("connect");
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: regmirror.test\r\n")
+        .await
+        .expect("send half a head");
+    s
+}
+
+fn reqwest_client(from: IpAddr, rm: &Regmirror, h2c: bool) -> reqwest::Client {
+    let pem = std::fs::read(&rm.ca_pem).expect("read CA");
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(from)
+        .resolve(SNI, rm.config.https)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA certificate"))
+        .timeout(Duration::from_secs(30));
+    if h2c {
+        b = b.http2_prior_knowledge();
+    }
+    b.build().expect("reqwest client")
+}
+
+/// A table of 8 full of clients mid-request (half a request head each,
+/// from two addresses): a ninth connection is answered 503 with
+/// `Retry-After`, over plain HTTP/1.1, TLS HTTP/1.1, TLS HTTP/2 and h2c,
+/// and the clients mid-request are not closed to make room: each gets its
+/// answer once it finishes its head.
+#[test]
+fn over_the_limit_connections_are_answered_503_not_reset() {
+    let (rt, _fake, rm, path) = cached_manifest_stack(
+        "[limits]\nmax_connections = 8\nmax_connections_per_client = 4\n\
+         handshake_timeout = \"60s\"\nfirst_request_timeout = \"60s\"\n",
+    );
+    let http = rm.config.http;
+    // The warm-up connection is gone first: were it still in the table,
+    // the eighth client would find it full and replace the seventh, which
+    // regmirror may not have read a byte of yet (a silent socket).
+    let alone = common::wait_until(Duration::from_secs(10), || {
+        unread_by_server(rm.config.https).is_some_and(|q| q.is_empty())
+    });
+    assert!(alone, "the warm-up connection was never closed");
+    let mut busy = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..8u8 {
+            v.push(half_a_request(src(3, 1 + i % 2), http).await);
+        }
+        v
+    });
+    // Before anyone else arrives, regmirror has accepted all eight and read
+    // what they sent (nothing left unread on its side of any of them), so
+    // it knows they are mid-request, not silent.
+    let read_all = common::wait_until(Duration::from_secs(10), || {
+        accept_queue(http) == Some(0)
+            && unread_by_server(http).is_some_and(|q| q.len() == 8 && q.iter().all(|n| *n == 0))
+    });
+    assert!(
+        read_all,
+        "regmirror did not take up the eight clients: accept queue {:?}, unread {:?}",
+        accept_queue(http),
+        unread_by_server(http)
+    );
+
+    let newcomer = src(3, 3);
+    let mut answers = Vec::new();
+    rt.block_on(async {
+        // Plain HTTP/1.1, by hand, to see the raw answer.
+        let mut s = tcp_from(newcomer, http).await.expect("connect");
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: regmirror.test\r\n\r\n")
+            .await
+            .expect("send");
+        let r = read_response(&mut s, &mut Vec::new()).await;
+        answers.push((
+            "plain HTTP/1.1",
+            r.as_ref().map(|r| r.status).ok(),
+            r.as_ref().ok().is_some_and(|r| has_retry_after(&r.head)),
+        ));
+        // TLS HTTP/1.1.
+        let r = async {
+            let mut c = TlsClient::connect(newcomer, rm.config.https, &rm.ca_pem, b"http/1.1").await?;
+            c.get(&path).await
+        }
+        .await;
+        answers.push((
+            "TLS HTTP/1.1",
+            r.as_ref().map(|r| r.status).ok(),
+            r.as_ref().ok().is_some_and(|r| has_retry_after(&r.head)),
+        ));
+        // TLS HTTP/2 (ALPN) and h2c, with reqwest.
+        for (what, h2c, url) in [
+            ("TLS HTTP/2", false, format!("https://{SNI}{path}")),
+            ("h2c", true, format!("http://{http}/v2/")),
+        ] {
+            let r = reqwest_client(newcomer, &rm, h2c).get(&url).send().await;
+            match r {
+                Ok(r) => {
+                    assert_eq!(r.version(), reqwest::Version::HTTP_2, "{what} spoke HTTP/2");
+                    let retry = r.headers().contains_key("retry-after");
+                    answers.push((what, Some(r.status().as_u16()), retry));
+                }
+                Err(e) => {
+                    eprintln!("[fleet] {what}: {e:?}");
+                    answers.push((what, None, false));
+                }
+            }
+        }
+    });
+    // The clients mid-request finish their heads and are answered.
+    let finished = rt.block_on(async {
+        let mut ok = 0;
+        for s in &mut busy {
+            let _ = s.write_all(b"\r\n").await;
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), read_response(s, &mut Vec::new())).await {
+                if r.status == 200 {
+                    ok += 1;
+                }
+            }
+        }
+        ok
+    });
+    eprintln!("[fleet] over the limit: {answers:?}; {finished} of 8 clients mid-request answered 200");
+    for (what, status, retry_after) in &answers {
+        assert_eq!(*status, Some(503), "{what}: a connection over the limit");
+        assert!(retry_after, "{what}: 503 without Retry-After");
+    }
+    assert_eq!(finished, 8, "clients mid-request must not be closed to make room");
+}
+
+fn has_retry_after(head: &str) -> bool {
+    head.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+    })
+}
