@@ -407,10 +407,13 @@ where
 }
 
 fn refusal_response(why: Refused) -> hyper::Response<Body> {
-    let mut e = crate::registry::errors::RegistryError::unavailable(format!(
+    let e = crate::registry::errors::RegistryError::unavailable(format!(
         "regmirror is at its connection limit ({why}); retry shortly"
     ));
-    e.retry_after = Some(http::HeaderValue::from_static(RETRY_AFTER_SECS));
+    let e = e.with_header(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
     let mut resp = e.into_response();
     resp.headers_mut().insert(
         "docker-distribution-api-version",
