@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo podman containerd docker.io systemd nghttp2-client nginx-light curl openssl python3 chromium tinyproxy)
-tools=(docker-registry skopeo podman containerd ctr dockerd docker unshare systemd-analyze h2load curl openssl python3 chromium tinyproxy)
+packages=(docker-registry skopeo podman buildah containerd docker.io systemd nghttp2-client nginx-light curl openssl python3 chromium tinyproxy)
+tools=(docker-registry skopeo podman buildah containerd ctr dockerd docker unshare systemd-analyze h2load curl openssl python3 chromium tinyproxy)
 
 missing=()
 for p in "${packages[@]}"; do
