@@ -804,6 +804,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn hosted_store_suite() {
+        let (_dir, s) = store();
+        store_suite::hosted_store(&s).await;
+    }
+
+    #[tokio::test]
     async fn aborted_and_dropped_downloads_leave_no_temp_file() {
         let (dir, s) = store();
         let tmp_files = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();

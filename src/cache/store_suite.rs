@@ -6,6 +6,7 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 
 use super::blob_store::{BlobInfo, BlobStore};
+use super::hosted_store::{HostedStore, Link};
 use super::meta_store::{MetaStore, RepoKey, TagRecord};
 use crate::reference::{Digest, RepoName, Tag};
 
@@ -80,6 +81,30 @@ pub async fn blob_store(s: &dyn BlobStore) {
         Some("application/vnd.oci.image.index.v1+json"),
         "a type learnt later is kept"
     );
+
+    // An upload (a push) names its digest only at the end: nothing is
+    // visible until `commit_to`, and an aborted one leaves nothing.
+    let pushed: Vec<u8> = (0..300_000u32).map(|i| (i % 13) as u8).collect();
+    let pd = Digest::of(&pushed);
+    let mut u = s.begin_upload("session-1").await.unwrap();
+    u.write(Bytes::copy_from_slice(&pushed[..100_000])).await.unwrap();
+    u.write(Bytes::copy_from_slice(&pushed[100_000..])).await.unwrap();
+    assert_eq!(u.written(), pushed.len() as u64);
+    assert!(
+        s.stat(&pd).await.unwrap().is_none(),
+        "an upload is invisible until committed"
+    );
+    u.commit_to(&pd, None).await.unwrap();
+    assert_eq!(read_range(s, &pd, 0, pushed.len() as u64).await, pushed);
+    assert!(
+        !s.stat(&pd).await.unwrap().unwrap().public,
+        "pushed content is not public"
+    );
+    let mut u = s.begin_upload("session-2").await.unwrap();
+    u.write(Bytes::from_static(b"cancelled")).await.unwrap();
+    u.abort().await;
+    assert!(s.stat(&Digest::of(b"cancelled")).await.unwrap().is_none());
+    s.delete(&pd).await.unwrap();
 
     // Listing: what is stored, each once, manifests marked.
     let layer = Digest::of(b"layer");
@@ -161,4 +186,83 @@ pub async fn meta_store(s: &dyn MetaStore) {
         Some(&br#"{"tags":["3"]}"#[..])
     );
     assert_eq!(s.get_tag_list(hub(&alpine), "other").await.unwrap(), None);
+}
+
+pub async fn hosted_store(s: &dyn HostedStore) {
+    let app = RepoName::parse("private/team/app").unwrap();
+    let other = RepoName::parse("private/other").unwrap();
+    let layer = Digest::of(b"layer");
+    let manifest = Digest::of(b"manifest");
+
+    // Links are per repository and per kind.
+    assert!(!s.linked(&app, Link::Blob, &layer).await.unwrap());
+    assert_eq!(s.link_age(&app, Link::Blob, &layer).await.unwrap(), None);
+    s.link(&app, Link::Blob, &layer).await.unwrap();
+    s.link(&app, Link::Manifest, &manifest).await.unwrap();
+    assert!(s.linked(&app, Link::Blob, &layer).await.unwrap());
+    assert!(
+        !s.linked(&app, Link::Manifest, &layer).await.unwrap(),
+        "a blob link is not a manifest link"
+    );
+    assert!(
+        !s.linked(&other, Link::Blob, &layer).await.unwrap(),
+        "links are per repository"
+    );
+    assert!(s.link_age(&app, Link::Blob, &layer).await.unwrap().is_some());
+    assert_eq!(s.links(&app, Link::Blob).await.unwrap(), vec![layer.clone()]);
+    assert_eq!(s.links(&app, Link::Manifest).await.unwrap(), vec![manifest.clone()]);
+    s.link(&app, Link::Blob, &layer).await.expect("linking twice is fine");
+    assert!(s.unlink(&app, Link::Blob, &layer).await.unwrap());
+    assert!(
+        !s.unlink(&app, Link::Blob, &layer).await.unwrap(),
+        "unlinking what is gone says so"
+    );
+    assert!(s.links(&app, Link::Blob).await.unwrap().is_empty());
+
+    // Tags, sorted, moved by a second set, deleted once.
+    let (v1, latest) = (Tag::parse("v1").unwrap(), Tag::parse("latest").unwrap());
+    let newer = Digest::of(b"manifest 2");
+    s.set_tag(&app, &v1, &manifest).await.unwrap();
+    s.set_tag(&app, &latest, &manifest).await.unwrap();
+    s.set_tag(&app, &latest, &newer).await.unwrap();
+    assert_eq!(s.tag(&app, &latest).await.unwrap(), Some(newer.clone()));
+    assert_eq!(s.tag(&other, &latest).await.unwrap(), None);
+    assert_eq!(
+        s.tags(&app).await.unwrap(),
+        vec![(latest.clone(), newer.clone()), (v1.clone(), manifest.clone())]
+    );
+    assert!(s.delete_tag(&app, &v1).await.unwrap());
+    assert!(!s.delete_tag(&app, &v1).await.unwrap());
+    assert_eq!(s.tags(&app).await.unwrap(), vec![(latest, newer)]);
+
+    // Referrers by subject, each descriptor kept as given.
+    let (sig, sbom) = (Digest::of(b"signature"), Digest::of(b"sbom"));
+    s.add_referrer(&app, &manifest, &sig, br#"{"d":"sig"}"#).await.unwrap();
+    s.add_referrer(&app, &manifest, &sbom, br#"{"d":"sbom"}"#)
+        .await
+        .unwrap();
+    let mut got = s.referrers(&app, &manifest).await.unwrap();
+    got.sort();
+    assert_eq!(got, vec![br#"{"d":"sbom"}"#.to_vec(), br#"{"d":"sig"}"#.to_vec()]);
+    assert!(s.referrers(&other, &manifest).await.unwrap().is_empty());
+    s.remove_referrer(&app, &manifest, &sig).await.unwrap();
+    s.remove_referrer(&app, &manifest, &sig)
+        .await
+        .expect("removing what is gone is fine");
+    assert_eq!(
+        s.referrers(&app, &manifest).await.unwrap(),
+        vec![br#"{"d":"sbom"}"#.to_vec()]
+    );
+
+    // Repositories under a namespace, nested ones included, sorted.
+    s.link(&other, Link::Blob, &layer).await.unwrap();
+    let names: Vec<String> = s
+        .repositories("private")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().to_string())
+        .collect();
+    assert_eq!(names, vec!["private/other", "private/team/app"]);
+    assert!(s.repositories("elsewhere").await.unwrap().is_empty());
 }
