@@ -1,6 +1,7 @@
 //! The private registry with real clients: `docker login`, `docker push`
 //! and `docker pull` (a private dockerd), `podman login` and `podman push`,
-//! `buildah push`, and `skopeo copy --all` of a multi-arch index, on the
+//! `buildah push`, `ctr images push --user` (a private containerd), and
+//! `skopeo copy --all` of a multi-arch index, on the
 //! plain listener and over TLS on regmirror's own name. The digest pulled
 //! back is the digest pushed; a wrong password and a user without write
 //! access are refused with the clients' usual messages; anonymous pulls are
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::clients::Sandbox;
-use common::daemons::{Dockerd, DockerdOpts};
+use common::daemons::{Containerd, Dockerd, DockerdOpts};
 use common::images::{build_image, build_index, Format};
 use common::matrix::Stack;
 use common::UpstreamEnvOpts;
@@ -345,4 +346,46 @@ fn podman_login_and_push_buildah_push_and_anonymous_pull_where_allowed() {
         ],
     );
     assert!(!push.success() && push.stderr.contains("unauthorized"), "{push:?}");
+}
+
+#[test]
+fn containerd_push_with_user_and_pull_back() {
+    let dir = common::tempdir("private-ctr-");
+    let s = stack(dir.path(), false);
+    let image = build_image(Format::Oci, "amd64", &[44 * KIB, 12 * KIB]);
+    s.env.pusher.push_image("library/pr-ctr", "1", &image);
+    let ctrd = Containerd::start();
+    let sb = s.client();
+    let plain = s.plain();
+    let cached = format!("{plain}/dockerhub/library/pr-ctr:1");
+    let name = format!("{plain}/private/pr-ctr:1");
+    let (pulled, _) = ctrd.pull_flags(&sb, &cached, &["--plain-http"]);
+    pulled.assert_ok();
+    ctrd.ctr(&sb, &["images", "tag", &cached, &name]).assert_ok();
+
+    let push = |user: &str| ctrd.ctr(&sb, &["images", "push", "--plain-http", "--user", user, &name]);
+    let wrong = push("admin:nope");
+    assert!(
+        !wrong.success() && wrong.stderr.contains("401 Unauthorized"),
+        "a wrong password is refused: {wrong:?}"
+    );
+    let reader = push("ci:ci-pw");
+    assert!(
+        !reader.success() && reader.stderr.contains("403 Forbidden"),
+        "a user without write access is refused: {reader:?}"
+    );
+    let before = pushed_bytes(&s);
+    push("admin:admin-pw").assert_ok();
+    assert_eq!(
+        pushed_bytes(&s) - before,
+        0.0,
+        "containerd's blobs came through the mirror: the push uploads none"
+    );
+
+    // Both names and their content gone, so the pull back downloads.
+    ctrd.ctr(&sb, &["images", "rm", "--sync", &name, &cached]).assert_ok();
+    let (anonymous, _) = ctrd.pull_flags(&sb, &name, &["--plain-http"]);
+    assert!(!anonymous.success(), "anonymous pull refused: {anonymous:?}");
+    let back = ctrd.pull_flags(&sb, &name, &["--plain-http", "--user", "ci:ci-pw"]);
+    common::matrix::assert_pulled("ctr pull of the pushed image", &back, &image.manifest_digest);
 }

@@ -1990,6 +1990,55 @@ fn a_push_past_the_quota_is_refused() {
     });
 }
 
+/// Open uploads share the quota: what one session has received counts
+/// against another's room before either commits, and a cancelled session
+/// gives its room back.
+#[test]
+fn concurrent_uploads_cannot_together_pass_the_quota() {
+    let l = Local::start(&format!("{ROLES}quota = \"1MiB\"\n"));
+    let admin = admin();
+    block_on(async {
+        let a = random_bytes(600 * KIB);
+        let b = random_bytes(600 * KIB);
+        let loc_a = l.session(REPO, &admin).await;
+        let loc_b = l.session(REPO, &admin).await;
+        let r = l.patch_chunk(&loc_a, 0, &a, &admin).await;
+        r.expect(202);
+        let loc_a = l.location(&r);
+        let refused = l.patch_chunk(&loc_b, 0, &b, &admin).await;
+        refused.expect_error(403, "DENIED");
+        assert!(
+            refused.message().to_lowercase().contains("quota"),
+            "{:?}",
+            refused.text()
+        );
+        assert_no_blob(
+            &l,
+            REPO,
+            &sha256_digest(&b),
+            &admin,
+            "the second of two uploads past the quota",
+        )
+        .await;
+        l.put_upload(&loc_a, &sha256_digest(&a), &[], &admin).await.expect(201);
+        assert_blob(&l, REPO, &sha256_digest(&a), &a, &admin).await;
+
+        // 424 KiB are left: a cancelled 300 KiB session gives its room back.
+        let loc_c = l.session(REPO, &admin).await;
+        l.patch_chunk(&loc_c, 0, &random_bytes(300 * KIB), &admin)
+            .await
+            .expect(202);
+        let loc_d = l.session(REPO, &admin).await;
+        l.patch_chunk(&loc_d, 0, &random_bytes(300 * KIB), &admin)
+            .await
+            .expect_error(403, "DENIED");
+        l.delete(&loc_c, &admin).await.expect(204);
+        let fits = random_bytes(400 * KIB);
+        let d = l.push_blob(REPO, &fits, &admin).await;
+        assert_blob(&l, REPO, &d, &fits, &admin).await;
+    });
+}
+
 /// `upload_timeout = "2s"`: a session kept busy outlives it; an abandoned one
 /// is removed (its bytes gone, its URL 404 BLOB_UPLOAD_UNKNOWN).
 #[test]

@@ -214,10 +214,8 @@ pub async fn put(
             return Err(missing(m, "manifest"));
         }
     }
-    if let Some(room) = super::room(app, r, 0).await {
-        if room < body.len() as u64 {
-            return Err(super::over_quota(app, r));
-        }
+    if !super::fits(app, r, body.len() as u64).await {
+        return Err(super::over_quota(app, r));
     }
     let size = body.len() as u64;
     app.cache

@@ -72,7 +72,10 @@ impl Hosted {
                 let locals = &app.settings.locals;
                 app.hosted
                     .uploads
-                    .expire(|ns| locals.get(ns).map_or(std::time::Duration::ZERO, |l| l.upload_timeout))
+                    .expire(
+                        |ns| locals.get(ns).map_or(std::time::Duration::ZERO, |l| l.upload_timeout),
+                        &app.hosted.usage,
+                    )
                     .await;
             }
         });
@@ -163,37 +166,86 @@ fn action_of(method: &Method, kind: &Kind) -> Result<Action, RegistryError> {
     })
 }
 
+/// How much of a refused request's body is read before the answer: a
+/// manifest or a small chunk, enough that clients which write the whole
+/// body before reading any answer (containerd, through a pipe) see the
+/// refusal instead of hanging; a layer's worth is not read.
+const REFUSED_BODY_DRAIN: u64 = 4 * 1024 * 1024;
+/// How long that reading may take.
+const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve(
     app: &Arc<App>,
     origin: &Origin,
     r: LocalRequest,
     req: Request<PushBody>,
 ) -> Result<Response<Body>, RegistryError> {
-    // A refused upload leaves its body unread, so the HTTP/1.1 connection
-    // cannot carry another request: say so, or a client that reuses it
-    // sees its next request fail with no answer at all.
+    let caller = match admit(app, origin, &r, req.method(), req.headers()).await {
+        Ok(c) => c,
+        Err(e) => return Err(refuse_unread(e, req).await),
+    };
+    // A push refused mid-body leaves the rest unread, so the HTTP/1.1
+    // connection cannot carry another request: say so, or a client that
+    // reuses it sees its next request fail with no answer at all.
     let unread_body =
         req.version() <= http::Version::HTTP_11 && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
-    let result = serve_request(app, origin, r, req).await;
-    match result {
+    match serve_request(app, &r, &caller, req).await {
         Err(e) if unread_body => Err(e.with_header(header::CONNECTION, HeaderValue::from_static("close"))),
         other => other,
     }
 }
 
-async fn serve_request(
+/// Answers a request refused before its body was read: a small body is
+/// read first (and the connection stays usable); a large or slow one is
+/// left, and the HTTP/1.1 connection closed after the answer.
+async fn refuse_unread(e: RegistryError, req: Request<PushBody>) -> RegistryError {
+    if req.version() > http::Version::HTTP_11 || !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        return e;
+    }
+    let declared = content_length(req.headers());
+    if declared == Some(0) {
+        return e;
+    }
+    let small = declared.is_none_or(|n| n <= REFUSED_BODY_DRAIN);
+    let drained = small && tokio::time::timeout(REFUSED_BODY_WAIT, drain(req.into_body())).await == Ok(true);
+    if drained {
+        e
+    } else {
+        e.with_header(header::CONNECTION, HeaderValue::from_static("close"))
+    }
+}
+
+/// Reads a body to its end; false when it breaks off or passes the limit.
+async fn drain(mut body: PushBody) -> bool {
+    use http_body_util::BodyExt;
+    let mut read: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return false };
+        if let Ok(data) = frame.into_data() {
+            read += data.len() as u64;
+            if read > REFUSED_BODY_DRAIN {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Who is asking, once they may do what the request asks.
+async fn admit(
     app: &Arc<App>,
     origin: &Origin,
-    r: LocalRequest,
-    req: Request<PushBody>,
-) -> Result<Response<Body>, RegistryError> {
+    r: &LocalRequest,
+    method: &Method,
+    headers: &http::HeaderMap,
+) -> Result<Caller, RegistryError> {
     let auth = local_auth(app)?;
     let ns = auth
         .namespace(r.namespace)
         .ok_or_else(|| RegistryError::internal("local namespace out of range"))?;
-    let action = action_of(req.method(), &r.kind)?;
+    let action = action_of(method, &r.kind)?;
     let service = app.settings.server_name.as_str();
-    let caller = match auth.caller(r.namespace, req.headers()).await {
+    let caller = match auth.caller(r.namespace, headers).await {
         Ok(c) => c,
         Err(e) => return Err(refused(e, origin, service, &r.repo, action)),
     };
@@ -206,26 +258,35 @@ async fn serve_request(
     if let Err(e) = auth.authorize(r.namespace, &caller, &r.repo, action) {
         return Err(refused(e, origin, service, &r.repo, action));
     }
+    Ok(caller)
+}
+
+async fn serve_request(
+    app: &Arc<App>,
+    r: &LocalRequest,
+    caller: &Caller,
+    req: Request<PushBody>,
+) -> Result<Response<Body>, RegistryError> {
     let method = req.method().clone();
     match (&method, r.kind.clone()) {
         (&Method::GET | &Method::HEAD, Kind::Manifest(reference)) => {
             manifests::get(app, &r.repo, &reference, method == Method::HEAD).await
         }
-        (&Method::PUT, Kind::Manifest(reference)) => manifests::put(app, &r, &reference, req).await,
-        (&Method::DELETE, Kind::Manifest(reference)) => manifests::delete(app, &r, &reference).await,
+        (&Method::PUT, Kind::Manifest(reference)) => manifests::put(app, r, &reference, req).await,
+        (&Method::DELETE, Kind::Manifest(reference)) => manifests::delete(app, r, &reference).await,
         (&Method::GET | &Method::HEAD, Kind::Blob(d)) => get_blob(app, &r.repo, &d, req.headers()).await,
-        (&Method::DELETE, Kind::Blob(d)) => delete_blob(app, &r, &d).await,
-        (&Method::GET, Kind::TagsList) => tags_list(app, &r).await,
+        (&Method::DELETE, Kind::Blob(d)) => delete_blob(app, r, &d).await,
+        (&Method::GET, Kind::TagsList) => tags_list(app, r).await,
         (&Method::GET, Kind::Referrers(d)) => referrers(app, &r.repo, &d, req.uri().query()).await,
-        (&Method::POST, Kind::Upload(None)) => start_upload(app, &r, &caller, req).await,
+        (&Method::POST, Kind::Upload(None)) => start_upload(app, r, caller, req).await,
         (_, Kind::Upload(Some(id))) => {
             let session = app.hosted.uploads.get(&id, &r.repo, caller.name())?;
             match method {
                 Method::GET => Ok(upload_status(&session, StatusCode::NO_CONTENT).await),
-                Method::PATCH => patch_upload(app, &r, &session, req).await,
-                Method::PUT => finish_upload(app, &r, &session, req).await,
+                Method::PATCH => patch_upload(app, r, &session, req).await,
+                Method::PUT => finish_upload(app, r, &session, req).await,
                 _ => {
-                    app.hosted.uploads.remove(&session.id).await;
+                    app.hosted.uploads.remove(&session.id, &app.hosted.usage).await;
                     Ok(status(StatusCode::NO_CONTENT))
                 }
             }
@@ -450,12 +511,22 @@ fn content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, RegistryError> {
     Ok(Some((start, end)))
 }
 
-/// Room left in the namespace for `pending` more bytes' worth of uploads.
-async fn room(app: &App, r: &LocalRequest, pending: u64) -> Option<u64> {
+/// The namespace's quota, if it has one, with its count loaded so that
+/// [`quota::Usage::fits`] and `claim` can answer.
+async fn quota(app: &App, r: &LocalRequest) -> Option<u64> {
     let ns = app.settings.locals.get(r.namespace)?;
     let quota = ns.quota?;
-    let used = app.hosted.usage.bytes(&app.cache, r.namespace, &ns.namespace).await;
-    Some(quota.saturating_sub(used).saturating_sub(pending))
+    app.hosted.usage.bytes(&app.cache, r.namespace, &ns.namespace).await;
+    Some(quota)
+}
+
+/// Whether `len` more bytes fit in the namespace beside what it holds
+/// and what its open uploads have received.
+pub(crate) async fn fits(app: &App, r: &LocalRequest, len: u64) -> bool {
+    match quota(app, r).await {
+        Some(q) => app.hosted.usage.fits(r.namespace, len, q),
+        None => true,
+    }
 }
 
 fn over_quota(app: &App, r: &LocalRequest) -> RegistryError {
@@ -524,7 +595,7 @@ async fn start_upload(
     let d = match parse_digest(&digest) {
         Ok(d) => d,
         Err(e) => {
-            app.hosted.uploads.remove(&session.id).await;
+            app.hosted.uploads.remove(&session.id, &app.hosted.usage).await;
             return Err(e);
         }
     };
@@ -587,8 +658,14 @@ async fn append(
     start: Option<u64>,
     declared: Option<u64>,
 ) -> Result<(), RegistryError> {
-    let room = room(app, r, session.received().await).await;
-    match app.hosted.uploads.append(session, body, start, declared, room).await {
+    let quota = quota(app, r).await;
+    let usage = &app.hosted.usage;
+    match app
+        .hosted
+        .uploads
+        .append(session, body, start, declared, usage, quota)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(ChunkError::OutOfOrder { len }) => Err(RegistryError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
@@ -610,7 +687,11 @@ async fn append(
 
 /// Verifies and commits the session's bytes as `d`, linked to the repository.
 async fn commit(app: &App, r: &LocalRequest, session: &Session, d: &Digest) -> Result<Response<Body>, RegistryError> {
-    let len = app.hosted.uploads.finish(&app.cache, session, d).await?;
+    let len = app
+        .hosted
+        .uploads
+        .finish(&app.cache, session, d, &app.hosted.usage)
+        .await?;
     link(app, r, Link::Blob, d, len).await?;
     METRICS.pushed_blobs.inc();
     METRICS.pushed_bytes.inc_by(len);
@@ -672,9 +753,7 @@ async fn mount(
     if !found {
         return Ok(false);
     }
-    if room(app, r, 0).await.is_some_and(|room| room < info.size)
-        && !store.linked(&r.repo, Link::Blob, d).await.map_err(store_error)?
-    {
+    if !fits(app, r, info.size).await && !store.linked(&r.repo, Link::Blob, d).await.map_err(store_error)? {
         return Err(over_quota(app, r));
     }
     link(app, r, Link::Blob, d, info.size).await?;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
+use super::quota::Usage;
 use super::PushBody;
 use crate::cache::blob_store::PendingBlob;
 use crate::cache::Cache;
@@ -44,6 +45,10 @@ struct State {
     file: Option<Box<dyn PendingBlob>>,
     sha256: Option<Hasher>,
     len: u64,
+    /// Bytes claimed from the namespace's quota (received, some perhaps
+    /// still batched): given back when the session goes, settled when it
+    /// commits.
+    claimed: u64,
 }
 
 impl Session {
@@ -109,6 +114,7 @@ impl Uploads {
                 file: Some(file),
                 sha256: Some(Hasher::new(Algorithm::Sha256)),
                 len: 0,
+                claimed: 0,
             }),
             last_used: Mutex::new(Instant::now()),
         });
@@ -129,12 +135,15 @@ impl Uploads {
         }
     }
 
-    /// Removes a session and its file (cancel, failure, expiry).
-    pub async fn remove(&self, id: &UploadId) {
+    /// Removes a session and its file (cancel, failure, expiry), giving
+    /// back its claim on the quota.
+    pub async fn remove(&self, id: &UploadId, usage: &Usage) {
         let session = lock(&self.sessions).remove(id);
         if let Some(s) = session {
             crate::metrics::METRICS.uploads_open.dec();
-            if let Some(f) = s.state.lock().await.file.take() {
+            let mut state = s.state.lock().await;
+            usage.release(s.namespace, std::mem::take(&mut state.claimed));
+            if let Some(f) = state.file.take() {
                 f.abort().await;
             }
         }
@@ -142,15 +151,16 @@ impl Uploads {
 
     /// Appends a request body to the session. `start` is the chunk's
     /// offset when the client sent `Content-Range`; `declared` its
-    /// `Content-Length`. `room` is how many more bytes the namespace's quota
-    /// lets in (`None`: no quota).
+    /// `Content-Length`. With a `quota`, every frame claims its bytes from
+    /// the namespace's room first (loaded by the caller).
     pub async fn append(
         &self,
         session: &Session,
         body: PushBody,
         start: Option<u64>,
         declared: Option<u64>,
-        room: Option<u64>,
+        usage: &Usage,
+        quota: Option<u64>,
     ) -> Result<u64, ChunkError> {
         let mut state = session.state.lock().await;
         if state.file.is_none() {
@@ -161,26 +171,35 @@ impl Uploads {
                 return Err(ChunkError::OutOfOrder { len: state.len });
             }
         }
-        let result = write_body(&mut state, body, declared, room).await;
+        let claim = quota.map(|q| (usage, session.namespace, q));
+        let result = write_body(&mut state, body, declared, claim).await;
         session.touch();
         match result {
             Ok(()) => Ok(state.len),
             Err(e) => {
                 drop(state);
-                self.remove(&session.id).await;
+                self.remove(&session.id, usage).await;
                 Err(e)
             }
         }
     }
 
     /// Verifies the session's bytes against `d` and commits them under
-    /// it. On a mismatch the session is gone and nothing is visible.
-    pub async fn finish(&self, cache: &Cache, session: &Session, d: &Digest) -> Result<u64, RegistryError> {
+    /// it. On a mismatch the session is gone and nothing is visible. The
+    /// claim on the quota becomes held content (or is given back).
+    pub async fn finish(
+        &self,
+        cache: &Cache,
+        session: &Session,
+        d: &Digest,
+        usage: &Usage,
+    ) -> Result<u64, RegistryError> {
         let mut state = session.state.lock().await;
         let Some(file) = state.file.take() else {
             return Err(unknown(&session.id));
         };
         let len = state.len;
+        let claimed = std::mem::take(&mut state.claimed);
         let actual = match d.algorithm() {
             Algorithm::Sha256 => state.sha256.take().map(Hasher::finish),
             // Hashed again from the file: sha512 is rare, and hashing every
@@ -191,6 +210,7 @@ impl Uploads {
         lock(&self.sessions).remove(&session.id);
         crate::metrics::METRICS.uploads_open.dec();
         if actual.as_ref() != Some(d) {
+            usage.release(session.namespace, claimed);
             file.abort().await;
             let got = actual.map(|a| a.to_string()).unwrap_or_else(|| "unreadable".into());
             return Err(RegistryError::new(
@@ -199,15 +219,16 @@ impl Uploads {
                 format!("the upload's {len} bytes hash to {got}, not {d}"),
             ));
         }
-        cache
-            .commit_upload(file, d)
-            .await
-            .map_err(|e| RegistryError::internal(format!("cannot store {d}: {e}")))?;
+        if let Err(e) = cache.commit_upload(file, d).await {
+            usage.release(session.namespace, claimed);
+            return Err(RegistryError::internal(format!("cannot store {d}: {e}")));
+        }
+        usage.settle(session.namespace, claimed, d, len);
         Ok(len)
     }
 
     /// Removes sessions idle longer than `timeout(namespace)`.
-    pub async fn expire(&self, timeout: impl Fn(usize) -> Duration) {
+    pub async fn expire(&self, timeout: impl Fn(usize) -> Duration, usage: &Usage) {
         let stale: Vec<UploadId> = lock(&self.sessions)
             .values()
             .filter(|s| s.idle_for() > timeout(s.namespace) && s.state.try_lock().is_ok())
@@ -215,7 +236,7 @@ impl Uploads {
             .collect();
         for id in stale {
             tracing::info!(upload = %id, "upload session expired");
-            self.remove(&id).await;
+            self.remove(&id, usage).await;
         }
     }
 
@@ -224,11 +245,14 @@ impl Uploads {
     }
 }
 
+/// The namespace's usage, its index and its quota.
+type Claim<'a> = (&'a Usage, usize, u64);
+
 async fn write_body(
     state: &mut State,
     mut body: PushBody,
     declared: Option<u64>,
-    room: Option<u64>,
+    claim: Option<Claim<'_>>,
 ) -> Result<(), ChunkError> {
     let mut got: u64 = 0;
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
@@ -253,12 +277,15 @@ async fn write_body(
                 "the body is longer than its Content-Length",
             )));
         }
-        if room.is_some_and(|r| got > r) {
-            return Err(ChunkError::OverQuota(RegistryError::new(
-                StatusCode::FORBIDDEN,
-                OciCode::Denied,
-                "the push would take the namespace past its quota",
-            )));
+        if let Some((usage, ns, quota)) = claim {
+            if !usage.claim(ns, data.len() as u64, quota) {
+                return Err(ChunkError::OverQuota(RegistryError::new(
+                    StatusCode::FORBIDDEN,
+                    OciCode::Denied,
+                    "the push would take the namespace past its quota",
+                )));
+            }
+            state.claimed += data.len() as u64;
         }
         if let Some(h) = state.sha256.as_mut() {
             h.update(&data);
