@@ -9,7 +9,7 @@
 #   scripts/bench.sh --reps N   repetitions (default 3)
 #   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
 #   scripts/bench.sh --only A,B only these figures (cold manifest blob1 blob64 tag conns rss
-#                               pull cold8 evict); prints the table, writes no report
+#                               pull cold8 evict push); prints the table, writes no report
 #   scripts/bench.sh --hold     start and warm every peer, print how to reach them, and wait
 #                               (for perf or a load generator by hand); Ctrl-C stops them all
 #
@@ -19,6 +19,9 @@
 #   127.0.9.3  dist-proxy    a second docker-registry with proxy.remoteurl = the upstream
 #   127.0.9.4  nginx-cache   nginx proxy_cache + proxy_cache_lock, blobs and digest manifests by URI
 #   127.0.9.5  nginx-static  nginx serving the same bytes as files (the ceiling for warm content)
+# and, for the push figures, two private registries addressed as https://push.bench:
+#   127.0.9.6  regmirror     a second instance, with a [[local]] namespace and htpasswd logins
+#   127.0.9.7  dist-auth     Debian's docker-registry with the same htpasswd file
 # Clients address every peer as https://registry-1.docker.io (curl --resolve,
 # h2load --connect-to, skopeo in a mount namespace with its own /etc/hosts).
 # Needs root (port 443, unshare --mount). Installs its tools with apt when missing.
@@ -56,7 +59,7 @@ fi
 want() { [[ -z $only || $only == *",$1,"* ]]; }
 
 # ---------------------------------------------------------------- tools
-packages=(docker-registry nginx-light nghttp2-client skopeo curl openssl python3 util-linux)
+packages=(docker-registry nginx-light nghttp2-client skopeo curl openssl python3 util-linux apache2-utils)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -66,7 +69,7 @@ if ((${#missing[@]})); then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 [[ $(id -u) -eq 0 ]] || { echo "bench: needs root (port 443, unshare --mount)" >&2; exit 1; }
-for t in docker-registry nginx h2load skopeo curl openssl python3 unshare; do
+for t in docker-registry nginx h2load skopeo curl openssl python3 unshare htpasswd; do
   command -v "$t" >/dev/null || [[ -x /usr/sbin/$t ]] || { echo "bench: $t not found" >&2; exit 1; }
 done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -123,22 +126,23 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W
   -out "$W/ca.pem" -days 2 -subj "/CN=regmirror bench CA" 2>/dev/null
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/leaf.key" \
   -out "$W/leaf.csr" -subj "/CN=$H" 2>/dev/null
-printf 'subjectAltName=DNS:%s,DNS:upstream.bench,IP:%s,IP:%s,IP:%s,IP:%s\nextendedKeyUsage=serverAuth\n' \
+printf 'subjectAltName=DNS:%s,DNS:upstream.bench,DNS:push.bench,IP:%s,IP:%s,IP:%s,IP:%s\nextendedKeyUsage=serverAuth\n' \
   "$H" "$UP" "$DP" "$NC" "$NS" >"$W/leaf.ext"
 openssl x509 -req -in "$W/leaf.csr" -CA "$W/ca.pem" -CAkey "$W/ca.key" -CAcreateserial \
   -days 2 -extfile "$W/leaf.ext" -out "$W/leaf.pem" 2>/dev/null
 cat "$W/leaf.pem" "$W/ca.pem" >"$W/chain.pem"
 
 # ---------------------------------------------------------------- upstream + image
-start_registry() { # start_registry NAME IP DIR [proxy]
-  local name=$1 ip=$2 dir=$3 proxy=${4:-}
+start_registry() { # start_registry NAME IP DIR [proxy|auth]
+  local name=$1 ip=$2 dir=$3 mode=${4:-}
   mkdir -p "$dir/store"
   {
     echo "version: 0.1"
     echo "log: {level: warn, accesslog: {disabled: false}}"
     echo "storage: {filesystem: {rootdirectory: $dir/store}, delete: {enabled: true}}"
     echo "http: {addr: \"$ip:443\", tls: {certificate: $W/chain.pem, key: $W/leaf.key}}"
-    [[ -n $proxy ]] && echo "proxy: {remoteurl: \"https://$UP\"}"
+    [[ $mode == proxy ]] && echo "proxy: {remoteurl: \"https://$UP\"}"
+    [[ $mode == auth ]] && echo "auth: {htpasswd: {realm: bench, path: $W/htpasswd}}"
   } >"$dir/config.yml"
   # distribution reads REGISTRY_* variables as configuration: start it without any.
   env -i PATH="$PATH" SSL_CERT_FILE="$W/ca.pem" docker-registry serve "$dir/config.yml" \
@@ -563,6 +567,111 @@ trim() { # trim REP PEERS...: the first repetition measures every peer; later on
   done
 }
 
+# ---------------------------------------------------------------- push (private registry)
+# regmirror with a [[local]] namespace beside distribution with htpasswd auth
+# (what teams run as their private registry), both addressed as https://push.bench
+# with the same bcrypt login. Each figure starts the peer empty.
+PUSH_HOST=push.bench PUSH_RM=127.0.9.6 PUSH_DA=127.0.9.7
+declare -A PUSH_IP=([regmirror]=$PUSH_RM [dist-auth]=$PUSH_DA)
+htpasswd -bBc -C 5 "$W/htpasswd" bench bench-pw 2>/dev/null
+push_start() { # push_start PEER: starts the private registry PEER with an empty store
+  case "$1" in
+    regmirror)
+      rm -rf "$W/rmp/data" && mkdir -p "$W/rmp"
+      cat >"$W/rmp/config.toml" <<EOF
+[server]
+https = "$PUSH_RM:443"
+http = "$PUSH_RM:5000"
+name = "$PUSH_HOST"
+
+[ca]
+dir = "$W/rmp/certs"
+
+[cache]
+dir = "$W/rmp/data"
+max_size = "20GiB"
+
+[[upstream]]
+name = "docker.io"
+hosts = ["$H"]
+url = "https://upstream.bench"
+namespace = "dockerhub"
+ca_file = "$W/ca.pem"
+
+[[local]]
+namespace = "private"
+htpasswd = "$W/htpasswd"
+
+[limits]
+max_connections_per_client = 4096
+EOF
+      "$RM_BIN" serve --config "$W/rmp/config.toml" >>"$W/rmp/log" 2>&1 &
+      PID[push-regmirror]=$!
+      for _ in $(seq 100); do [[ -f $W/rmp/certs/ca.pem ]] && break; sleep 0.1; done
+      cp "$W/rmp/certs/ca.pem" "$W/certdir/regmirror-push.crt"
+      for _ in $(seq 100); do
+        curl -s -o /dev/null --max-time 1 --resolve "$PUSH_HOST:443:$PUSH_RM" --cacert "$W/rmp/certs/ca.pem" \
+          "https://$PUSH_HOST/v2/" && return 0
+        sleep 0.1
+      done
+      fail "the push instance of regmirror did not start (log: $(tail -5 "$W/rmp/log"))"
+      ;;
+    dist-auth)
+      rm -rf "$W/da/store"
+      start_registry push-dist-auth "$PUSH_DA" "$W/da" auth
+      ;;
+  esac
+}
+push_stop() { stop "push-$1"; rm -rf "$W/rmp/data" "$W/da/store"; }
+for p in regmirror dist-auth; do printf '127.0.0.1 localhost\n%s %s\n' "${PUSH_IP[$p]}" "$PUSH_HOST" >"$W/hosts-push-$p"; done
+
+skopeo_at() { # skopeo_at PEER ARGS...: skopeo copy as a client resolving push.bench to PEER,
+  # with an empty blob-info cache (else skopeo mounts blobs it saw pushed in an earlier round)
+  unshare --mount -- sh -c 'mount --bind "$1" /etc/hosts && mkdir -p /var/lib/containers/cache &&
+      mount -t tmpfs tmpfs /var/lib/containers/cache && shift && exec skopeo copy -q "$@"' \
+    sh "$W/hosts-push-$1" "${@:2}" >/dev/null
+}
+push_image() { # push_image PEER REPO: the bench image (oci layout) to PEER's private/REPO:1
+  skopeo_at "$1" --dest-cert-dir "$W/certdir" --dest-creds bench:bench-pw \
+    "oci:$W/oci:1" "docker://$PUSH_HOST/private/$2:1"
+}
+pull_pushed() { # pull_pushed PEER OUT: the pushed image back, by tag
+  skopeo_at "$1" --src-cert-dir "$W/certdir" --src-creds bench:bench-pw \
+    "docker://$PUSH_HOST/private/bench:1" "dir:$2"
+}
+push_hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/${PID[push-$1]}/status"; }
+
+push_figures() { # push_figures REP: one push, its pull back, and 8 concurrent pushes, per peer
+  local round p i t0 t1 failed pids
+  local -A push_t=() pullb_t=()
+  # Three rounds, peers taking turns: a push's time is mostly skopeo's and the disk's.
+  for round in 0 1 2; do
+    for p in $(rotate "$(($1 + round))" regmirror dist-auth); do
+      push_start "$p"
+      push_t[$p]+=" $(timed push_image "$p" bench)"
+      pullb_t[$p]+=" $(timed pull_pushed "$p" "$W/pull-back")"
+      cmp -s "$W/pull-back/manifest.json" "$W/oci/blobs/sha256/${MANIFEST#sha256:}" ||
+        fail "$p: the manifest pulled back is not the one pushed"
+      rm -rf "$W/pull-back"
+      push_stop "$p"
+    done
+  done
+  record_medians push_s push_t
+  record_medians push_pull_s pullb_t
+  for p in $(rotate "$1" regmirror dist-auth); do
+    push_start "$p"
+    pids=() failed=0
+    t0=$(date +%s.%N)
+    for i in $(seq 8); do push_image "$p" "bench-$i" & pids+=($!); done
+    for i in "${pids[@]}"; do wait "$i" || failed=1; done
+    t1=$(date +%s.%N)
+    ((failed)) && fail "$p: one of 8 concurrent pushes failed"
+    record push8_s "$p" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
+    record push8_rss_mib "$p" "$(($(push_hwm_kib "$p") / 1024))"
+    push_stop "$p"
+  done
+}
+
 if ((hold)); then
   for p in "${!IP[@]}"; do warm "$p"; done
   cat <<EOF
@@ -679,6 +788,10 @@ for ((rep = 0; rep < reps; rep++)); do
   if want evict; then
     eviction_stalls
     lap evict
+  fi
+  if want push; then
+    push_figures "$rep"
+    lap push
   fi
 done
 echo "bench: seconds per figure, all repetitions: $(for f in "${!SECS[@]}"; do printf '%s %s, ' "$f" "${SECS[$f]}"; done)" \

@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 
-PEERS = ["direct", "dist-proxy", "nginx-cache", "nginx-static", "regmirror"]
+PEERS = ["direct", "dist-proxy", "nginx-cache", "nginx-static", "dist-auth", "regmirror"]
 
 # key: (label, unit, [(peer, comparison, target ratio regmirror/peer)])
 # A peer of None compares regmirror's own value with the target; a comparison
@@ -26,6 +26,12 @@ FIGURES = [
     ("pull_warm_s", "warm whole-image pull (skopeo, {image} MiB, 5 layers), time (median of 5 per repetition, taking turns)", "s", [("direct", "<=", 1.0)]),
     ("rss_mib", "peak RSS (VmHWM, all processes): cold pull, then every warm figure incl. 64 × {big} MiB", "MiB", [("nginx-cache", "<=", 1.5)]),
     ("conns_s", "{conns} new TLS connections × 5 manifest GETs (HTTP/1.1), time (median of 3 per repetition, taking turns)", "s", [("nginx-cache", "<=", 1.0)]),
+    # The private registry: regmirror with a [[local]] namespace beside distribution with
+    # htpasswd auth, both started empty for each figure, skopeo pushing the bench image.
+    ("push_s", "push of the {image} MiB image to a private registry (skopeo, login, empty store; median of 3 per repetition, taking turns)", "s", [("dist-auth", "<=", 1.0)]),
+    ("push_pull_s", "pull of that pushed image back (skopeo, login; median of 3 per repetition)", "s", [("dist-auth", "<=", 1.0)]),
+    ("push8_s", "8 concurrent pushes of the {image} MiB image to distinct repositories, time", "s", [("dist-auth", "<=", 1.0)]),
+    ("push8_rss_mib", "peak RSS (VmHWM) of the registry during those 8 concurrent pushes", "MiB", [("dist-auth", "<=", 1.0)]),
     # The server's own CPU during the client-bound figures: their time is mostly the
     # client's (skopeo, h2load) on the same two cores. No target. regmirror's is its own
     # process (the upstream's ~2 ms for its tag HEAD per pull is not counted).
