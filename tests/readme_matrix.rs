@@ -1,7 +1,8 @@
 //! The README's "client × mode: tested" table and the end-to-end tests agree:
 //! every row names a `#[test]` function that exists (`file::function`, the
 //! file being `tests/<file>.rs`), and every `#[test]` of the client-matrix
-//! files appears in some row.
+//! files appears in some row. The same holds for the client table of the
+//! "Private registry" section and `tests/e2e_private_registry.rs`.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -13,16 +14,17 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The rows of the table under the "client × mode: tested" heading inside
-/// "## Using it from clients": (client, mode, test reference).
-fn table_rows(readme: &str) -> Vec<(String, String, String)> {
+/// The rows of the first table from `marker` on inside the README section
+/// `## {heading}`: (client, second cell, test reference).
+fn table_rows(readme: &str, heading: &str, marker: &str) -> Vec<(String, String, String)> {
     let section = readme
         .split("\n## ")
-        .find(|s| s.starts_with("Using it from clients"))
-        .expect("README has a `## Using it from clients` section");
-    let (_, after) = section
-        .split_once("client × mode: tested")
-        .expect("the section has a `client × mode: tested` table");
+        .find(|s| s.starts_with(heading))
+        .unwrap_or_else(|| panic!("README has a `## {heading}` section"));
+    let at = section
+        .find(marker)
+        .unwrap_or_else(|| panic!("the section has a table at {marker:?}"));
+    let after = &section[at..];
     let mut rows = Vec::new();
     let mut header_seen = false;
     for line in after.lines().map(str::trim) {
@@ -81,14 +83,10 @@ fn test_functions(file: &str) -> BTreeSet<String> {
     names
 }
 
-#[test]
-fn readme_matrix_names_existing_tests_and_covers_every_matrix_test() {
-    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
-    let rows = table_rows(&readme);
-    assert!(!rows.is_empty(), "the client × mode table has no rows");
-
+/// Every row names a test that exists; returns the names.
+fn assert_rows_name_tests(rows: &[(String, String, String)]) -> BTreeSet<String> {
     let mut named = BTreeSet::new();
-    for (client, mode, test) in &rows {
+    for (client, mode, test) in rows {
         let (file, func) = test
             .split_once("::")
             .unwrap_or_else(|| panic!("row {client} / {mode}: {test:?} is not `file::function`"));
@@ -98,6 +96,36 @@ fn readme_matrix_names_existing_tests_and_covers_every_matrix_test() {
         );
         named.insert(test.clone());
     }
+    named
+}
+
+#[test]
+fn readme_private_registry_table_covers_every_private_registry_test() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let rows = table_rows(&readme, "Private registry", "| client |");
+    let named = assert_rows_name_tests(&rows);
+    for func in test_functions("e2e_private_registry") {
+        let full = format!("e2e_private_registry::{func}");
+        assert!(
+            named.contains(&full),
+            "{full} is missing from README's private registry table"
+        );
+    }
+    for client in ["docker", "podman", "buildah", "skopeo", "containerd"] {
+        assert!(
+            rows.iter().any(|(c, _, _)| c == client),
+            "no private registry row for {client}"
+        );
+    }
+}
+
+#[test]
+fn readme_matrix_names_existing_tests_and_covers_every_matrix_test() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let rows = table_rows(&readme, "Using it from clients", "client × mode: tested");
+    assert!(!rows.is_empty(), "the client × mode table has no rows");
+
+    let named = assert_rows_name_tests(&rows);
 
     for file in MATRIX_FILES {
         for func in test_functions(file) {
@@ -121,7 +149,7 @@ fn readme_matrix_names_existing_tests_and_covers_every_matrix_test() {
 fn parser_reads_rows_and_test_attributes() {
     let md = "x\n## Using it from clients\n### client × mode: tested\n\n| client | mode | test |\n|---|---|---|\n| a | b | `f::g` |\n\nafter\n## Next\n";
     assert_eq!(
-        table_rows(md),
+        table_rows(md, "Using it from clients", "client × mode: tested"),
         vec![("a".to_string(), "b".to_string(), "f::g".to_string())]
     );
 }
