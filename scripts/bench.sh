@@ -9,7 +9,8 @@
 #   scripts/bench.sh --reps N   repetitions (default 3)
 #   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
 #   scripts/bench.sh --only A,B only these figures (cold manifest blob1 blob64 tag conns rss
-#                               pull cold8 evict push); prints the table, writes no report
+#                               pull cold8 evict push); prints the tables; with --out, rewrites
+#                               only the tables of the groups it measured (cache, registry)
 #   scripts/bench.sh --hold     start and warm every peer, print how to reach them, and wait
 #                               (for perf or a load generator by hand); Ctrl-C stops them all
 #

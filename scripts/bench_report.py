@@ -1,15 +1,30 @@
 #!/usr/bin/env python3
 """Turns scripts/bench.sh's measurements (figure, peer, value per line, one
-line per repetition) into the table of ratios. Prints it; with --out, puts it
-between the markers in that file (the rest of the file is kept), creating the
-file when missing."""
+line per repetition) into tables of ratios, one per group of figures. Prints
+them; with --out, puts each between its markers in that file (the rest of the
+file, and the tables of groups this run did not measure, are kept), creating
+the file when missing."""
 
 import argparse
 import os
 import statistics
 import sys
 
-PEERS = ["direct", "dist-proxy", "nginx-cache", "nginx-static", "dist-auth", "regmirror"]
+# Each group is its own table between its own markers: a run that measured
+# none of a group's figures (scripts/bench.sh --only) leaves its table as it was.
+GROUPS = {
+    "cache": {
+        "peers": ["direct", "dist-proxy", "nginx-cache", "nginx-static", "regmirror"],
+        "begin": "<!-- bench:begin (written by scripts/bench.sh; edit outside the markers) -->",
+        "end": "<!-- bench:end -->",
+    },
+    "registry": {
+        "peers": ["dist-auth", "regmirror"],
+        "begin": "<!-- bench:registry:begin (written by scripts/bench.sh; edit outside the markers) -->",
+        "end": "<!-- bench:registry:end -->",
+    },
+}
+REGISTRY_FIGURES = {"push_s", "push_pull_s", "push8_s", "push8_rss_mib"}
 
 # key: (label, unit, [(peer, comparison, target ratio regmirror/peer)])
 # A peer of None compares regmirror's own value with the target; a comparison
@@ -51,9 +66,6 @@ FIGURES = [
     ("p99_manifest_evicting", "p99 of warm manifest GETs, h2load saturating, while eviction + refetch run / while idle", "×", []),
     ("p99_blob_evicting", "p99 of warm GETs of a 40 MiB layer (0.5 MiB with --quick), h2load saturating, while eviction + refetch run / while idle", "×", []),
 ]
-
-BEGIN = "<!-- bench:begin (written by scripts/bench.sh; edit outside the markers) -->"
-END = "<!-- bench:end -->"
 
 
 def fmt(v):
@@ -97,12 +109,67 @@ def main():
             if value:
                 data.setdefault((fig, peer), []).append(float(value))
 
-    head = "| figure | unit | " + " | ".join(PEERS) + " | regmirror / peer (target) | met |"
-    rows = [head, "|" + "---|" * (len(PEERS) + 4)]
+    old = ""
+    if a.out and os.path.exists(a.out):
+        with open(a.out) as f:
+            old = f.read()
+    new = old
+    missed_all = 0
+    for group, g in GROUPS.items():
+        figures = [f for f in FIGURES if (f[0] in REGISTRY_FIGURES) == (group == "registry")]
+        if not any((f[0], p) in data for f in figures for p in g["peers"]):
+            continue
+        table, missed = render(figures, g["peers"], data, a)
+        missed_all += missed
+        print(table)
+        body = "\n".join(
+            [
+                g["begin"],
+                "",
+                f"Command: `{a.command}` (as root; {a.reps} repetition{'s' if a.reps != 1 else ''}, peers alternating in a rotating order).",
+                f"Machine: {a.machine}." if a.machine else "",
+                f"Versions: {a.versions}." if a.versions else "",
+                "",
+                "Each cell: median (min–max) over the repetitions. Ratios are regmirror / peer, computed per repetition",
+                "(runs made side by side) and then the median taken. Everything shares one machine, the load generator",
+                "included: treat differences under ~10% as noise."
+                + (
+                    " Where no target compares with direct or dist-proxy"
+                    " (manifest rates, 1-client blobs, connections, cold pulls), those two are measured in the first repetition only."
+                    if group == "cache"
+                    else ""
+                ),
+                "Figures whose time is short or mostly the client's are measured several times per repetition for the pair",
+                "the target compares, peers taking turns (the label says how many); the repetition's value is their median.",
+                "",
+                table,
+                "",
+                f"Targets missed: {missed}.",
+                "",
+                g["end"],
+            ]
+        )
+        if g["begin"] in new and g["end"] in new:
+            new = new[: new.index(g["begin"])] + body + new[new.index(g["end"]) + len(g["end"]) :]
+        elif group == "registry" and GROUPS["cache"]["end"] in new:
+            at = new.index(GROUPS["cache"]["end"]) + len(GROUPS["cache"]["end"])
+            new = new[:at] + "\n\n### Private registry\n\n" + body + new[at:]
+        else:
+            new = ("# Benchmarks\n\n" if not new else new + "\n") + body + "\n"
+    print(f"\ntargets missed: {missed_all}")
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(new)
+        print(f"wrote {a.out}", file=sys.stderr)
+
+
+def render(figures, peers, data, a):
+    head = "| figure | unit | " + " | ".join(peers) + " | regmirror / peer (target) | met |"
+    rows = [head, "|" + "---|" * (len(peers) + 4)]
     missed = 0
-    for key, label, unit, targets in FIGURES:
+    for key, label, unit, targets in figures:
         label = label.format(big=a.big_mib, image=a.image_mib, conns=a.conns)
-        cells = [cell(data.get((key, p), [])) for p in PEERS]
+        cells = [cell(data.get((key, p), [])) for p in peers]
         mine = data.get((key, "regmirror"), [])
         ratios, met = [], []
         for peer, op, target in targets:
@@ -129,44 +196,7 @@ def main():
             missed += not ok
             met.append("yes" if ok else "**no**")
         rows.append(f"| {label} | {unit} | " + " | ".join(cells) + " | " + "<br>".join(ratios) + " | " + "<br>".join(met) + " |")
-    table = "\n".join(rows)
-
-    body = "\n".join(
-        [
-            BEGIN,
-            "",
-            f"Command: `{a.command}` (as root; {a.reps} repetition{'s' if a.reps != 1 else ''}, peers alternating in a rotating order).",
-            f"Machine: {a.machine}." if a.machine else "",
-            f"Versions: {a.versions}." if a.versions else "",
-            "",
-            "Each cell: median (min–max) over the repetitions. Ratios are regmirror / peer, computed per repetition",
-            "(runs made side by side) and then the median taken. Everything shares one machine, the load generator",
-            "included: treat differences under ~10% as noise. Where no target compares with direct or dist-proxy",
-            "(manifest rates, 1-client blobs, connections, cold pulls), those two are measured in the first repetition only.",
-            "Figures whose time is short or mostly the client's are measured several times per repetition for the pair",
-            "the target compares, peers taking turns (the label says how many); the repetition's value is their median.",
-            "",
-            table,
-            "",
-            f"Targets missed: {missed}.",
-            "",
-            END,
-        ]
-    )
-    print(table)
-    print(f"\ntargets missed: {missed}")
-    if a.out:
-        old = ""
-        if os.path.exists(a.out):
-            with open(a.out) as f:
-                old = f.read()
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + body + old[old.index(END) + len(END) :]
-        else:
-            new = "# Benchmarks\n\n" + body + "\n" + old
-        with open(a.out, "w") as f:
-            f.write(new)
-        print(f"wrote {a.out}", file=sys.stderr)
+    return "\n".join(rows), missed
 
 
 if __name__ == "__main__":
