@@ -84,6 +84,19 @@ pub fn http_client(ca_pem: &[u8]) -> reqwest::Client {
 /// [`http_client`] that resolves each `(name, address)` pair to that address
 /// (a private /etc/hosts for this client only).
 pub fn http_client_resolving(ca_pem: &[u8], resolve: &[(&str, SocketAddr)]) -> reqwest::Client {
+    http_client_builder(ca_pem, resolve).build().expect("reqwest client")
+}
+
+/// [`http_client_resolving`] whose connections leave from `local`, as a
+/// client on another machine (or behind another NAT address) would.
+pub fn http_client_from(ca_pem: &[u8], resolve: &[(&str, SocketAddr)], local: std::net::IpAddr) -> reqwest::Client {
+    http_client_builder(ca_pem, resolve)
+        .local_address(local)
+        .build()
+        .expect("reqwest client")
+}
+
+fn http_client_builder(ca_pem: &[u8], resolve: &[(&str, SocketAddr)]) -> reqwest::ClientBuilder {
     init_crypto();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile_certs(ca_pem) {
@@ -99,7 +112,7 @@ pub fn http_client_resolving(ca_pem: &[u8], resolve: &[(&str, SocketAddr)]) -> r
     for (name, addr) in resolve {
         builder = builder.resolve(name, *addr);
     }
-    builder.build().expect("reqwest client")
+    builder
 }
 
 /// Parses every `CERTIFICATE` block of a PEM bundle.

@@ -310,6 +310,24 @@ impl Regmirror {
         self.config.https.ip()
     }
 
+    /// The regmirror process (`unshare` and `sh` exec into it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `VmRSS` and `VmHWM` (peak) of the process, KiB.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// `http://IP:5000`
     pub fn http_url(&self) -> String {
         format!("http://{}", self.config.http)
