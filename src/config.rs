@@ -47,6 +47,30 @@ pub struct Config {
     /// `[[local]]`: namespaces regmirror hosts itself (pushes land here).
     #[serde(rename = "local", default)]
     pub locals: Vec<LocalConfig>,
+    /// `[connect]`: what the CONNECT proxy listener (`server.connect`)
+    /// tunnels without intercepting, and who may use it.
+    #[serde(default)]
+    pub connect: ConnectConfig,
+}
+
+/// `[connect]` as written. Every key is optional: by default only the
+/// intercepted hostnames are reachable through the CONNECT listener, so it
+/// is never an open proxy unless an operator says so.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectConfig {
+    /// Host patterns (`"*.example.com"`, `"*"`) tunnelled byte-for-byte.
+    #[serde(default)]
+    pub passthrough: Vec<String>,
+    /// Ports besides 443 that passthrough hosts may be reached on.
+    #[serde(default)]
+    pub passthrough_ports: Vec<u16>,
+    /// `true`: clients must send `Proxy-Authorization` (the local
+    /// namespace's htpasswd unless `htpasswd` names another file).
+    #[serde(default)]
+    pub proxy_auth: bool,
+    /// An htpasswd file (bcrypt) for `Proxy-Authorization`; implies `proxy_auth`.
+    pub htpasswd: Option<PathBuf>,
 }
 
 /// One `[[local]]` namespace as written: a private registry under
@@ -102,6 +126,8 @@ pub struct ServerConfig {
     pub https: Option<String>,
     /// Plain HTTP listener; absent disables it.
     pub http: Option<String>,
+    /// HTTP CONNECT proxy listener (clients set `HTTPS_PROXY`); absent disables it.
+    pub connect: Option<String>,
     pub name: String,
 }
 
@@ -177,6 +203,19 @@ pub struct Settings {
     pub upstreams: Vec<Upstream>,
     pub limits: Limits,
     pub locals: Vec<LocalNamespace>,
+    /// The CONNECT proxy listener; `None` disables it.
+    pub connect: Option<SocketAddr>,
+    pub connect_policy: ConnectPolicy,
+}
+
+/// A validated `[connect]`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectPolicy {
+    /// Lowercase host patterns; `*` matches any run of characters.
+    pub passthrough: Vec<String>,
+    pub passthrough_ports: Vec<u16>,
+    /// Who may use the CONNECT listener; `None`: anyone `[access]` admits.
+    pub users: Option<crate::auth::htpasswd::Htpasswd>,
 }
 
 /// A validated `[[local]]` namespace.
@@ -353,8 +392,12 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
 fn validate(raw: Config) -> Result<Settings, Invalid> {
     let https = parse_addr("server.https", raw.server.https.as_deref())?;
     let http = parse_addr("server.http", raw.server.http.as_deref())?;
-    if https.is_none() && http.is_none() {
-        return Err(invalid("server", "at least one of `https` and `http` must be set"));
+    let connect = parse_addr("server.connect", raw.server.connect.as_deref())?;
+    if https.is_none() && http.is_none() && connect.is_none() {
+        return Err(invalid(
+            "server",
+            "at least one of `https`, `http` and `connect` must be set",
+        ));
     }
     let server_name = raw.server.name.to_ascii_lowercase();
     if !valid_hostname(&server_name) {
@@ -588,6 +631,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
 
     let limits = validate_limits(raw.limits)?;
     let locals = validate_locals(raw.locals, &namespaces)?;
+    let connect_policy = validate_connect(raw.connect, &locals)?;
 
     Ok(Settings {
         https,
@@ -602,6 +646,60 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         upstreams,
         limits,
         locals,
+        connect,
+        connect_policy,
+    })
+}
+
+fn validate_connect(raw: ConnectConfig, locals: &[LocalNamespace]) -> Result<ConnectPolicy, Invalid> {
+    let mut passthrough = Vec::new();
+    for (i, p) in raw.passthrough.iter().enumerate() {
+        let p = p.trim().to_ascii_lowercase();
+        let literal = p.replace('*', "a");
+        let ok = !p.is_empty()
+            && (p == "*" || valid_hostname(literal.trim_start_matches("a.")) || literal.parse::<IpAddr>().is_ok());
+        if !ok {
+            return Err(invalid(
+                format!("connect.passthrough[{i}]"),
+                format!("{p:?} is not a host pattern like \"*.example.com\" or \"*\""),
+            ));
+        }
+        passthrough.push(p);
+    }
+    for (i, port) in raw.passthrough_ports.iter().enumerate() {
+        if *port == 0 {
+            return Err(invalid(format!("connect.passthrough_ports[{i}]"), "0 is not a port"));
+        }
+    }
+    let users = match (&raw.htpasswd, raw.proxy_auth) {
+        (Some(path), _) => {
+            Some(crate::auth::htpasswd::Htpasswd::load(path).map_err(|e| invalid("connect.htpasswd", e.to_string()))?)
+        }
+        (None, false) => None,
+        (None, true) => {
+            let mut files: Vec<&LocalNamespace> = locals.iter().collect();
+            files.dedup_by(|a, b| a.htpasswd_path == b.htpasswd_path);
+            match files.as_slice() {
+                [one] => Some(one.users.clone()),
+                [] => {
+                    return Err(invalid(
+                        "connect.proxy_auth",
+                        "needs connect.htpasswd, or a [[local]] namespace whose htpasswd it uses",
+                    ))
+                }
+                _ => {
+                    return Err(invalid(
+                        "connect.proxy_auth",
+                        "the [[local]] namespaces use different htpasswd files: name one in connect.htpasswd",
+                    ))
+                }
+            }
+        }
+    };
+    Ok(ConnectPolicy {
+        passthrough,
+        passthrough_ports: raw.passthrough_ports,
+        users,
     })
 }
 

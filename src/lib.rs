@@ -77,7 +77,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         settings.resolver_overrides.clone(),
     ));
     let upstreams = upstream::UpstreamTable::build(&settings.upstreams, resolver, &via)?;
-    let listeners = server::Listeners::bind(settings.https, settings.http)
+    let listeners = server::Listeners::bind(settings.https, settings.http, settings.connect)
         .await
         .map_err(StartError::Listen)?;
     let cache = Arc::new(cache);

@@ -54,6 +54,19 @@ pub struct ServedLabels {
     pub source: &'static str,
 }
 
+/// The listener a client request came through: `tls`, `plain` or `connect`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+/// What the CONNECT listener did with a CONNECT request: `intercepted`,
+/// `passthrough` or `refused`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectLabel {
+    pub outcome: &'static str,
+}
+
 /// An upstream answer: its status code, or `error` when none came.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamStatusLabels {
@@ -113,6 +126,11 @@ pub struct Metrics {
     pub disk_full: Counter,
     /// Connections closed at once because the client address is not in `[access] allow`.
     pub connections_refused: Counter,
+    /// Client requests by the listener they came through (a CONNECT tunnel's
+    /// requests count under `connect`).
+    pub listener_requests: Family<ListenerLabel, Counter>,
+    /// CONNECT requests by what was done with them.
+    pub connect_requests: Family<ConnectLabel, Counter>,
     /// Registry requests sent upstream, by the status that came back.
     pub upstream_requests: Family<UpstreamStatusLabels, Counter>,
     /// Upstream answers of 429 Too Many Requests.
@@ -168,6 +186,8 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             disk_full: Counter::default(),
             connections_refused: Counter::default(),
+            listener_requests: Family::default(),
+            connect_requests: Family::default(),
             upstream_requests: Family::default(),
             upstream_rate_limited: Family::default(),
             upstream_ratelimit_remaining: Family::default(),
@@ -300,6 +320,16 @@ impl Metrics {
             "connections_refused",
             "connections from addresses outside [access] allow",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "listener_requests",
+            "client requests by the listener they came through (tls, plain, connect)",
+            m.listener_requests.clone(),
+        );
+        r.register(
+            "connect_requests",
+            "CONNECT requests by outcome (intercepted, passthrough, refused)",
+            m.connect_requests.clone(),
         );
         r.register(
             "upstream_requests",

@@ -18,6 +18,7 @@ fn schema_keys() -> BTreeSet<String> {
         ("UpstreamConfig", "upstream"),
         ("LimitsConfig", "limits"),
         ("LocalConfig", "local"),
+        ("ConnectConfig", "connect"),
     ];
     let mut keys = BTreeSet::new();
     for (name, section) in sections {

@@ -59,6 +59,29 @@ pub struct ConnInfo {
     pub sni: Option<String>,
     pub tls: bool,
     pub peer: Option<std::net::SocketAddr>,
+    pub listener: Listener,
+}
+
+/// Which listener a connection came through, for the request log and
+/// metrics: the same request may arrive by any of them, and an operator
+/// reading the log needs to know which setup a client used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Listener {
+    #[default]
+    Plain,
+    Tls,
+    /// Inside a tunnel opened on the CONNECT proxy listener.
+    Connect,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Plain => "plain",
+            Listener::Tls => "tls",
+            Listener::Connect => "connect",
+        }
+    }
 }
 
 impl App {
@@ -84,7 +107,10 @@ where
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req, &conn);
-    let mut info = outcome::RequestInfo::default();
+    let mut info = outcome::RequestInfo {
+        listener: conn.listener.as_str(),
+        ..Default::default()
+    };
     // Boxed: the handlers' state machines (the upstream paths' above all)
     // make this future several KiB, and hyper moves the request's future
     // into a task of its own for every HTTP/2 stream.

@@ -72,6 +72,8 @@ pub struct RequestInfo {
     pub kind: &'static str,
     /// The tag or digest of a manifest or blob request.
     pub reference: Option<String>,
+    /// The listener the request came through ([`super::Listener::as_str`]).
+    pub listener: &'static str,
 }
 
 impl Default for RequestInfo {
@@ -81,6 +83,7 @@ impl Default for RequestInfo {
             repo: None,
             kind: "other",
             reference: None,
+            listener: "plain",
         }
     }
 }
@@ -114,6 +117,12 @@ pub fn finish(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     METRICS.request(upstream, info.kind, status);
+    METRICS
+        .listener_requests
+        .get_or_create(&crate::metrics::ListenerLabel {
+            listener: info.listener,
+        })
+        .inc();
     let mut timer = matches!(info.kind, "tag" | "manifest" | "blob").then(|| Timer {
         started,
         histogram: METRICS
@@ -200,6 +209,7 @@ fn log_and_remember(
             ("duration_ms", Num(elapsed.as_millis() as u64)),
             ("path", Str(path)),
             ("host", or_dash(host)),
+            ("listener", Word(info.listener)),
         ]);
     }
     if matches!(info.kind, "tag" | "manifest") && resp.status().is_success() && *method == Method::GET {

@@ -33,10 +33,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Limits;
 use crate::registry::body::Body;
-use crate::registry::{handle, App, ConnInfo};
+use crate::registry::{handle, App, ConnInfo, Listener};
 use crate::tls::LeafIssuer;
 
 mod admission;
+mod connect;
 mod h2_streams;
 mod write_batch;
 pub use admission::Refused;
@@ -73,6 +74,8 @@ const RETRY_AFTER_SECS: &str = "1";
 pub struct Listeners {
     pub https: Option<TcpListener>,
     pub http: Option<TcpListener>,
+    /// The CONNECT proxy listener (`server.connect`, see `connect`).
+    pub connect: Option<TcpListener>,
 }
 
 /// Connections the kernel completes while the accept loop catches up. A
@@ -82,7 +85,11 @@ pub struct Listeners {
 const LISTEN_BACKLOG: u32 = 4096;
 
 impl Listeners {
-    pub async fn bind(https: Option<SocketAddr>, http: Option<SocketAddr>) -> std::io::Result<Self> {
+    pub async fn bind(
+        https: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+        connect: Option<SocketAddr>,
+    ) -> std::io::Result<Self> {
         let bind = |a: SocketAddr| async move {
             let listen = || {
                 let socket = match a {
@@ -104,6 +111,10 @@ impl Listeners {
                 Some(a) => Some(bind(a).await?),
                 None => None,
             },
+            connect: match connect {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
         })
     }
 }
@@ -121,9 +132,10 @@ pub async fn run(
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?
         .with_no_client_auth()
-        .with_cert_resolver(issuer);
+        .with_cert_resolver(issuer.clone());
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let tls = Arc::new(tls);
+    let acceptor = TlsAcceptor::from(tls.clone());
 
     let limits = app.settings.limits.clone();
     crate::registry::body::set_memory_budget(limits.memory_budget);
@@ -134,7 +146,7 @@ pub async fn run(
         tracing::info!(addr = %l.local_addr()?, "TLS listener ready");
         loops.push(tokio::spawn(accept_loop(
             l,
-            Some(acceptor.clone()),
+            Mode::Tls(acceptor.clone()),
             app.clone(),
             table.clone(),
             stop_rx.clone(),
@@ -144,7 +156,18 @@ pub async fn run(
         tracing::info!(addr = %l.local_addr()?, "plain HTTP listener ready");
         loops.push(tokio::spawn(accept_loop(
             l,
-            None,
+            Mode::Plain,
+            app.clone(),
+            table.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(l) = listeners.connect {
+        tracing::info!(addr = %l.local_addr()?, "CONNECT proxy listener ready");
+        let proxy = Arc::new(connect::Proxy::new(&app.settings, issuer.clone(), tls.clone()));
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            Mode::Connect(proxy),
             app.clone(),
             table.clone(),
             stop_rx.clone(),
@@ -163,9 +186,18 @@ pub async fn run(
     Ok(())
 }
 
+/// What a listener speaks on the connections it accepts.
+#[derive(Clone)]
+enum Mode {
+    Plain,
+    Tls(TlsAcceptor),
+    /// HTTP CONNECT first, then a tunnel (see `connect`).
+    Connect(Arc<connect::Proxy>),
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    mode: Mode,
     app: Arc<App>,
     table: Arc<ConnTable>,
     mut stop: watch::Receiver<bool>,
@@ -197,7 +229,12 @@ async fn accept_loop(
                     Some(slot) => {
                         tracing::info!(%peer, "{refused}; answering 503");
                         let limits = table.limits.clone();
-                        tokio::spawn(refuse(stream, tls.clone(), limits, refused, slot));
+                        // A CONNECT client reads the 503 as the answer to its CONNECT.
+                        let tls = match &mode {
+                            Mode::Tls(a) => Some(a.clone()),
+                            Mode::Plain | Mode::Connect(_) => None,
+                        };
+                        tokio::spawn(refuse(stream, tls, limits, refused, slot));
                     }
                     None => tracing::warn!(%peer, "{refused}, and too many refusals are being answered; closing"),
                 }
@@ -208,7 +245,25 @@ async fn accept_loop(
             inner: stream,
             signals: conn.signals.clone(),
         };
-        tokio::spawn(connection(stream, peer, tls.clone(), app.clone(), conn, stop.clone()));
+        match &mode {
+            Mode::Plain => tokio::spawn(connection(stream, peer, None, app.clone(), conn, stop.clone())),
+            Mode::Tls(a) => tokio::spawn(connection(
+                stream,
+                peer,
+                Some(a.clone()),
+                app.clone(),
+                conn,
+                stop.clone(),
+            )),
+            Mode::Connect(p) => tokio::spawn(connect::connection(
+                stream,
+                peer,
+                p.clone(),
+                app.clone(),
+                conn,
+                stop.clone(),
+            )),
+        };
     }
 }
 
@@ -228,6 +283,7 @@ async fn connection(
             sni: None,
             tls: false,
             peer: Some(peer),
+            listener: Listener::Plain,
         };
         return serve(TokioIo::new(stream), None, app, info, conn, stop).await;
     };
@@ -255,7 +311,22 @@ async fn connection(
         sni,
         tls: true,
         peer: Some(peer),
+        listener: Listener::Tls,
     };
+    serve_tls(tls_stream, app, info, conn, stop).await
+}
+
+/// Serves HTTP (h2 when ALPN chose it) on a finished TLS handshake: the TLS
+/// listener's and a CONNECT tunnel's connections alike.
+async fn serve_tls<S>(
+    tls_stream: tokio_rustls::server::TlsStream<S>,
+    app: Arc<App>,
+    info: ConnInfo,
+    conn: Arc<Conn>,
+    stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The first-request deadline starts once the handshake is done.
     conn.touch();
     if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {

@@ -47,9 +47,21 @@ pub struct Sandbox {
     pub ca_pem: PathBuf,
     dir: tempfile::TempDir,
     counter: std::sync::atomic::AtomicUsize,
+    /// `HTTPS_PROXY` for the clients (CONNECT mode); none by default.
+    https_proxy: Option<String>,
 }
 
 impl Sandbox {
+    /// A CONNECT-mode client: an /etc/hosts with localhost only (registry
+    /// names do not resolve at all in the sandbox), `HTTPS_PROXY=proxy`,
+    /// and `ca_pem` trusted.
+    pub fn behind_proxy(proxy: &str, ca_pem: &Path) -> Sandbox {
+        let mut sb = Sandbox::new(IpAddr::from([127, 0, 0, 1]), &[], ca_pem);
+        sb.set_hosts("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
+        sb.https_proxy = Some(proxy.to_string());
+        sb
+    }
+
     /// Maps every name in `hostnames` to `ip`; clients trust only `ca_pem`.
     pub fn new(ip: IpAddr, hostnames: &[String], ca_pem: &Path) -> Sandbox {
         let dir = super::tempdir("client-");
@@ -98,6 +110,7 @@ impl Sandbox {
             ca_pem: ca_pem.to_path_buf(),
             dir,
             counter: Default::default(),
+            https_proxy: None,
         }
     }
 
@@ -160,7 +173,12 @@ impl Sandbox {
             .env_remove("https_proxy")
             .env_remove("HTTP_PROXY")
             .env_remove("HTTPS_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY")
             .stdin(Stdio::null());
+        if let Some(p) = &self.https_proxy {
+            cmd.env("HTTPS_PROXY", p);
+        }
         let out = cmd.output().expect("run client command");
         Output {
             cmd: args.join(" "),

@@ -103,6 +103,12 @@ impl Stack {
         sb
     }
 
+    /// A CONNECT-mode client: no registry name in its /etc/hosts at all,
+    /// `HTTPS_PROXY` at regmirror's CONNECT listener, regmirror's CA.
+    pub fn connect_client(&self) -> Sandbox {
+        Sandbox::behind_proxy(&self.rm.connect_url(), &self.rm.ca_pem)
+    }
+
     /// The /etc/hosts of a mirror-mode client: every registry name at
     /// [`DEAD_IP`] (so no fallback to the real registry can hide a broken
     /// mirror); with `own_name`, regmirror's `server.name` at the proxy.

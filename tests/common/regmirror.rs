@@ -59,6 +59,8 @@ impl UpstreamEntry {
 pub struct Config {
     pub https: SocketAddr,
     pub http: SocketAddr,
+    /// `server.connect`, the CONNECT proxy listener (see [`Config::with_connect`]).
+    pub connect: Option<SocketAddr>,
     pub name: String,
     pub max_size: String,
     /// `[resolver] overrides`: host name → IP.
@@ -86,6 +88,7 @@ impl Config {
         Config {
             https: SocketAddr::new(ip, 443),
             http: SocketAddr::new(ip, 5000),
+            connect: None,
             name: "regmirror.test".into(),
             max_size: "1GiB".into(),
             overrides: Vec::new(),
@@ -109,6 +112,12 @@ impl Config {
             .push(UpstreamEntry::new("ghcr.io", GHCR_HOSTS, &url, "ghcr").ca_file(ca_file));
         self.upstreams
             .push(UpstreamEntry::new("quay.io", QUAY_HOSTS, &url, "quay").ca_file(ca_file));
+        self
+    }
+
+    /// Adds the CONNECT proxy listener on `ip:3128` (the listeners' address).
+    pub fn with_connect(mut self) -> Config {
+        self.connect = Some(SocketAddr::new(self.https.ip(), 3128));
         self
     }
 
@@ -152,6 +161,9 @@ impl Config {
             q(&self.http.to_string()),
             q(&self.name)
         );
+        if let Some(c) = self.connect {
+            t = t.replacen("[server]\n", &format!("[server]\nconnect = {}\n", q(&c.to_string())), 1);
+        }
         t += &format!("[ca]\ndir = {}\n\n", p(&dir.join("certs")));
         t += &format!(
             "[cache]\ndir = {}\nmax_size = {}\n\n",
@@ -331,6 +343,20 @@ impl Regmirror {
     /// `http://IP:5000`
     pub fn http_url(&self) -> String {
         format!("http://{}", self.config.http)
+    }
+
+    /// `http://IP:3128`, what CONNECT-mode clients put in `HTTPS_PROXY`.
+    pub fn connect_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.config.connect.expect("regmirror started without with_connect()")
+        )
+    }
+
+    /// The `/metrics` text of the plain listener.
+    pub fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.http_url());
+        super::block_on(async { reqwest::get(&url).await?.text().await }).expect("GET /metrics")
     }
 
     pub fn log(&self) -> String {

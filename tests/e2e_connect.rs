@@ -1,0 +1,99 @@
+//! Clients through regmirror's CONNECT proxy listener: `HTTPS_PROXY` at
+//! regmirror and its CA trusted, and no registry name in the client's
+//! /etc/hosts at all (they do not even resolve there), so nothing but the
+//! CONNECT target can have picked the upstream.
+
+mod common;
+
+use common::images::Format;
+use common::matrix::{assert_cold, assert_one_platform, assert_pulled, assert_warm, cold_then_warm, Stack};
+use common::UpstreamEnvOpts;
+
+fn stack() -> Stack {
+    Stack::start_with(UpstreamEnvOpts::default(), |c| c.with_connect())
+}
+
+/// The request log and `/metrics` say the requests came through the
+/// CONNECT listener.
+#[track_caller]
+fn assert_came_through_connect(s: &Stack) {
+    let metrics = s.rm.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("regmirror_listener_requests_total{listener=\"connect\"}")),
+        "no requests counted under listener=\"connect\":\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("regmirror_connect_requests_total{outcome=\"intercepted\"}")),
+        "no intercepted CONNECT counted:\n{metrics}"
+    );
+    assert!(
+        s.rm.log().lines().any(|l| l.contains("listener=connect")),
+        "no request log line says listener=connect"
+    );
+}
+
+/// skopeo with `HTTPS_PROXY`: `docker.io/library/x`, `ghcr.io/org/x`,
+/// `quay.io/org/x` (cold: every blob once), then another skopeo warm (one
+/// HEAD upstream), and `--override-arch arm64` of an index.
+#[test]
+fn skopeo_connect() {
+    let s = stack();
+    let sk = s.connect_client();
+    let other = s.connect_client();
+    for (name, repo, format) in [
+        ("docker.io/library/cs-full:1", "library/cs-full", Format::Oci),
+        ("ghcr.io/org/cs-gh:1", "org/cs-gh", Format::Docker),
+        ("quay.io/org/cs-quay:1", "org/cs-quay", Format::Oci),
+    ] {
+        let img = s.image(repo, format);
+        cold_then_warm(
+            s.up(),
+            name,
+            repo,
+            &img,
+            || sk.skopeo_copy(name, None),
+            || other.skopeo_copy(name, None),
+        );
+    }
+    let idx = s.index("org/cs-multi", Format::Oci);
+    let name = "ghcr.io/org/cs-multi:1";
+    let mark = s.up().mark();
+    let arm = idx.platform("arm64");
+    assert_pulled(name, &sk.skopeo_copy(name, Some("arm64")), &arm.manifest_digest);
+    assert_one_platform(s.up(), mark, arm, idx.platform("amd64"), name);
+    assert_came_through_connect(&s);
+}
+
+/// podman with `HTTPS_PROXY`: the three registries cold, skopeo warm, and
+/// `--arch arm64` of an index fetching nothing of amd64.
+#[test]
+fn podman_connect() {
+    let s = stack();
+    let pm = s.connect_client();
+    let other = s.connect_client();
+    for (name, repo, format) in [
+        ("docker.io/library/cp-full:1", "library/cp-full", Format::Docker),
+        ("ghcr.io/org/cp-gh:1", "org/cp-gh", Format::Oci),
+        ("quay.io/org/cp-quay:1", "org/cp-quay", Format::Docker),
+    ] {
+        let img = s.image(repo, format);
+        let mark = s.up().mark();
+        assert_pulled(name, &pm.podman_pull(name, None), &img.manifest_digest);
+        assert_cold(s.up(), mark, &img, name);
+        let mark = s.up().mark();
+        assert_pulled(name, &other.skopeo_copy(name, None), &img.manifest_digest);
+        assert_warm(s.up(), mark, repo, name);
+    }
+    let idx = s.index("org/cp-multi", Format::Oci);
+    let name = "quay.io/org/cp-multi:1";
+    let mark = s.up().mark();
+    let (out, _) = pm.podman_pull(name, Some("arm64"));
+    out.assert_ok();
+    assert_eq!(pm.podman_inspect(name, "{{.Architecture}}").as_deref(), Some("arm64"));
+    assert_one_platform(s.up(), mark, idx.platform("arm64"), idx.platform("amd64"), name);
+    assert_came_through_connect(&s);
+}
