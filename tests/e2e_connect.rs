@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::daemons::{Containerd, Dockerd, DockerdOpts};
 use common::images::Format;
 use common::matrix::{assert_cold, assert_one_platform, assert_pulled, assert_warm, cold_then_warm, Stack};
 use common::UpstreamEnvOpts;
@@ -94,6 +95,82 @@ fn podman_connect() {
     let (out, _) = pm.podman_pull(name, Some("arm64"));
     out.assert_ok();
     assert_eq!(pm.podman_inspect(name, "{{.Architecture}}").as_deref(), Some("arm64"));
+    assert_one_platform(s.up(), mark, idx.platform("arm64"), idx.platform("amd64"), name);
+    assert_came_through_connect(&s);
+}
+
+/// dockerd with `HTTPS_PROXY` in its environment (what `regmirror setup
+/// docker --connect` writes as a systemd drop-in) and regmirror's CA as its
+/// roots: `docker pull` of the three registries cold, skopeo warm, and
+/// `--platform linux/arm64` of an index.
+#[test]
+fn docker_connect() {
+    let s = stack();
+    let etc = common::tempdir("docker-etc-");
+    let proxy = s.rm.connect_url();
+    let dockerd = Dockerd::start(DockerdOpts {
+        hosts: "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+        etc_docker: etc.path(),
+        ssl_cert_file: Some(&s.rm.ca_pem),
+        https_proxy: Some(&proxy),
+    });
+    let other = s.connect_client();
+    for (name, repo, format) in [
+        ("docker.io/library/cd-full:1", "library/cd-full", Format::Docker),
+        ("ghcr.io/org/cd-gh:1", "org/cd-gh", Format::Oci),
+        ("quay.io/org/cd-quay:1", "org/cd-quay", Format::Docker),
+    ] {
+        let img = s.image(repo, format);
+        cold_then_warm(
+            s.up(),
+            name,
+            repo,
+            &img,
+            || dockerd.pull(name, None),
+            || other.skopeo_copy(name, None),
+        );
+    }
+    let idx = s.index("library/cd-multi", Format::Docker);
+    let name = "docker.io/library/cd-multi:1";
+    let mark = s.up().mark();
+    assert_pulled(name, &dockerd.pull(name, Some("linux/arm64")), &idx.index_digest);
+    assert_eq!(dockerd.inspect(name, "{{.Architecture}}").as_deref(), Some("arm64"));
+    assert_one_platform(s.up(), mark, idx.platform("arm64"), idx.platform("amd64"), name);
+    assert_came_through_connect(&s);
+}
+
+/// `ctr images pull` with `HTTPS_PROXY` (ctr fetches in its own process):
+/// the three registries cold, skopeo warm, and `--platform linux/arm64` of
+/// an index.
+#[test]
+fn containerd_connect() {
+    let s = stack();
+    let ctrd = Containerd::start();
+    let sb = s.connect_client();
+    let other = s.connect_client();
+    for (name, repo, format) in [
+        ("docker.io/library/cc-full:1", "library/cc-full", Format::Oci),
+        ("ghcr.io/org/cc-gh:1", "org/cc-gh", Format::Docker),
+        ("quay.io/org/cc-quay:1", "org/cc-quay", Format::Oci),
+    ] {
+        let img = s.image(repo, format);
+        cold_then_warm(
+            s.up(),
+            name,
+            repo,
+            &img,
+            || ctrd.pull(&sb, name, None, None),
+            || other.skopeo_copy(name, None),
+        );
+    }
+    let idx = s.index("org/cc-multi", Format::Oci);
+    let name = "ghcr.io/org/cc-multi:1";
+    let mark = s.up().mark();
+    assert_pulled(
+        name,
+        &ctrd.pull(&sb, name, Some("linux/arm64"), None),
+        &idx.index_digest,
+    );
     assert_one_platform(s.up(), mark, idx.platform("arm64"), idx.platform("amd64"), name);
     assert_came_through_connect(&s);
 }

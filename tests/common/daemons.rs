@@ -10,6 +10,7 @@
 //! never in a `static` (statics are never dropped, the daemon would outlive
 //! the test binary).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -37,18 +38,21 @@ pub fn run(program: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
 /// output going to `log`. `exec` at the end of the script keeps the
 /// daemon's pid the child's pid. The daemon gets SIGTERM if the test thread
 /// that started it dies without dropping it (test binary killed).
-fn spawn_in_namespace(script: &str, args: &[&Path], env: &[(&str, &Path)], log: &Path) -> Child {
+fn spawn_in_namespace(script: &str, args: &[&Path], env: &[(&str, &OsStr)], log: &Path) -> Child {
     let log = std::fs::File::create(log).expect("daemon log");
     Command::new("setpriv")
         .args(["--pdeathsig", "TERM", "--", "unshare"])
         .args(["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"])
         .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .env_remove("SSL_CERT_DIR")
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")
         .env_remove("http_proxy")
         .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        // After the removals: a daemon told to use a proxy gets it.
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log)
@@ -196,6 +200,9 @@ pub struct DockerdOpts<'a> {
     pub etc_docker: &'a Path,
     /// `SSL_CERT_FILE` for the daemon (the roots it trusts for registries).
     pub ssl_cert_file: Option<&'a Path>,
+    /// `HTTPS_PROXY` in the daemon's environment (CONNECT mode), as a
+    /// systemd drop-in would set it.
+    pub https_proxy: Option<&'a str>,
 }
 
 impl Dockerd {
@@ -212,9 +219,12 @@ impl Dockerd {
         let script = r#"mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/docker && exec dockerd \
             --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs \
             --data-root "$3/root" --exec-root "$3/exec" -H "unix://$3/docker.sock" --pidfile "$3/docker.pid""#;
-        let mut env: Vec<(&str, &Path)> = Vec::new();
+        let mut env: Vec<(&str, &OsStr)> = Vec::new();
         if let Some(ca) = opts.ssl_cert_file {
-            env.push(("SSL_CERT_FILE", ca));
+            env.push(("SSL_CERT_FILE", ca.as_os_str()));
+        }
+        if let Some(proxy) = opts.https_proxy {
+            env.push(("HTTPS_PROXY", OsStr::new(proxy)));
         }
         let child = spawn_in_namespace(script, &[&hosts, opts.etc_docker, d], &env, &log_path);
         let mut dd = Dockerd {
