@@ -8,11 +8,10 @@
 mod common;
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::certs::TestCa;
+use common::daemons::Tinyproxy;
 use common::images::{self, Format, Image, Pusher};
 use common::regmirror::{Config, Regmirror, UpstreamEntry, DOCKER_HOSTS};
 use common::upstream::{Upstream, UpstreamOpts};
@@ -157,67 +156,6 @@ fn pulls_go_to_the_second_registry_while_the_first_is_down_and_back_to_it_after(
     assert!(back, "the first URL was never used again:\n{}", rm.log());
 }
 
-/// tinyproxy on loopback with a private config; its log names each CONNECT.
-struct Tinyproxy {
-    addr: String,
-    log: PathBuf,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Tinyproxy {
-    fn start(listen: IpAddr, port: u16) -> Tinyproxy {
-        let dir = common::tempdir("tinyproxy-");
-        let d = dir.path();
-        let log = d.join("tinyproxy.log");
-        let conf = d.join("tinyproxy.conf");
-        let q = |p: &Path| format!("\"{}\"", p.display());
-        std::fs::write(
-            &conf,
-            format!(
-                "Port {port}\nListen {listen}\nTimeout 60\nLogFile {}\nLogLevel Connect\nPidFile {}\nMaxClients 50\nAllow 127.0.0.0/8\nConnectPort 443\n",
-                q(&log),
-                q(&d.join("tinyproxy.pid"))
-            ),
-        )
-        .expect("write tinyproxy config");
-        let child = Command::new("tinyproxy")
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tinyproxy (apt-get install tinyproxy; scripts/test.sh installs it)");
-        let addr = format!("{listen}:{port}");
-        let up = common::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(&addr).is_ok());
-        assert!(up, "tinyproxy did not listen on {addr}");
-        Tinyproxy {
-            addr,
-            log,
-            child,
-            _dir: dir,
-        }
-    }
-
-    /// The CONNECT targets tinyproxy was asked for, in order.
-    fn connects(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once("): CONNECT ").map(|(_, t)| t.to_string()))
-            .collect()
-    }
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn upstream_traffic_goes_through_tinyproxy_unless_no_proxy_names_the_upstream() {
     let dir = common::tempdir("tinyproxy-ca-");
@@ -225,7 +163,7 @@ fn upstream_traffic_goes_through_tinyproxy_unless_no_proxy_names_the_upstream() 
     let up = registry(&ca, 31);
     let image = images::build_image(Format::Docker, "amd64", &[120 * 1024]);
     push(&up, &ca, "library/proxied", "1", &image);
-    let proxy = Tinyproxy::start(ip(30), 3128);
+    let proxy = Tinyproxy::start(ip(30), 3128, &[443]);
     let proxy_url = format!("http://{}", proxy.addr);
     let c = plain_client();
 

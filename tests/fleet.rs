@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use common::alloc_ip;
 use common::regmirror::{Config, Regmirror, UpstreamEntry, DOCKER_HOSTS};
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls_pki_types::pem::PemObject;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use common::wire::{accept_queue, client_config, fd_count, raise_nofile, read_response, tcp_from, Response};
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -33,44 +33,12 @@ fn src(c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 252, c, d))
 }
 
-/// Lets this test process (and the regmirror it starts, which inherits the
-/// limit) hold thousands of sockets; the hard limit on this machine is 20,000.
-fn raise_nofile(n: u64) {
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &std::process::id().to_string(), &format!("--nofile={n}:{n}")])
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit --nofile={n} failed");
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime")
-}
-
-/// The pid of the regmirror process serving `rm` (found by its config path).
-fn pid_of(rm: &Regmirror) -> u32 {
-    let needle = rm.config_path.display().to_string();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(" serve ") && cmdline.contains(&needle) {
-            return pid;
-        }
-    }
-    panic!("no regmirror process with config {needle}");
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .expect("read /proc/PID/fd")
 }
 
 /// regmirror (with `limits_toml` appended) in front of a fake upstream that
@@ -98,76 +66,6 @@ fn cached_manifest_stack(
     assert_eq!(warm.ok().map(|r| r.status), Some(200), "warming the cache with {path}");
     assert_eq!(fake.count("GET", &path), 1, "the warm-up reached upstream once");
     (rt, fake, rm, path)
-}
-
-fn client_config(ca_pem: &Path, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca_pem).expect("read CA") {
-        roots.add(c.expect("CA certificate")).expect("add CA");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(cfg)
-}
-
-async fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(from, 0))?;
-    sock.connect(to).await
-}
-
-/// One HTTP/1.1 response, as far as these tests read it.
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    head: String,
-}
-
-/// Reads one response (head and `Content-Length` body) from `io`.
-async fn read_response<S: AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> std::io::Result<Response> {
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 8192];
-        let n = io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before a response head",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not a response head: {head:?}")))?;
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < end + len {
-        let mut chunk = [0u8; 8192];
-        let n = io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short body"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    buf.drain(..end + len);
-    Ok(Response { status, head })
 }
 
 /// A client holding exactly one TLS connection: every request goes over
@@ -267,7 +165,7 @@ fn a_natd_fleet_of_600_connections_is_served_in_full() {
     const CONNECTIONS: usize = 600;
     raise_nofile(20_000);
     let (rt, fake, rm, path) = cached_manifest_stack("");
-    let pid = pid_of(&rm);
+    let pid = rm.pid();
     let fleet = src(1, 1);
     let ca: Arc<Path> = Arc::from(rm.ca_pem.as_path());
     let path_arc: Arc<str> = Arc::from(path.as_str());
@@ -328,7 +226,7 @@ fn a_silent_flood_from_one_address_does_not_lock_out_another() {
     const FLOOD: usize = 4200;
     raise_nofile(20_000);
     let (rt, _fake, rm, path) = cached_manifest_stack("");
-    let pid = pid_of(&rm);
+    let pid = rm.pid();
     let baseline = fd_count(pid);
     let https = rm.config.https;
     let flood = rt.block_on(async {
@@ -383,16 +281,6 @@ fn a_silent_flood_from_one_address_does_not_lock_out_another() {
         took < Duration::from_secs(1),
         "a real client beside the flood took {took:?}"
     );
-}
-
-/// Connections waiting in the listen queue of `addr` (`ss`'s Recv-Q).
-fn accept_queue(addr: SocketAddr) -> Option<u64> {
-    let out = std::process::Command::new("ss")
-        .args(["-Hltn", "src", &addr.to_string()])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Bytes not yet read by the server on each connection to `addr` it has

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::images::{build_image, Format};
 use common::matrix::assert_pulled;
 use common::regmirror::{Config, Regmirror, UpstreamEntry, DOCKER_HOSTS};
+use common::wire::{fd_count, raise_nofile};
 use common::{alloc_ip, clients::Sandbox, UpstreamEnv, UpstreamEnvOpts, UPSTREAM_HOST};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,38 +28,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const RSS_LIMIT_KIB: u64 = 160 * 1024;
 
 // ---------------------------------------------------------------- helpers
-
-/// Lets this test process (and the regmirror it starts, which inherits the
-/// limit) hold thousands of sockets; the hard limit on this machine is 20,000.
-fn raise_nofile(n: u64) {
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &std::process::id().to_string(), &format!("--nofile={n}:{n}")])
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit --nofile={n} failed");
-}
-
-/// The pid of the regmirror process serving `rm` (found by its config path).
-fn pid_of(rm: &Regmirror) -> u32 {
-    let needle = rm.config_path.display().to_string();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(" serve ") && cmdline.contains(&needle) {
-            return pid;
-        }
-    }
-    panic!("no regmirror process with config {needle}");
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .expect("read /proc/PID/fd")
-}
 
 /// `VmHWM` (peak resident set) of a process, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -242,7 +211,7 @@ fn idle_sockets_do_not_lock_out_real_pulls() {
     cfg.extra_toml =
         "[limits]\nhandshake_timeout = \"3s\"\nfirst_request_timeout = \"3s\"\nidle_timeout = \"5s\"\n".to_string();
     let rm = Regmirror::start(cfg);
-    let pid = pid_of(&rm);
+    let pid = rm.pid();
     let baseline = fd_count(pid);
 
     let rt = runtime();
@@ -335,7 +304,7 @@ fn idle_sockets_do_not_lock_out_real_pulls() {
 #[test]
 fn h2load_many_streams_stay_inside_the_memory_budget() {
     let (rt, _fake, rm, url, digest) = cached_blob_stack(64 << 20, "");
-    let pid = pid_of(&rm);
+    let pid = rm.pid();
     let before = peak_rss_kib(pid);
     let out = std::process::Command::new("timeout")
         .args(["12", "h2load", "-c", "8", "-m", "256", "-n", "2048", &url])
@@ -402,7 +371,7 @@ fn greedy_h2_preamble(authority: &str, path: &str, streams: u32) -> Vec<u8> {
 fn h2_clients_that_never_read_stay_inside_the_memory_budget() {
     raise_nofile(20_000);
     let (rt, _fake, rm, url, digest) = cached_blob_stack(64 << 20, "[limits]\nidle_timeout = \"4s\"\n");
-    let pid = pid_of(&rm);
+    let pid = rm.pid();
     let baseline = fd_count(pid);
     let before = peak_rss_kib(pid);
     let addr = rm.config.http;

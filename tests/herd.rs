@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use common::images::{build_image, Format, Image};
 use common::matrix::Stack;
+use common::wire::raise_nofile;
 use common::UpstreamEnvOpts;
 
 const CLIENTS: usize = 500;
@@ -30,16 +31,6 @@ const MEMORY_BUDGET_KIB: u64 = 32 * 1024;
 /// Client source addresses 127.251.0.1 .. 127.251.0.50, which no other test uses.
 fn source(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 251, 0, (i % ADDRESSES) as u8 + 1))
-}
-
-/// Lets this process hold a socket per client, and the sockets it keeps
-/// to regmirror while the herd runs.
-fn raise_nofile(n: u64) {
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &std::process::id().to_string(), &format!("--nofile={n}:{n}")])
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit --nofile={n} failed");
 }
 
 /// One node's pull: the manifest by tag, then the config and every layer,

@@ -9,8 +9,12 @@
 //! hold them in a local of the `#[test]` that runs their cases in sequence,
 //! never in a `static` (statics are never dropped, the daemon would outlive
 //! the test binary).
+//!
+//! Also tinyproxy, the egress proxy regmirror's own traffic goes through in
+//! the egress and CONNECT passthrough tests.
 
 use std::ffi::OsStr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -375,4 +379,67 @@ fn make_removable(dir: &Path) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// tinyproxy on loopback with a private config; its log names each CONNECT.
+pub struct Tinyproxy {
+    pub addr: String,
+    log: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Tinyproxy {
+    /// Listens on `listen:port` and tunnels CONNECTs to `connect_ports` only.
+    pub fn start(listen: IpAddr, port: u16, connect_ports: &[u16]) -> Tinyproxy {
+        let dir = super::tempdir("tinyproxy-");
+        let d = dir.path();
+        let log = d.join("tinyproxy.log");
+        let conf = d.join("tinyproxy.conf");
+        let q = |p: &Path| format!("\"{}\"", p.display());
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen {listen}\nTimeout 60\nLogFile {}\nLogLevel Connect\nPidFile {}\nMaxClients 50\nAllow 127.0.0.0/8\n{}",
+                q(&log),
+                q(&d.join("tinyproxy.pid")),
+                connect_ports.iter().map(|p| format!("ConnectPort {p}\n")).collect::<String>()
+            ),
+        )
+        .expect("write tinyproxy config");
+        let child = Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tinyproxy (apt-get install tinyproxy; scripts/test.sh installs it)");
+        let addr = format!("{listen}:{port}");
+        let up = super::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(&addr).is_ok());
+        assert!(up, "tinyproxy did not listen on {addr}");
+        Tinyproxy {
+            addr,
+            log,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// The CONNECT targets tinyproxy was asked for, in order.
+    pub fn connects(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once("): CONNECT ").map(|(_, t)| t.to_string()))
+            .collect()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -20,6 +20,7 @@ pub mod push;
 pub mod regmirror;
 pub mod token_server;
 pub mod upstream;
+pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
