@@ -16,7 +16,8 @@
 //!    image is still pulled by a client doing the full token dance, and the
 //!    cached private image is served to no client whose token was not checked.
 //!
-//! Three tests (skopeo + podman, docker, containerd), run in parallel.
+//! Three tests (skopeo + podman, docker, containerd), run in parallel, and
+//! a fourth through the CONNECT proxy listener (skopeo and podman).
 
 mod common;
 
@@ -43,6 +44,11 @@ fn creds() -> String {
 /// regmirror itself holds credentials that can read them (which must not
 /// make them visible to anyone without a token of their own).
 fn start(proxy_creds: bool) -> Stack {
+    start_with(proxy_creds, false)
+}
+
+/// [`start`], with the CONNECT proxy listener when `connect`.
+fn start_with(proxy_creds: bool, connect: bool) -> Stack {
     let opts = UpstreamEnvOpts {
         policy: TokenPolicy {
             user: Some((PUSH_USER.into(), PUSH_PASSWORD.into())),
@@ -52,6 +58,7 @@ fn start(proxy_creds: bool) -> Stack {
         ..Default::default()
     };
     Stack::start_with(opts, |cfg| {
+        let cfg = if connect { cfg.with_connect() } else { cfg };
         if proxy_creds {
             cfg.with_credentials("docker.io", PUSH_USER, PUSH_PASSWORD)
         } else {
@@ -566,6 +573,50 @@ fn skopeo_and_podman_private_images() {
         "upstream down: a fresh login cannot be checked, nothing private is served"
     );
     private_content_with_upstream_down(&s, priv_repo, priv_img, &checked, &unchecked);
+}
+
+/// Through the CONNECT proxy listener (`HTTPS_PROXY`, no /etc/hosts entry),
+/// with regmirror holding credentials of its own: skopeo with the user's
+/// credentials pulls the private image; anonymous skopeo and podman are
+/// refused once it is cached, by tag and by digest; podman with the
+/// credentials pulls it warm; the user's token requests are the clients'
+/// own, relayed; anonymous clients get the public image.
+#[test]
+fn private_images_through_the_connect_listener() {
+    let s = start_with(true, true);
+    let imgs = Images::push(&s, "cx");
+    let c = creds();
+    let (repo, img) = &imgs.private_t;
+    let name = transparent(repo);
+    let by_digest = name.replace(":1", &format!("@{}", img.manifest_digest));
+
+    let mark = token_served(&s);
+    let pulled = s.connect_client().skopeo_copy_opts(&name, None, &["--src-creds", &c]);
+    assert_pulled("CONNECT: skopeo --src-creds", &pulled, &img.manifest_digest);
+    assert_relayed(&s, mark, repo, "CONNECT: skopeo");
+
+    let (sk, pm) = (s.connect_client(), s.connect_client());
+    assert_refused(&sk.skopeo_copy(&name, None).0);
+    assert_refused(&sk.skopeo_copy(&by_digest, None).0);
+    assert_refused(&pm.podman_pull(&name, None).0);
+    assert_refused(&pm.podman_pull(&by_digest, None).0);
+
+    let mark = token_served(&s);
+    let pulled = s.connect_client().podman_pull_opts(&name, None, &["--creds", &c]);
+    assert_pulled("CONNECT: podman --creds", &pulled, &img.manifest_digest);
+    assert_relayed(&s, mark, repo, "CONNECT: podman");
+
+    let (pub_repo, pub_img) = &imgs.public;
+    let pulled = sk.skopeo_copy(&transparent(pub_repo), None);
+    assert_pulled("CONNECT: skopeo anonymous", &pulled, &pub_img.manifest_digest);
+    let pulled = pm.podman_pull(&transparent(pub_repo), None);
+    assert_pulled("CONNECT: podman anonymous", &pulled, &pub_img.manifest_digest);
+    assert!(
+        s.rm.metrics()
+            .lines()
+            .any(|l| l.starts_with("regmirror_listener_requests_total{listener=\"connect\"}")),
+        "the pulls did not come through the CONNECT listener"
+    );
 }
 
 /// `docker login` + `docker pull` with a private dockerd (transparent mode:
