@@ -69,6 +69,10 @@ enum Command {
         /// containerd: mirror over TLS on server.name instead of plain HTTP
         #[arg(long)]
         tls: bool,
+        /// docker, containerd, podman: CONNECT proxy mode (HTTPS_PROXY at
+        /// PROXY, default server.connect) instead of a mirror
+        #[arg(long, value_name = "PROXY", num_args = 0..=1, default_missing_value = "")]
+        connect: Option<String>,
         /// Write the files under this directory instead of printing them
         #[arg(long)]
         write: Option<PathBuf>,
@@ -202,10 +206,11 @@ fn run(cli: Cli) -> Result<(), String> {
             config,
             proxy,
             tls,
+            connect,
             write,
         } => {
             let s = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
-            let files = setup::files(&s, target, &SetupOptions { proxy, tls })?;
+            let files = setup::files(&s, target, &SetupOptions { proxy, tls, connect })?;
             setup::emit(&files, write.as_deref()).map_err(|e| e.to_string())
         }
     }

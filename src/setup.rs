@@ -32,16 +32,34 @@ pub struct SetupFile {
     pub then: Option<&'static str>,
 }
 
+#[derive(Debug, Clone, Default)]
 pub struct SetupOptions {
     /// Host or IP clients use to reach regmirror; defaults from the config.
     pub proxy: Option<String>,
     /// containerd: mirror over TLS on the proxy's own name instead of plain HTTP.
     pub tls: bool,
+    /// CONNECT proxy mode instead of a mirror: the proxy clients put in
+    /// `HTTPS_PROXY` (`host`, `host:port` or `http://host:port`); empty
+    /// means `server.connect` as configured.
+    pub connect: Option<String>,
 }
+
+/// What CONNECT-mode clients must not send through regmirror: loopback
+/// (a local registry or daemon socket over TCP). Registry names must never
+/// be here, or the client bypasses regmirror for them.
+const CONNECT_NO_PROXY: &str = "localhost,127.0.0.1,::1";
 
 /// The files for `target`. Paths are where the client reads them on a
 /// standard install.
 pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<SetupFile>, String> {
+    if let Some(given) = &opts.connect {
+        // `--connect --proxy HOST` reads as `--connect HOST`.
+        let given = match (given.trim(), &opts.proxy) {
+            ("", Some(p)) => p.as_str(),
+            (g, _) => g,
+        };
+        return connect_files(s, target, given);
+    }
     let ca_path = absolute(&CertificateAuthority::cert_path(&s.ca_dir));
     match target {
         Target::Hosts => {
@@ -61,16 +79,7 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
                 then: None,
             }])
         }
-        Target::Ca => {
-            // The root itself, ready for the system store (Debian's path; on
-            // Fedora/RHEL use /etc/pki/ca-trust/source/anchors/ and update-ca-trust).
-            let ca = CertificateAuthority::load_or_create(&s.ca_dir, &s.tls_names()).map_err(|e| e.to_string())?;
-            Ok(vec![SetupFile {
-                path: "/usr/local/share/ca-certificates/regmirror.crt".into(),
-                content: ca.cert_pem,
-                then: Some("update-ca-certificates (then restart dockerd/containerd so they reload trust)"),
-            }])
-        }
+        Target::Ca => Ok(vec![ca_file(s)?]),
         Target::Docker => {
             let proxy = plain_proxy(s, opts)?;
             let json = serde_json::json!({
@@ -135,6 +144,90 @@ pub fn files(s: &Settings, target: Target, opts: &SetupOptions) -> Result<Vec<Se
             }])
         }
     }
+}
+
+/// The root itself, ready for the system store (Debian's path; on
+/// Fedora/RHEL use /etc/pki/ca-trust/source/anchors/ and update-ca-trust).
+/// docker, containerd and podman all verify registries against it.
+fn ca_file(s: &Settings) -> Result<SetupFile, String> {
+    let ca = CertificateAuthority::load_or_create(&s.ca_dir, &s.tls_names()).map_err(|e| e.to_string())?;
+    Ok(SetupFile {
+        path: "/usr/local/share/ca-certificates/regmirror.crt".into(),
+        content: ca.cert_pem,
+        then: Some("update-ca-certificates (then restart dockerd/containerd so they reload trust)"),
+    })
+}
+
+/// CONNECT proxy mode: the CA, and `HTTPS_PROXY`/`NO_PROXY` where each
+/// client reads its environment: a systemd drop-in for the docker and
+/// containerd daemons (the daemon pulls, not the CLI), a profile script for
+/// podman, skopeo and buildah (each pulls in its own process).
+fn connect_files(s: &Settings, target: Target, given: &str) -> Result<Vec<SetupFile>, String> {
+    let url = connect_url(s, given)?;
+    let dropin = |unit: &str, then: &'static str| SetupFile {
+        path: PathBuf::from(format!("/etc/systemd/system/{unit}.service.d/regmirror-proxy.conf")),
+        content: format!(
+            "# regmirror CONNECT proxy mode: {unit} reaches registries through regmirror\n\
+             [Service]\nEnvironment=\"HTTPS_PROXY={url}\"\nEnvironment=\"NO_PROXY={CONNECT_NO_PROXY}\"\n"
+        ),
+        then: Some(then),
+    };
+    let env = match target {
+        Target::Docker => dropin("docker", "systemctl daemon-reload && systemctl restart docker"),
+        Target::Containerd => dropin(
+            "containerd",
+            "systemctl daemon-reload && systemctl restart containerd (ctr and nerdctl pull in their own process: export the same HTTPS_PROXY and NO_PROXY for them)",
+        ),
+        Target::Podman => SetupFile {
+            path: "/etc/profile.d/regmirror-proxy.sh".into(),
+            content: format!(
+                "# regmirror CONNECT proxy mode: podman, skopeo and buildah reach registries through regmirror\n\
+                 export HTTPS_PROXY={url}\nexport NO_PROXY={CONNECT_NO_PROXY}\n"
+            ),
+            then: Some("log in again, or: . /etc/profile.d/regmirror-proxy.sh"),
+        },
+        Target::Hosts | Target::Ca => {
+            return Err("--connect applies to docker, containerd and podman (CONNECT mode needs no hosts lines; `setup ca` is the same in every mode)".into())
+        }
+    };
+    Ok(vec![ca_file(s)?, env])
+}
+
+/// `http://HOST:PORT` of the CONNECT listener as clients should reach it:
+/// from `given` (the port defaulting to `server.connect`'s), or from
+/// `server.connect` when it names one address.
+fn connect_url(s: &Settings, given: &str) -> Result<String, String> {
+    let listener = s
+        .connect
+        .ok_or("server.connect is not set; CONNECT proxy mode needs the CONNECT listener")?;
+    let given = given.trim();
+    if given.is_empty() {
+        let ip = listener_ip(Some(listener)).ok_or(
+            "server.connect listens on all addresses; pass --connect HOST[:PORT] (the address clients reach regmirror at)",
+        )?;
+        return Ok(format!(
+            "http://{}",
+            SocketAddr::new(ip.parse().map_err(|_| "bad IP")?, listener.port())
+        ));
+    }
+    let rest = match given.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "--connect {given:?}: the CONNECT listener speaks plain HTTP (http://), not {scheme}://"
+            ))
+        }
+        None => given,
+    };
+    let rest = rest.trim_end_matches('/');
+    let parsed = url::Url::parse(&format!("http://{rest}"))
+        .ok()
+        .filter(|u| u.host_str().is_some() && u.path() == "/" && u.username().is_empty());
+    let Some(u) = parsed else {
+        return Err(format!("--connect {given:?} is not HOST[:PORT]"));
+    };
+    let host = u.host_str().unwrap_or_default();
+    Ok(format!("http://{host}:{}", u.port().unwrap_or(listener.port())))
 }
 
 fn listener_ip(a: Option<SocketAddr>) -> Option<String> {
@@ -203,15 +296,7 @@ mod tests {
 
     #[test]
     fn docker_daemon_json_points_at_the_plain_listener() {
-        let f = files(
-            &settings(),
-            Target::Docker,
-            &SetupOptions {
-                proxy: None,
-                tls: false,
-            },
-        )
-        .unwrap();
+        let f = files(&settings(), Target::Docker, &SetupOptions::default()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&f[0].content).unwrap();
         assert_eq!(v["registry-mirrors"][0], "http://10.1.2.3:5000");
     }
@@ -223,7 +308,7 @@ mod tests {
             Target::Containerd,
             &SetupOptions {
                 proxy: Some("mirror".into()),
-                tls: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -234,7 +319,10 @@ mod tests {
         let t = files(
             &settings(),
             Target::Containerd,
-            &SetupOptions { proxy: None, tls: true },
+            &SetupOptions {
+                tls: true,
+                ..Default::default()
+            },
         )
         .unwrap();
         assert!(t[1].content.contains("[host.\"https://regmirror.local\"]") && t[1].content.contains("ca = "));
@@ -246,15 +334,7 @@ mod tests {
         let text =
             crate::config::DEFAULT_CONFIG.replace("dir = \"certs\"", &format!("dir = \"{}\"", dir.path().display()));
         let s = Settings::from_toml(&text, "t").unwrap();
-        let f = files(
-            &s,
-            Target::Ca,
-            &SetupOptions {
-                proxy: None,
-                tls: false,
-            },
-        )
-        .unwrap();
+        let f = files(&s, Target::Ca, &SetupOptions::default()).unwrap();
         assert!(
             f[0].content.starts_with("-----BEGIN CERTIFICATE-----"),
             "{}",
@@ -267,21 +347,13 @@ mod tests {
     #[test]
     fn hosts_lines_need_an_ip() {
         let s = Settings::load(None).unwrap();
-        assert!(files(
-            &s,
-            Target::Hosts,
-            &SetupOptions {
-                proxy: None,
-                tls: false
-            }
-        )
-        .is_err());
+        assert!(files(&s, Target::Hosts, &SetupOptions::default()).is_err());
         let f = files(
             &s,
             Target::Hosts,
             &SetupOptions {
                 proxy: Some("192.0.2.7".into()),
-                tls: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -292,16 +364,73 @@ mod tests {
 
     #[test]
     fn podman_mirrors_use_namespace_paths() {
-        let f = files(
-            &settings(),
-            Target::Podman,
-            &SetupOptions {
-                proxy: None,
-                tls: false,
-            },
-        )
-        .unwrap();
+        let f = files(&settings(), Target::Podman, &SetupOptions::default()).unwrap();
         assert!(f[0].content.contains("location = \"10.1.2.3:5000/quay\""));
         assert!(f[0].content.contains("prefix = \"docker.io\""));
+    }
+
+    fn connect_settings(listen: &str) -> (tempfile::TempDir, Settings) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = crate::config::DEFAULT_CONFIG
+            .replace("dir = \"certs\"", &format!("dir = \"{}\"", dir.path().display()))
+            .replace("[server]\n", &format!("[server]\nconnect = \"{listen}\"\n"));
+        (dir, Settings::from_toml(&text, "t").unwrap())
+    }
+
+    fn connect(s: &Settings, target: Target, given: &str) -> Result<Vec<SetupFile>, String> {
+        files(
+            s,
+            target,
+            &SetupOptions {
+                connect: Some(given.into()),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn connect_mode_writes_the_ca_and_each_clients_proxy_environment() {
+        let (_d, s) = connect_settings("10.1.2.3:3128");
+        let f = connect(&s, Target::Docker, "").unwrap();
+        assert_eq!(f.len(), 2);
+        assert!(f[0].content.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(
+            f[1].path,
+            PathBuf::from("/etc/systemd/system/docker.service.d/regmirror-proxy.conf")
+        );
+        assert!(f[1]
+            .content
+            .contains("[Service]\nEnvironment=\"HTTPS_PROXY=http://10.1.2.3:3128\"\n"));
+        assert!(f[1]
+            .content
+            .contains("Environment=\"NO_PROXY=localhost,127.0.0.1,::1\"\n"));
+        let f = connect(&s, Target::Containerd, "mirror.corp").unwrap();
+        assert!(f[1].path.starts_with("/etc/systemd/system/containerd.service.d"));
+        assert!(f[1].content.contains("HTTPS_PROXY=http://mirror.corp:3128\""));
+        let f = connect(&s, Target::Podman, "http://mirror.corp:8080/").unwrap();
+        assert_eq!(f[1].path, PathBuf::from("/etc/profile.d/regmirror-proxy.sh"));
+        assert!(f[1].content.contains("\nexport HTTPS_PROXY=http://mirror.corp:8080\n"));
+        assert!(f[1].content.contains("\nexport NO_PROXY=localhost,127.0.0.1,::1\n"));
+        let f = connect(&s, Target::Podman, "[fd00::7]:3129").unwrap();
+        assert!(f[1].content.contains("HTTPS_PROXY=http://[fd00::7]:3129\n"));
+    }
+
+    #[test]
+    fn connect_mode_refuses_what_cannot_work() {
+        let (_d, s) = connect_settings("0.0.0.0:3128");
+        let e = connect(&s, Target::Docker, "").unwrap_err();
+        assert!(e.contains("all addresses"), "{e}");
+        for bad in [
+            "https://mirror:3128",
+            "user:pw@mirror",
+            "mirror/path",
+            "socks5://mirror",
+        ] {
+            assert!(connect(&s, Target::Docker, bad).is_err(), "{bad}");
+        }
+        assert!(connect(&s, Target::Hosts, "mirror").is_err());
+        assert!(connect(&s, Target::Ca, "mirror").is_err());
+        let e = connect(&settings(), Target::Docker, "mirror").unwrap_err();
+        assert!(e.contains("server.connect is not set"), "{e}");
     }
 }

@@ -637,7 +637,7 @@ fn docker_login_and_private_images() {
         hosts: &s.transparent_hosts(),
         etc_docker: etc.path(),
         ssl_cert_file: Some(&s.rm.ca_pem),
-        https_proxy: None,
+        proxy_env: &[],
     });
     let (pub_repo, pub_img) = &imgs.public;
     let anon = dockerd.cli_config("anonymous");

@@ -99,20 +99,20 @@ fn podman_connect() {
     assert_came_through_connect(&s);
 }
 
-/// dockerd with `HTTPS_PROXY` in its environment (what `regmirror setup
-/// docker --connect` writes as a systemd drop-in) and regmirror's CA as its
-/// roots: `docker pull` of the three registries cold, skopeo warm, and
+/// dockerd with the environment of the systemd drop-in `regmirror setup
+/// docker --connect` writes (`HTTPS_PROXY`, `NO_PROXY`) and the CA file it
+/// writes as its roots: `docker pull` of the three registries cold, skopeo warm, and
 /// `--platform linux/arm64` of an index.
 #[test]
 fn docker_connect() {
     let s = stack();
     let etc = common::tempdir("docker-etc-");
-    let proxy = s.rm.connect_url();
+    let (env, ca) = s.connect_setup("docker");
     let dockerd = Dockerd::start(DockerdOpts {
         hosts: "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
         etc_docker: etc.path(),
-        ssl_cert_file: Some(&s.rm.ca_pem),
-        https_proxy: Some(&proxy),
+        ssl_cert_file: Some(&ca),
+        proxy_env: &env,
     });
     let other = s.connect_client();
     for (name, repo, format) in [
@@ -139,14 +139,16 @@ fn docker_connect() {
     assert_came_through_connect(&s);
 }
 
-/// `ctr images pull` with `HTTPS_PROXY` (ctr fetches in its own process):
+/// `ctr images pull` with the environment of `regmirror setup containerd
+/// --connect`'s drop-in (ctr fetches in its own process) and its CA file:
 /// the three registries cold, skopeo warm, and `--platform linux/arm64` of
 /// an index.
 #[test]
 fn containerd_connect() {
     let s = stack();
     let ctrd = Containerd::start();
-    let sb = s.connect_client();
+    let (env, ca) = s.connect_setup("containerd");
+    let sb = common::clients::Sandbox::behind_proxy(&env, &ca);
     let other = s.connect_client();
     for (name, repo, format) in [
         ("docker.io/library/cc-full:1", "library/cc-full", Format::Oci),

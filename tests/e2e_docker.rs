@@ -35,7 +35,7 @@ fn docker_transparent() {
         hosts: &s.transparent_hosts(),
         etc_docker: etc.path(),
         ssl_cert_file: Some(&s.rm.ca_pem),
-        https_proxy: None,
+        proxy_env: &[],
     });
     let other = s.client();
 
@@ -119,7 +119,7 @@ fn docker_registry_mirrors_and_explicit_prefix() {
         hosts: &s.dead_registries_hosts(true),
         etc_docker: &etc_docker,
         ssl_cert_file: None,
-        https_proxy: None,
+        proxy_env: &[],
     });
     let other = s.client();
 

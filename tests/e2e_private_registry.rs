@@ -237,7 +237,7 @@ fn docker_login_push_and_pull_back() {
         hosts: &hosts,
         etc_docker: &etc,
         ssl_cert_file: None,
-        https_proxy: None,
+        proxy_env: &[],
     });
     let cfg = dd.cli_config("push");
     // The image reaches the daemon through the mirror, then gets a private name.

@@ -47,18 +47,19 @@ pub struct Sandbox {
     pub ca_pem: PathBuf,
     dir: tempfile::TempDir,
     counter: std::sync::atomic::AtomicUsize,
-    /// `HTTPS_PROXY` for the clients (CONNECT mode); none by default.
-    https_proxy: Option<String>,
+    /// Proxy environment for the clients (CONNECT mode: `HTTPS_PROXY`,
+    /// `NO_PROXY`); none by default.
+    proxy_env: Vec<(String, String)>,
 }
 
 impl Sandbox {
     /// A CONNECT-mode client: an /etc/hosts with localhost only (registry
-    /// names do not resolve at all in the sandbox), `HTTPS_PROXY=proxy`,
-    /// and `ca_pem` trusted.
-    pub fn behind_proxy(proxy: &str, ca_pem: &Path) -> Sandbox {
+    /// names do not resolve at all in the sandbox), `proxy_env` (what
+    /// `regmirror setup podman --connect` exports) and `ca_pem` trusted.
+    pub fn behind_proxy(proxy_env: &[(String, String)], ca_pem: &Path) -> Sandbox {
         let mut sb = Sandbox::new(IpAddr::from([127, 0, 0, 1]), &[], ca_pem);
         sb.set_hosts("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
-        sb.https_proxy = Some(proxy.to_string());
+        sb.proxy_env = proxy_env.to_vec();
         sb
     }
 
@@ -110,7 +111,7 @@ impl Sandbox {
             ca_pem: ca_pem.to_path_buf(),
             dir,
             counter: Default::default(),
-            https_proxy: None,
+            proxy_env: Vec::new(),
         }
     }
 
@@ -176,9 +177,7 @@ impl Sandbox {
             .env_remove("no_proxy")
             .env_remove("NO_PROXY")
             .stdin(Stdio::null());
-        if let Some(p) = &self.https_proxy {
-            cmd.env("HTTPS_PROXY", p);
-        }
+        cmd.envs(self.proxy_env.iter().map(|(k, v)| (k, v)));
         let out = cmd.output().expect("run client command");
         Output {
             cmd: args.join(" "),

@@ -204,9 +204,9 @@ pub struct DockerdOpts<'a> {
     pub etc_docker: &'a Path,
     /// `SSL_CERT_FILE` for the daemon (the roots it trusts for registries).
     pub ssl_cert_file: Option<&'a Path>,
-    /// `HTTPS_PROXY` in the daemon's environment (CONNECT mode), as a
-    /// systemd drop-in would set it.
-    pub https_proxy: Option<&'a str>,
+    /// Proxy environment of the daemon (CONNECT mode: what `regmirror setup
+    /// docker --connect` puts in its systemd drop-in); empty by default.
+    pub proxy_env: &'a [(String, String)],
 }
 
 impl Dockerd {
@@ -227,8 +227,8 @@ impl Dockerd {
         if let Some(ca) = opts.ssl_cert_file {
             env.push(("SSL_CERT_FILE", ca.as_os_str()));
         }
-        if let Some(proxy) = opts.https_proxy {
-            env.push(("HTTPS_PROXY", OsStr::new(proxy)));
+        for (k, v) in opts.proxy_env {
+            env.push((k, OsStr::new(v)));
         }
         let child = spawn_in_namespace(script, &[&hosts, opts.etc_docker, d], &env, &log_path);
         let mut dd = Dockerd {

@@ -103,10 +103,45 @@ impl Stack {
         sb
     }
 
-    /// A CONNECT-mode client: no registry name in its /etc/hosts at all,
-    /// `HTTPS_PROXY` at regmirror's CONNECT listener, regmirror's CA.
+    /// A CONNECT-mode client: no registry name in its /etc/hosts at all, and
+    /// exactly what `regmirror setup podman --connect PROXY` wrote: its
+    /// `HTTPS_PROXY`/`NO_PROXY` exports and the CA file.
     pub fn connect_client(&self) -> Sandbox {
-        Sandbox::behind_proxy(&self.rm.connect_url(), &self.rm.ca_pem)
+        let (env, ca) = self.connect_setup("podman");
+        Sandbox::behind_proxy(&env, &ca)
+    }
+
+    /// `regmirror setup TARGET --connect PROXY` (PROXY: the CONNECT
+    /// listener): the proxy environment its drop-in or profile script sets,
+    /// and the CA file it wrote.
+    pub fn connect_setup(&self, target: &str) -> (Vec<(String, String)>, PathBuf) {
+        let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
+        let dir = self.dir.path().join(format!("setup-{target}-connect-{n}"));
+        let written = self.rm.setup(target, &["--connect", &self.rm.connect_url()], &dir);
+        let named = |name: &str| written.iter().find(|p| p.file_name().is_some_and(|f| f == name));
+        let ca = named("regmirror.crt")
+            .unwrap_or_else(|| panic!("setup {target} --connect wrote no CA: {written:?}"))
+            .clone();
+        let env_file = named("regmirror-proxy.conf")
+            .or_else(|| named("regmirror-proxy.sh"))
+            .unwrap_or_else(|| panic!("setup {target} --connect wrote no proxy environment: {written:?}"));
+        let text = std::fs::read_to_string(env_file).expect("read setup's proxy environment");
+        let env: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let assignment = l
+                    .strip_prefix("Environment=\"")
+                    .and_then(|a| a.strip_suffix('"'))
+                    .or_else(|| l.strip_prefix("export "))?;
+                let (k, v) = assignment.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect();
+        assert!(
+            env.iter().any(|(k, _)| k == "HTTPS_PROXY"),
+            "setup {target} --connect set no HTTPS_PROXY:\n{text}"
+        );
+        (env, ca)
     }
 
     /// The /etc/hosts of a mirror-mode client: every registry name at
