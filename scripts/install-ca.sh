@@ -4,6 +4,11 @@
 #   scripts/install-ca.sh http://PROXY:5000                install (again: no change)
 #   scripts/install-ca.sh http://PROXY:5000 --hosts IP     also point the intercepted
 #                                                          registry names at IP in /etc/hosts
+#   scripts/install-ca.sh http://PROXY:5000 --connect PROXY:3128
+#                                                          CONNECT proxy mode: also give the
+#                                                          docker and containerd daemons (systemd
+#                                                          drop-ins) and podman/skopeo/buildah
+#                                                          (/etc/profile.d) HTTPS_PROXY=http://PROXY:3128
 #   scripts/install-ca.sh --undo                           put back everything it changed
 #
 # It fetches /ca.crt and /hostnames from regmirror's plain listener and installs
@@ -11,8 +16,11 @@
 # /usr/local/share/ca-certificates + update-ca-certificates; RHEL/Fedora:
 # /etc/pki/ca-trust/source/anchors + update-ca-trust) and as ca.crt for every
 # registry name under /etc/containers/certs.d and /etc/docker/certs.d (read
-# per connection: docker needs no restart). Every file it replaces is backed
-# up first; --undo restores them. POSIX sh, curl or wget.
+# per connection: docker needs no restart). With --connect it writes the same
+# proxy environment as `regmirror setup docker|containerd|podman --connect`;
+# the daemons read it once restarted (it runs `systemctl daemon-reload` but
+# restarts nothing: that stops running containers). Every file it replaces is
+# backed up first; --undo restores them. POSIX sh, curl or wget.
 #
 # REGMIRROR_ROOT (default: empty) prefixes every path it touches, so it can
 # be tried against a copy of a machine's files.
@@ -77,9 +85,45 @@ put() { # put SRC PATH: install SRC at PATH (0644)
   mv "$ROOT$2.regmirror-new" "$ROOT$2"
 }
 
+# What CONNECT-mode clients must not send through regmirror (as `regmirror
+# setup --connect` writes it): loopback only, never a registry name.
+NO_PROXY_LIST="localhost,127.0.0.1,::1"
+
+write_text() { # write_text PATH TEXT: install TEXT as the file at PATH (0644)
+  printf '%s' "$2" >"$tmp/text"
+  put "$tmp/text" "$1"
+}
+
+# CONNECT proxy mode: HTTPS_PROXY where each client reads its environment.
+install_connect() {
+  proxy=$1
+  for unit in docker containerd; do
+    write_text "/etc/systemd/system/$unit.service.d/regmirror-proxy.conf" "# regmirror CONNECT proxy mode: $unit reaches registries through regmirror
+[Service]
+Environment=\"HTTPS_PROXY=$proxy\"
+Environment=\"NO_PROXY=$NO_PROXY_LIST\"
+"
+  done
+  write_text /etc/profile.d/regmirror-proxy.sh "# regmirror CONNECT proxy mode: podman, skopeo and buildah reach registries through regmirror
+export HTTPS_PROXY=$proxy
+export NO_PROXY=$NO_PROXY_LIST
+"
+  reload_systemd
+  say "HTTPS_PROXY=$proxy for dockerd and containerd (systemd drop-ins) and podman, skopeo, buildah (/etc/profile.d/regmirror-proxy.sh)"
+  say "restart them to use it: systemctl restart docker containerd; log in again for /etc/profile.d"
+}
+
+# Lets systemd see drop-ins written or removed; only on the live machine.
+reload_systemd() {
+  if [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    systemctl daemon-reload || say "systemctl daemon-reload failed; run it before restarting docker/containerd"
+  fi
+}
+
 install() {
   url=${1%/}
   hosts_ip=$2
+  connect=$3
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   fetch "$url/ca.crt" >"$tmp/ca.crt" || die "cannot fetch $url/ca.crt"
@@ -109,6 +153,7 @@ install() {
   fi
   update_trust "$update"
   say "trusted regmirror's CA ($anchor_dir/regmirror.crt, certs.d for: $names)"
+  [ -z "$connect" ] || install_connect "$connect"
 }
 
 undo() {
@@ -125,6 +170,7 @@ undo() {
   update=$(cat "$STATE/update" 2>/dev/null || echo update-ca-certificates)
   rm -rf "$STATE"
   update_trust "$update"
+  reload_systemd
   say "restored everything install-ca.sh had changed"
 }
 
@@ -133,13 +179,26 @@ case "${1:-}" in
   http://*|https://*)
     url=$1; shift
     hosts_ip=
+    connect=
     while [ $# -gt 0 ]; do
       case "$1" in
         --hosts) [ $# -ge 2 ] || die "--hosts needs the proxy's IP"; hosts_ip=$2; shift 2 ;;
+        --connect)
+          [ $# -ge 2 ] || die "--connect needs the CONNECT listener, HOST:PORT"
+          connect=${2#http://}
+          connect=${connect%/}
+          case "$connect" in
+            *://*|*/*|*@*|"") die "--connect $2: give HOST:PORT or http://HOST:PORT" ;;
+            *:*) ;;
+            *) connect="$connect:3128" ;;
+          esac
+          connect="http://$connect"
+          shift 2
+          ;;
         *) die "unknown argument $1" ;;
       esac
     done
-    install "$url" "$hosts_ip"
+    install "$url" "$hosts_ip" "$connect"
     ;;
-  *) die "usage: install-ca.sh http://PROXY:5000 [--hosts PROXY_IP] | --undo" ;;
+  *) die "usage: install-ca.sh http://PROXY:5000 [--hosts PROXY_IP] [--connect PROXY:3128] | --undo" ;;
 esac

@@ -386,3 +386,101 @@ fn install_ca_on_the_real_paths_of_each_layout_in_a_mount_namespace() {
     );
     assert!(!Path::new("/usr/local/share/ca-certificates/regmirror.crt").exists());
 }
+
+/// `--connect PROXY`: besides the CA, the docker and containerd daemons get
+/// systemd drop-ins and podman/skopeo/buildah a profile script setting
+/// `HTTPS_PROXY`, each byte for byte what `regmirror setup TARGET --connect`
+/// writes; a second run changes nothing, and `--undo` puts back the drop-in
+/// the machine already had and removes the rest.
+#[test]
+fn install_ca_connect_writes_each_clients_proxy_environment_and_undoes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = "127.0.3.249:5000";
+    let cfg = standalone::write_config(dir.path(), addr, &["registry-1.docker.io"]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[server]\n", "[server]\nconnect = \"127.0.3.249:3128\"\n"),
+    )
+    .unwrap();
+    let _regmirror = standalone::spawn(&cfg, &[], std::process::Stdio::null());
+    standalone::wait_listening(addr);
+
+    let machine = tempfile::tempdir().unwrap();
+    let root = machine.path().join("root");
+    let shims = machine.path().join("shims");
+    std::fs::create_dir_all(root.join("etc/systemd/system/docker.service.d")).unwrap();
+    std::fs::create_dir_all(&shims).unwrap();
+    std::fs::write(root.join("etc/os-release"), "ID=debian\n").unwrap();
+    // A drop-in of the same name the machine already had: backed up, put back.
+    let old_dropin = "[Service]\nEnvironment=\"HTTPS_PROXY=http://corp-proxy:8080\"\n";
+    std::fs::write(
+        root.join("etc/systemd/system/docker.service.d/regmirror-proxy.conf"),
+        old_dropin,
+    )
+    .unwrap();
+    let shim = shims.join("update-ca-certificates");
+    std::fs::write(&shim, "#!/bin/sh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = snapshot(&root);
+
+    // What `regmirror setup … --connect` writes for the same proxy.
+    let expected = machine.path().join("setup");
+    for target in ["docker", "containerd", "podman"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .args(["setup", target, "--connect", "127.0.3.249:3128", "--config"])
+            .arg(&cfg)
+            .arg("--write")
+            .arg(&expected)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "setup {target} --connect: {out:?}");
+    }
+    let expected = snapshot(&expected);
+    assert_eq!(
+        expected.len(),
+        4,
+        "the CA and three environment files: {:?}",
+        expected.keys()
+    );
+
+    for _ in 0..2 {
+        let said = run(
+            &root,
+            &shims,
+            &[&format!("http://{addr}"), "--connect", "127.0.3.249:3128"],
+        );
+        assert!(said.contains("HTTPS_PROXY=http://127.0.3.249:3128"), "{said}");
+        let now = snapshot(&root);
+        for (path, content) in &expected {
+            assert_eq!(
+                now.get(path).map(|c| String::from_utf8_lossy(c).into_owned()),
+                Some(String::from_utf8_lossy(content).into_owned()),
+                "{path}: install-ca.sh --connect wrote what regmirror setup --connect writes"
+            );
+        }
+    }
+    // `http://HOST` (no port) is the same proxy on 3128.
+    run(
+        &root,
+        &shims,
+        &[&format!("http://{addr}"), "--connect", "http://127.0.3.249"],
+    );
+    assert_eq!(
+        snapshot(&root).get("etc/profile.d/regmirror-proxy.sh"),
+        expected.get("etc/profile.d/regmirror-proxy.sh")
+    );
+
+    run(&root, &shims, &["--undo"]);
+    assert_eq!(snapshot(&root), before, "--undo restores every file it changed");
+
+    let bad = Command::new("sh")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install-ca.sh"))
+        .args([&format!("http://{addr}"), "--connect", "https://127.0.3.249:3128"])
+        .env("REGMIRROR_ROOT", &root)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "an https:// CONNECT proxy was accepted");
+    assert_eq!(snapshot(&root), before, "a refused --connect changed nothing");
+}
