@@ -7,7 +7,9 @@ mod common;
 
 use common::daemons::{Containerd, Dockerd, DockerdOpts};
 use common::images::Format;
-use common::matrix::{assert_cold, assert_one_platform, assert_pulled, assert_warm, cold_then_warm, Stack};
+use common::matrix::{
+    assert_cold, assert_one_platform, assert_pulled, assert_registry_error, assert_warm, cold_then_warm, Stack,
+};
 use common::UpstreamEnvOpts;
 
 fn stack() -> Stack {
@@ -66,6 +68,7 @@ fn skopeo_connect() {
     let arm = idx.platform("arm64");
     assert_pulled(name, &sk.skopeo_copy(name, Some("arm64")), &arm.manifest_digest);
     assert_one_platform(s.up(), mark, arm, idx.platform("amd64"), name);
+    assert_registry_error(&sk.skopeo_copy("quay.io/org/cs-quay:nope", None).0, "manifest unknown");
     assert_came_through_connect(&s);
 }
 
@@ -96,6 +99,10 @@ fn podman_connect() {
     out.assert_ok();
     assert_eq!(pm.podman_inspect(name, "{{.Architecture}}").as_deref(), Some("arm64"));
     assert_one_platform(s.up(), mark, idx.platform("arm64"), idx.platform("amd64"), name);
+    assert_registry_error(
+        &pm.podman_pull("docker.io/library/cp-full:nope", None).0,
+        "manifest unknown",
+    );
     assert_came_through_connect(&s);
 }
 
@@ -136,6 +143,7 @@ fn docker_connect() {
     assert_pulled(name, &dockerd.pull(name, Some("linux/arm64")), &idx.index_digest);
     assert_eq!(dockerd.inspect(name, "{{.Architecture}}").as_deref(), Some("arm64"));
     assert_one_platform(s.up(), mark, idx.platform("arm64"), idx.platform("amd64"), name);
+    assert_registry_error(&dockerd.pull("ghcr.io/org/cd-gh:nope", None).0, "manifest unknown");
     assert_came_through_connect(&s);
 }
 
@@ -174,5 +182,14 @@ fn containerd_connect() {
         &idx.index_digest,
     );
     assert_one_platform(s.up(), mark, idx.platform("arm64"), idx.platform("amd64"), name);
+    // A missing tag: ctr resolves with HEAD (no error body), so it prints
+    // its own "not found", never a TLS or proxy error.
+    let out = ctrd.ctr(&sb, &["images", "pull", "quay.io/org/cc-quay:nope"]);
+    assert!(!out.success());
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        all.contains("not found") && !all.contains("x509") && !all.contains("proxy"),
+        "{all}"
+    );
     assert_came_through_connect(&s);
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// The e2e files whose every test must be in the table.
-const MATRIX_FILES: &[&str] = &["e2e_docker", "e2e_containerd", "e2e_podman_skopeo"];
+const MATRIX_FILES: &[&str] = &["e2e_docker", "e2e_containerd", "e2e_podman_skopeo", "e2e_connect"];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
