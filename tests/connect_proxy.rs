@@ -33,14 +33,6 @@ fn src(c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 254, c, d))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 /// regmirror with a CONNECT listener (and `extra_toml` appended) in front
 /// of a fake upstream serving docker.io and ghcr.io, holding one manifest.
 struct Stack {
@@ -54,7 +46,7 @@ struct Stack {
 impl Stack {
     fn start(extra_toml: &str, edit: impl FnOnce(Config) -> Config) -> Stack {
         common::init_crypto();
-        let rt = runtime();
+        let rt = common::runtime();
         let fake = rt.block_on(fake_upstream::FakeUpstream::start(&format!("{}:0", alloc_ip())));
         let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
         let digest = fake.add_manifest("library/connect", Some("1"), MANIFEST_TYPE, body);
@@ -379,7 +371,7 @@ fn store_files(rm: &Regmirror) -> Vec<String> {
 /// refused, and an unreachable one is answered 502.
 #[test]
 fn a_passthrough_host_is_tunnelled_untouched_and_unseen_by_the_cache() {
-    let rt = runtime();
+    let rt = common::runtime();
     let e = echo(&rt);
     let port = e.addr.port();
     let s = Stack::start(
@@ -452,7 +444,7 @@ fn a_passthrough_host_is_tunnelled_untouched_and_unseen_by_the_cache() {
 /// with the target in `NO_PROXY` they go direct.
 #[test]
 fn passthrough_goes_through_the_egress_proxy_unless_no_proxy_names_the_host() {
-    let rt = runtime();
+    let rt = common::runtime();
     let e = echo(&rt);
     let port = e.addr.port();
     let tiny = Tinyproxy::start(alloc_ip(), 3128, &[port]);

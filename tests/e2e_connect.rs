@@ -7,9 +7,7 @@ mod common;
 
 use common::daemons::{Containerd, Dockerd, DockerdOpts};
 use common::images::Format;
-use common::matrix::{
-    assert_cold, assert_one_platform, assert_pulled, assert_registry_error, assert_warm, cold_then_warm, Stack,
-};
+use common::matrix::{assert_one_platform, assert_pulled, assert_registry_error, Stack};
 use common::UpstreamEnvOpts;
 
 fn stack() -> Stack {
@@ -47,21 +45,15 @@ fn skopeo_connect() {
     let s = stack();
     let sk = s.connect_client();
     let other = s.connect_client();
-    for (name, repo, format) in [
-        ("docker.io/library/cs-full:1", "library/cs-full", Format::Oci),
-        ("ghcr.io/org/cs-gh:1", "org/cs-gh", Format::Docker),
-        ("quay.io/org/cs-quay:1", "org/cs-quay", Format::Oci),
-    ] {
-        let img = s.image(repo, format);
-        cold_then_warm(
-            s.up(),
-            name,
-            repo,
-            &img,
-            || sk.skopeo_copy(name, None),
-            || other.skopeo_copy(name, None),
-        );
-    }
+    s.cold_then_warm_each(
+        &[
+            ("docker.io/library/cs-full:1", "library/cs-full", Format::Oci),
+            ("ghcr.io/org/cs-gh:1", "org/cs-gh", Format::Docker),
+            ("quay.io/org/cs-quay:1", "org/cs-quay", Format::Oci),
+        ],
+        |n| sk.skopeo_copy(n, None),
+        |n| other.skopeo_copy(n, None),
+    );
     let idx = s.index("org/cs-multi", Format::Oci);
     let name = "ghcr.io/org/cs-multi:1";
     let mark = s.up().mark();
@@ -79,19 +71,15 @@ fn podman_connect() {
     let s = stack();
     let pm = s.connect_client();
     let other = s.connect_client();
-    for (name, repo, format) in [
-        ("docker.io/library/cp-full:1", "library/cp-full", Format::Docker),
-        ("ghcr.io/org/cp-gh:1", "org/cp-gh", Format::Oci),
-        ("quay.io/org/cp-quay:1", "org/cp-quay", Format::Docker),
-    ] {
-        let img = s.image(repo, format);
-        let mark = s.up().mark();
-        assert_pulled(name, &pm.podman_pull(name, None), &img.manifest_digest);
-        assert_cold(s.up(), mark, &img, name);
-        let mark = s.up().mark();
-        assert_pulled(name, &other.skopeo_copy(name, None), &img.manifest_digest);
-        assert_warm(s.up(), mark, repo, name);
-    }
+    s.cold_then_warm_each(
+        &[
+            ("docker.io/library/cp-full:1", "library/cp-full", Format::Docker),
+            ("ghcr.io/org/cp-gh:1", "org/cp-gh", Format::Oci),
+            ("quay.io/org/cp-quay:1", "org/cp-quay", Format::Docker),
+        ],
+        |n| pm.podman_pull(n, None),
+        |n| other.skopeo_copy(n, None),
+    );
     let idx = s.index("org/cp-multi", Format::Oci);
     let name = "quay.io/org/cp-multi:1";
     let mark = s.up().mark();
@@ -122,21 +110,15 @@ fn docker_connect() {
         proxy_env: &env,
     });
     let other = s.connect_client();
-    for (name, repo, format) in [
-        ("docker.io/library/cd-full:1", "library/cd-full", Format::Docker),
-        ("ghcr.io/org/cd-gh:1", "org/cd-gh", Format::Oci),
-        ("quay.io/org/cd-quay:1", "org/cd-quay", Format::Docker),
-    ] {
-        let img = s.image(repo, format);
-        cold_then_warm(
-            s.up(),
-            name,
-            repo,
-            &img,
-            || dockerd.pull(name, None),
-            || other.skopeo_copy(name, None),
-        );
-    }
+    s.cold_then_warm_each(
+        &[
+            ("docker.io/library/cd-full:1", "library/cd-full", Format::Docker),
+            ("ghcr.io/org/cd-gh:1", "org/cd-gh", Format::Oci),
+            ("quay.io/org/cd-quay:1", "org/cd-quay", Format::Docker),
+        ],
+        |n| dockerd.pull(n, None),
+        |n| other.skopeo_copy(n, None),
+    );
     let idx = s.index("library/cd-multi", Format::Docker);
     let name = "docker.io/library/cd-multi:1";
     let mark = s.up().mark();
@@ -158,21 +140,15 @@ fn containerd_connect() {
     let (env, ca) = s.connect_setup("containerd");
     let sb = common::clients::Sandbox::behind_proxy(&env, &ca);
     let other = s.connect_client();
-    for (name, repo, format) in [
-        ("docker.io/library/cc-full:1", "library/cc-full", Format::Oci),
-        ("ghcr.io/org/cc-gh:1", "org/cc-gh", Format::Docker),
-        ("quay.io/org/cc-quay:1", "org/cc-quay", Format::Oci),
-    ] {
-        let img = s.image(repo, format);
-        cold_then_warm(
-            s.up(),
-            name,
-            repo,
-            &img,
-            || ctrd.pull(&sb, name, None, None),
-            || other.skopeo_copy(name, None),
-        );
-    }
+    s.cold_then_warm_each(
+        &[
+            ("docker.io/library/cc-full:1", "library/cc-full", Format::Oci),
+            ("ghcr.io/org/cc-gh:1", "org/cc-gh", Format::Docker),
+            ("quay.io/org/cc-quay:1", "org/cc-quay", Format::Oci),
+        ],
+        |n| ctrd.pull(&sb, n, None, None),
+        |n| other.skopeo_copy(n, None),
+    );
     let idx = s.index("org/cc-multi", Format::Oci);
     let name = "ghcr.io/org/cc-multi:1";
     let mark = s.up().mark();

@@ -33,14 +33,6 @@ fn src(c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 252, c, d))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 /// regmirror (with `limits_toml` appended) in front of a fake upstream that
 /// holds one manifest, fetched once so it is cached. Returns the runtime the
 /// fake runs on (keep it alive), the fake, regmirror and the manifest's path.
@@ -48,7 +40,7 @@ fn cached_manifest_stack(
     limits_toml: &str,
 ) -> (tokio::runtime::Runtime, fake_upstream::FakeUpstream, Regmirror, String) {
     common::init_crypto();
-    let rt = runtime();
+    let rt = common::runtime();
     let fake = rt.block_on(fake_upstream::FakeUpstream::start(&format!("{}:0", alloc_ip())));
     let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
     let digest = fake.add_manifest("library/fleet", Some("1"), MANIFEST_TYPE, body);

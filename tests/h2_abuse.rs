@@ -131,14 +131,6 @@ async fn normal_get(from: IpAddr, to: SocketAddr) -> Result<u16, reqwest::Error>
     Ok(client.get(format!("http://{to}/v2/")).send().await?.status().as_u16())
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 /// regmirror with one upstream where nothing listens (127.0.0.9): /v2/
 /// needs none.
 fn start() -> Regmirror {
@@ -161,7 +153,7 @@ fn src(d: u8) -> IpAddr {
 /// from another address is served beside it.
 #[test]
 fn rapid_reset_gets_goaway_and_others_are_served() {
-    let rt = runtime();
+    let rt = common::runtime();
     let rm = start();
     let http = rm.config.http;
     let ((goaway, closed), served) = rt.block_on(async {
@@ -182,7 +174,7 @@ fn rapid_reset_gets_goaway_and_others_are_served() {
 /// connection off with a GOAWAY, and a normal client is served beside it.
 #[test]
 fn a_header_block_that_never_ends_is_cut_off() {
-    let rt = runtime();
+    let rt = common::runtime();
     let rm = start();
     let http = rm.config.http;
     let ((goaway, closed), served) = rt.block_on(async {

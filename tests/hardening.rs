@@ -39,14 +39,6 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn plain_client() -> reqwest::Client {
     common::init_crypto();
     reqwest::Client::builder()
@@ -71,7 +63,7 @@ fn cached_blob_stack(
     String,
 ) {
     common::init_crypto();
-    let rt = runtime();
+    let rt = common::runtime();
     let fake = rt.block_on(fake_upstream::FakeUpstream::start(&format!("{}:0", alloc_ip())));
     let data = fake_upstream::bytes_for("hardening big blob", size);
     let (digest, _) = fake.add_blob("library/big", &data);
@@ -214,7 +206,7 @@ fn idle_sockets_do_not_lock_out_real_pulls() {
     let pid = rm.pid();
     let baseline = fd_count(pid);
 
-    let rt = runtime();
+    let rt = common::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(FloodStats::default());
     // A socket must be closed within its timeout (3 s), plus slack for a

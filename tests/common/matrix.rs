@@ -172,6 +172,21 @@ impl Stack {
         img
     }
 
+    /// For each `(name, repo, format)`: pushes a fresh image to `repo:1`,
+    /// pulls `name` cold with `cold` (every blob upstream once), then warm
+    /// with `warm` (one tag `HEAD` upstream).
+    pub fn cold_then_warm_each(
+        &self,
+        images: &[(&str, &str, Format)],
+        cold: impl Fn(&str) -> (Output, Option<String>),
+        warm: impl Fn(&str) -> (Output, Option<String>),
+    ) {
+        for (name, repo, format) in images {
+            let img = self.image(repo, *format);
+            cold_then_warm(self.up(), name, repo, &img, || cold(name), || warm(name));
+        }
+    }
+
     /// Pushes a fresh amd64 + arm64 index to `repo:1`.
     pub fn index(&self, repo: &str, format: Format) -> MultiImage {
         let idx = images::build_index(format, &["amd64", "arm64"], &[96 * KIB, 128 * KIB]);

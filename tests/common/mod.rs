@@ -124,6 +124,16 @@ pub fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer
         .expect("parse PEM certificates")
 }
 
+/// A two-worker runtime for tests that drive many sockets at once and keep
+/// it (and the in-process servers spawned on it) for the whole test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// A small current-thread runtime for blocking helpers (never call from
 /// inside another runtime).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
