@@ -60,6 +60,12 @@ pub struct ListenerLabel {
     pub listener: &'static str,
 }
 
+/// Why an HTTP/2 connection was cut off (`rapid_reset`, `ping_flood`, …).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct H2AbuseLabel {
+    pub kind: &'static str,
+}
+
 /// What the CONNECT listener did with a CONNECT request: `intercepted`,
 /// `passthrough` or `refused`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,6 +137,8 @@ pub struct Metrics {
     pub listener_requests: Family<ListenerLabel, Counter>,
     /// CONNECT requests by what was done with them.
     pub connect_requests: Family<ConnectLabel, Counter>,
+    /// HTTP/2 connections closed for abuse, by kind.
+    pub h2_abuse: Family<H2AbuseLabel, Counter>,
     /// Registry requests sent upstream, by the status that came back.
     pub upstream_requests: Family<UpstreamStatusLabels, Counter>,
     /// Upstream answers of 429 Too Many Requests.
@@ -188,6 +196,7 @@ impl Metrics {
             connections_refused: Counter::default(),
             listener_requests: Family::default(),
             connect_requests: Family::default(),
+            h2_abuse: Family::default(),
             upstream_requests: Family::default(),
             upstream_rate_limited: Family::default(),
             upstream_ratelimit_remaining: Family::default(),
@@ -325,6 +334,11 @@ impl Metrics {
             "listener_requests",
             "client requests by the listener they came through (tls, plain, connect)",
             m.listener_requests.clone(),
+        );
+        r.register(
+            "h2_abuse",
+            "HTTP/2 connections closed for abuse, by kind (rapid_reset, continuation_flood, header_list_too_large, ping_flood, settings_flood, zero_window, refused_streams)",
+            m.h2_abuse.clone(),
         );
         r.register(
             "connect_requests",

@@ -144,3 +144,55 @@ fn the_systemd_unit_verifies() {
     );
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
+
+/// `serve` raises its soft `RLIMIT_NOFILE` to the hard limit (a service
+/// started with 512 still takes thousands of connections when allowed),
+/// and warns when even the hard limit is short of what
+/// `limits.max_connections` (4,096 by default) needs.
+#[test]
+fn serve_raises_the_descriptor_limit_and_warns_when_it_is_short() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = standalone::write_config(dir.path(), "127.0.3.248:5000", &["registry-1.docker.io"]);
+    let child = Command::new("prlimit")
+        .arg("--nofile=512:2048")
+        .arg(env!("CARGO_BIN_EXE_regmirror"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit regmirror serve");
+    let mut serving = standalone::Serving(child);
+    let pid = serving.0.id();
+    let stderr = serving.0.stderr.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let ready = line.contains("listener ready");
+        lines.push(line);
+        if ready || lines.len() > 40 {
+            break;
+        }
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    drop(serving);
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        open_files,
+        ["2048", "2048"],
+        "soft limit raised to the hard one:\n{limits}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("RLIMIT_NOFILE (2048) is below") && l.contains("4352")),
+        "no warning about the descriptor limit:\n{lines:#?}"
+    );
+}

@@ -262,17 +262,29 @@ fn a_client_outside_access_allow_is_refused() {
     assert_eq!(metric(&s.rm.metrics(), "regmirror_connections_refused_total"), 1.0);
 }
 
-/// `[connect] htpasswd`: no `Proxy-Authorization` or a wrong one gets 407
-/// with `Proxy-Authenticate: Basic`; the right login opens the tunnel.
+/// `[connect] htpasswd`, or `proxy_auth = true` with the private
+/// registry's own logins (`[[local]] htpasswd`): no `Proxy-Authorization`
+/// or a wrong one gets 407 with `Proxy-Authenticate: Basic`; the right
+/// login opens the tunnel.
 #[test]
 fn proxy_authorization_is_required_and_checked_when_configured() {
     let dir = tempdir("connect-htpasswd-");
     let htpasswd = dir.path().join("htpasswd");
     common::push::write_htpasswd(&htpasswd, &[common::push::CI]);
-    let s = Stack::start(
-        &format!("[connect]\nhtpasswd = {:?}\n", htpasswd.display().to_string()),
-        |c| c,
-    );
+    let file = format!("{:?}", htpasswd.display().to_string());
+    for (what, toml) in [
+        ("connect.htpasswd", format!("[connect]\nhtpasswd = {file}\n")),
+        (
+            "proxy_auth with the [[local]] logins",
+            format!("[connect]\nproxy_auth = true\n\n[[local]]\nnamespace = \"team\"\nhtpasswd = {file}\n"),
+        ),
+    ] {
+        check_proxy_authorization(what, &toml);
+    }
+}
+
+fn check_proxy_authorization(what: &str, toml: &str) {
+    let s = Stack::start(toml, |c| c);
     let target = format!("{DOCKER}:443");
     let basic = |user: &str, pw: &str| {
         use base64::Engine;
@@ -281,18 +293,18 @@ fn proxy_authorization_is_required_and_checked_when_configured() {
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
         )
     };
-    for (what, headers) in [
+    for (sent, headers) in [
         ("no Proxy-Authorization", String::new()),
         ("a wrong password", basic(common::push::CI.0, "wrong")),
         ("an unknown user", basic("nobody", common::push::CI.1)),
         ("a Bearer token", "Proxy-Authorization: Bearer abc\r\n".to_string()),
     ] {
         let (_, r) = s.connect(src(3, 1), &target, &headers).expect("CONNECT answered");
-        assert_eq!(r.status, 407, "{what}: {r:?}");
+        assert_eq!(r.status, 407, "{what}, {sent}: {r:?}");
         assert_eq!(
             r.header("proxy-authenticate"),
             Some("Basic realm=\"regmirror\""),
-            "{what}: {r:?}"
+            "{what}, {sent}: {r:?}"
         );
     }
     assert_logged(&s.rm, &["CONNECT refused", "no Proxy-Authorization"]);
@@ -301,9 +313,9 @@ fn proxy_authorization_is_required_and_checked_when_configured() {
     let (tcp, r) = s
         .connect(src(3, 1), &target, &basic(common::push::CI.0, common::push::CI.1))
         .expect("CONNECT answered");
-    assert_eq!(r.status, 200, "the right login: {r:?}");
+    assert_eq!(r.status, 200, "{what}, the right login: {r:?}");
     let got = s.rt.block_on(tls_get(tcp, &s.rm.ca_pem, DOCKER, &s.path));
-    assert_eq!(got.map(|r| r.status).ok(), Some(200));
+    assert_eq!(got.map(|r| r.status).ok(), Some(200), "{what}");
 }
 
 // ------------------------------------------------------------- passthrough

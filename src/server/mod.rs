@@ -38,10 +38,13 @@ use crate::tls::LeafIssuer;
 
 mod admission;
 mod connect;
+mod fd_limit;
+mod h2_abuse;
 mod h2_streams;
 mod write_batch;
 pub use admission::Refused;
 use admission::{Activity, Candidate, Decision, Policy, Pressure};
+use h2_abuse::{Abuse, AbuseMark, FrameWatch};
 use h2_streams::{poll_connection, StreamExecutor, Streams};
 use write_batch::{BatchFlush, WriteBatch};
 
@@ -138,6 +141,7 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(tls.clone());
 
     let limits = app.settings.limits.clone();
+    fd_limit::ensure(limits.max_connections);
     crate::registry::body::set_memory_budget(limits.memory_budget);
     let (stop_tx, stop_rx) = watch::channel(false);
     let table = Arc::new(ConnTable::new(limits));
@@ -285,7 +289,9 @@ async fn connection(
             peer: Some(peer),
             listener: Listener::Plain,
         };
-        return serve(TokioIo::new(stream), None, app, info, conn, stop).await;
+        // h2c is told apart from HTTP/1.1 by its preface, as hyper does.
+        let io = FrameWatch::new(stream, conn.signals.clone());
+        return serve(TokioIo::new(io), None, app, info, conn, stop).await;
     };
     let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
     let tls_stream = tokio::select! {
@@ -331,7 +337,7 @@ async fn serve_tls<S>(
     conn.touch();
     if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         conn.signals.h2.store(true, Ordering::Release);
-        let (io, batch) = WriteBatch::new(tls_stream);
+        let (io, batch) = WriteBatch::new(FrameWatch::new(tls_stream, conn.signals.clone()));
         serve(TokioIo::new(io), Some(batch), app, info, conn, stop).await
     } else {
         serve(TokioIo::new(tls_stream), None, app, info, conn, stop).await
@@ -401,7 +407,10 @@ async fn serve<I>(
         tokio::select! {
             result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), &mut streams, batch.as_deref(), cx)) => {
                 if let Err(e) = result {
-                    tracing::debug!(peer = ?peer, error = %e, "connection ended with an error");
+                    match conn.signals.abuse.classify(&*e) {
+                        Some(abuse) => h2_abuse::report(peer, abuse),
+                        None => tracing::debug!(peer = ?peer, error = %e, "connection ended with an error"),
+                    }
                 }
                 return;
             }
@@ -422,7 +431,13 @@ async fn serve<I>(
                     return;
                 }
                 if let Some(why) = conn.expired() {
-                    tracing::info!(peer = ?peer, "closing connection: {why}");
+                    let shut_window = conn.signals.h2.load(Ordering::Acquire)
+                        && conn.with_client.load(Ordering::Acquire) > 0;
+                    if shut_window {
+                        h2_abuse::report(peer, Abuse::ZeroWindow);
+                    } else {
+                        tracing::info!(peer = ?peer, "closing connection: {why}");
+                    }
                     return;
                 }
             }
@@ -582,6 +597,7 @@ impl ConnTable {
             bytes_at_rest: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             reclaimed: Notify::new(),
+            abuse: AbuseMark::default(),
         });
         let conn = Arc::new(Conn {
             id,
@@ -665,6 +681,8 @@ struct Signals {
     h2: AtomicBool,
     /// Tells the connection task the table closed it to make room.
     reclaimed: Notify,
+    /// The HTTP/2 abuse the connection is being cut off for, if any.
+    abuse: AbuseMark,
 }
 
 impl Signals {
