@@ -202,13 +202,10 @@ fn connect_url(s: &Settings, given: &str) -> Result<String, String> {
         .ok_or("server.connect is not set; CONNECT proxy mode needs the CONNECT listener")?;
     let given = given.trim();
     if given.is_empty() {
-        let ip = listener_ip(Some(listener)).ok_or(
-            "server.connect listens on all addresses; pass --connect HOST[:PORT] (the address clients reach regmirror at)",
-        )?;
-        return Ok(format!(
-            "http://{}",
-            SocketAddr::new(ip.parse().map_err(|_| "bad IP")?, listener.port())
-        ));
+        if listener.ip().is_unspecified() {
+            return Err("server.connect listens on all addresses; pass --connect HOST[:PORT] (the address clients reach regmirror at)".into());
+        }
+        return Ok(format!("http://{listener}"));
     }
     let rest = match given.split_once("://") {
         Some(("http", rest)) => rest,

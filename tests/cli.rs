@@ -87,21 +87,10 @@ fn check_reports_a_ca_that_no_longer_covers_the_configured_hosts() {
 /// read, with the message and its fields.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let cfg = standalone::write_config(dir.path(), "127.0.3.251:5000", &["registry-1.docker.io"]);
     let mut serving = standalone::spawn(&cfg, &["--log-format", "json"], std::process::Stdio::piped());
-    let child = &mut serving.0;
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = Vec::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        let ready = line.contains("listener ready");
-        lines.push(line);
-        if ready || lines.len() > 20 {
-            break;
-        }
-    }
+    let lines = standalone::stderr_until_ready(&mut serving.0);
     drop(serving);
     assert!(lines.iter().any(|l| l.contains("listener ready")), "{lines:#?}");
     for l in &lines {
@@ -151,7 +140,6 @@ fn the_systemd_unit_verifies() {
 /// `limits.max_connections` (4,096 by default) needs.
 #[test]
 fn serve_raises_the_descriptor_limit_and_warns_when_it_is_short() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let cfg = standalone::write_config(dir.path(), "127.0.3.248:5000", &["registry-1.docker.io"]);
     let child = Command::new("prlimit")
@@ -164,16 +152,7 @@ fn serve_raises_the_descriptor_limit_and_warns_when_it_is_short() {
         .expect("prlimit regmirror serve");
     let mut serving = standalone::Serving(child);
     let pid = serving.0.id();
-    let stderr = serving.0.stderr.take().unwrap();
-    let mut lines = Vec::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        let ready = line.contains("listener ready");
-        lines.push(line);
-        if ready || lines.len() > 40 {
-            break;
-        }
-    }
+    let lines = standalone::stderr_until_ready(&mut serving.0);
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     drop(serving);
     let open_files = limits

@@ -69,3 +69,19 @@ pub fn wait_listening(addr: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// regmirror's stderr lines up to its first "listener ready" (at most 40).
+pub fn stderr_until_ready(child: &mut Child) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut lines = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("read stderr");
+        let ready = line.contains("listener ready");
+        lines.push(line);
+        if ready || lines.len() > 40 {
+            break;
+        }
+    }
+    lines
+}
