@@ -8,11 +8,25 @@
 #   scripts/bench.sh --quick    tiny sizes, 1 repetition, debug build: proves the script works (CI)
 #   scripts/bench.sh --reps N   repetitions (default 3)
 #   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
-#   scripts/bench.sh --only A,B only these figures (cold manifest blob1 blob64 tag conns rss
-#                               pull cold8 evict push); prints the tables; with --out, rewrites
-#                               only the tables of the groups it measured (cache, registry)
+#   scripts/bench.sh --only A,B only these figures (cold manifest h2m1 blob1 blob64 tag conns rss
+#                               pull cold8 evict idle herd push); prints the tables; with --out,
+#                               rewrites only the tables of the groups it measured (cache, registry)
 #   scripts/bench.sh --hold     start and warm every peer, print how to reach them, and wait
 #                               (for perf or a load generator by hand); Ctrl-C stops them all
+#
+# Environment: BENCH_RM_BIN=PATH runs that regmirror binary; BENCH_SKIP_BUILD=1 skips the
+# cargo build (with BENCH_RM_BIN, to measure a binary built earlier while the tree changes);
+# BENCH_KEEP=1 keeps the work directory.
+#
+# Fleet-scale figures (issue 27), regmirror beside nginx-cache:
+#   herd   500 clients (scripts/bench_herd.py, from 50 source addresses 127.0.20.1-50, a fleet
+#          behind NAT gateways) pull one cold 1 MiB, 5-layer image at once: manifest by tag,
+#          config, every layer, each checked against its digest; wall time and p99 per client
+#   h2m1   warm manifest GETs over HTTP/2, 64 connections × 1 stream (h2load -m 1)
+#   idle   RSS per idle connection: 4,000 TLS connections (scripts/bench_idle.py, from 40
+#          source addresses 127.0.21.1-40), one warm manifest GET each, then idle for 10 s;
+#          over HTTP/1.1 and over HTTP/2
+# (--quick: 20 herd clients, 100 idle connections.)
 #
 # Everything runs on loopback (127.0.9.1-5), behind TLS, and is stopped on exit:
 #   127.0.9.1  direct        Debian's docker-registry (CNCF distribution), the upstream itself
@@ -52,9 +66,16 @@ if ((quick)); then
   reps=1
   big_mib=4; small_mib=(0.5 0.5 0.5 0.5)
   dur=1; head_n=20; conns_many=200; lat_n=400; lat_s=2
+  herd_n=20; herd_mib=(0.1 0.05 0.05 0.05 0.05); idle_n=100; idle_settle=1
 else
   big_mib=200; small_mib=(40 40 40 40)
   dur=3; head_n=300; conns_many=1000; lat_n=4000; lat_s=8
+  # The herd's image is small (1 MiB: 0.6 + 4 × 0.1): 500 clients × the 360 MiB bench image
+  # would be 176 GiB through one Python process, minutes per peer. What the herd measures
+  # is how the waiters for one cold download are served, not throughput (blob64 does that):
+  # with 4 MiB (2 GiB in all) both peers took 9-10 s, the time the client's one core
+  # needs to decrypt and hash it, and neither the herd's waits nor their absence showed.
+  herd_n=500; herd_mib=(0.6 0.1 0.1 0.1 0.1); idle_n=4000; idle_settle=10
   [[ -n $out || -n $only ]] || ((hold)) || out=docs/BENCHMARKS.md
 fi
 want() { [[ -z $only || $only == *",$1,"* ]]; }
@@ -76,18 +97,20 @@ done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-if ((quick)); then
+if [[ -n ${BENCH_SKIP_BUILD:-} ]]; then
+  echo "==> no cargo build (BENCH_SKIP_BUILD)"
+elif ((quick)); then
   # Quick proves the script works (CI, after `cargo test` built the debug
   # binary); its figures mean nothing, so it skips the long release build.
   echo "==> cargo build (debug: --quick)"
   cargo build --locked --quiet
-  RM_BIN=$repo_root/target/debug/regmirror
 else
   echo "==> cargo build --release"
   cargo build --release --locked --quiet
   echo "bench: build took $SECONDS s" >&2
-  RM_BIN=${BENCH_RM_BIN:-$repo_root/target/release/regmirror}
 fi
+RM_BIN=${BENCH_RM_BIN:-$repo_root/target/$( ((quick)) && echo debug || echo release)/regmirror}
+[[ -x $RM_BIN ]] || { echo "bench: no regmirror binary at $RM_BIN" >&2; exit 1; }
 
 # ---------------------------------------------------------------- processes
 W=$(mktemp -d /tmp/regmirror-bench.XXXXXX)
@@ -165,6 +188,25 @@ mkdir -p "$W/certdir" && cp "$W/ca.pem" "$W/certdir/ca.crt"
 skopeo copy -q --dest-cert-dir "$W/certdir" "oci:$W/oci:1" "docker://$UP/library/bench:1"
 MT=application/vnd.oci.image.manifest.v1+json
 REPO_URL=https://$H/v2/library/bench
+if want herd; then
+  echo "==> generating the herd's image (layers: ${herd_mib[*]} MiB)"
+  python3 scripts/bench_image.py "$W/herd-oci" 1 "${herd_mib[@]}" >"$W/herd-image.txt"
+  read -r HERD_MANIFEST _ < <(sed -n 1p "$W/herd-image.txt")
+  HERD_MIB=$(awk '{s += $2} END {printf "%.1f", s / 1048576}' "$W/herd-image.txt")
+  skopeo copy -q --dest-cert-dir "$W/certdir" "oci:$W/herd-oci:1" "docker://$UP/library/herd:1"
+fi
+# The clients' source addresses for the herd and idle figures: on Linux all of
+# 127/8 is loopback, but a host may route it otherwise; bind each once to know.
+HERD_SRC=127.0.20.1 HERD_NSRC=50 IDLE_SRC=127.0.21.1 IDLE_NSRC=40
+if want herd || want idle; then
+  python3 - "$HERD_SRC" "$HERD_NSRC" "$IDLE_SRC" "$IDLE_NSRC" <<'PY' || { echo "bench: cannot bind the clients' source addresses" >&2; exit 1; }
+import ipaddress, socket, sys
+for first, n in zip(sys.argv[1::2], sys.argv[2::2]):
+    for i in range(int(n)):
+        with socket.socket() as s:
+            s.bind((str(ipaddress.IPv4Address(first) + i), 0))
+PY
+fi
 
 # ---------------------------------------------------------------- peers
 rm_config() {
@@ -195,6 +237,9 @@ ca_file = "$W/ca.pem"
 # Every load generator connects from one address: lift the per-client cap
 # (its purpose, fairness between clients, does not apply to one client).
 max_connections_per_client = 4096
+# The idle figure holds 4,000 connections from 40 addresses: the table is
+# raised so that they stay below its last share (README, sizing for a fleet).
+max_connections = 8192
 EOF
 }
 start_regmirror() {
@@ -357,9 +402,14 @@ h2() { # h2 ARGS...: h2load, failing unless every request finished with a 2xx
   echo "$o"
 }
 
-manifest_rate() { # manifest_rate PEER h1|h2 → req/s, 64 keep-alive connections
+manifest_rate() { # manifest_rate PEER h1|h2|h2m1 → req/s, 64 keep-alive connections
+  # h2 runs 4 streams per connection; h2m1 one, as clients that open a
+  # connection per request in flight do (the per-connection cost, over HTTP/2).
   local flag=() streams=1
-  [[ $2 == h1 ]] && flag=(--h1) || streams=4
+  case $2 in
+    h1) flag=(--h1) ;;
+    h2) streams=4 ;;
+  esac
   h2 "${flag[@]}" -c 64 -m "$streams" -t 2 -D "$dur" --warm-up-time=1 -H "Accept: $MT" \
     --connect-to="${IP[$1]}:443" "$REPO_URL/manifests/$MANIFEST" |
     sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p'
@@ -474,9 +524,57 @@ concurrent_cold_pulls() { # PEER: records the time of 8 concurrent cold pulls an
   cold8_cpu[$1]+=" $(cpu_s "$cpu0" "$cpu1")"
 }
 
+warm_image() { # warm_image PEER: the manifest and every blob of the bench image, so caches hold them all
+  local d
+  warm "$1"
+  for d in "$CONFIG" $(awk 'NR > 1 {print $1}' "$W/image.txt"); do c "$1" -f -o /dev/null "$REPO_URL/blobs/$d"; done
+}
+
+herd() { # herd PEER: herd_n clients pull the herd's image from PEER started empty, all at once
+  # (not in a $(...) subshell: it restarts the peer, whose new pid the exit trap must see)
+  local o wall p99 errors
+  wipe_peer "$1"; start_peer "$1"
+  o=$(python3 scripts/bench_herd.py --connect "${IP[$1]}" --host "$H" --cafile "$W/trust.pem" \
+    --repo library/herd --tag 1 --manifest "$HERD_MANIFEST" --accept "$MT" --clients "$herd_n" \
+    --sources "$HERD_SRC" --nsources "$HERD_NSRC") || fail "$1: bench_herd.py failed"
+  read -r wall _ p99 errors <<<"$o"
+  echo "bench: herd of $herd_n at $1: ${wall} s, p99 ${p99} s, $errors failed" >&2
+  herd_err[$1]=$((${herd_err[$1]:-0} + errors))
+  if ((errors)); then
+    # As with the 8 cold pulls: regmirror must serve every client; a peer that
+    # fails some gets no time for this round (its failures are counted).
+    [[ $1 == regmirror ]] && fail "$1: $errors of $herd_n herd pulls failed"
+    echo "bench: $1: $errors of $herd_n herd pulls failed; no time for this round" >&2
+    return 0
+  fi
+  herd_t[$1]+=" $wall"
+  herd_p99[$1]+=" $p99"
+}
+
+idle_conns() { # idle_conns PEER h1|h2: records the KiB of RSS each of idle_n idle connections costs PEER
+  # (not in a $(...) subshell: it restarts the peer). A fresh process, so memory an
+  # earlier figure freed and the allocator kept is not reused and hidden here.
+  local o kib open errors before after
+  stop "$1"; start_peer "$1"
+  c "$1" -f -H "Accept: $MT" -o /dev/null "$REPO_URL/manifests/$MANIFEST" -o /dev/null "$REPO_URL/manifests/$MANIFEST"
+  o=$(python3 scripts/bench_idle.py --connect "${IP[$1]}" --host "$H" --cafile "$W/trust.pem" \
+    --path "/v2/library/bench/manifests/$MANIFEST" --accept "$MT" --digest "$MANIFEST" --proto "$2" \
+    --pids "$(peer_pids "$1" | paste -sd,)" --conns "$idle_n" --settle "$idle_settle" \
+    --sources "$IDLE_SRC" --nsources "$IDLE_NSRC") || fail "$1: bench_idle.py failed"
+  read -r kib open errors before after <<<"$o"
+  echo "bench: $idle_n idle $2 connections at $1: RSS $before → $after KiB, $kib KiB each; $open open, $errors failed" >&2
+  if ((errors)); then
+    [[ $1 == regmirror ]] && fail "$1: $errors of $idle_n idle $2 connections failed or were closed"
+    echo "bench: $1: $errors of $idle_n idle $2 connections failed or were closed; no figure for it" >&2
+    return 0
+  fi
+  record "idle_$2_kib" "$1" "$kib"
+}
+
 cached_peers=(regmirror nginx-cache dist-proxy)
 # Per peer, the values of this repetition's rounds (space-separated).
 declare -A tag_ms=() pull_t=() pull_cpu=() cold_t=() conns_t=() conns_cpu=() cold8_b=() cold8_t=() cold8_cpu=()
+declare -A herd_t=() herd_p99=() herd_err=()
 record_medians() { # record_medians FIGURE ARRAY [largest]: one value per peer, the median (or largest) of its rounds
   local -n values=$2
   local p
@@ -712,6 +810,10 @@ for ((rep = 0; rep < reps; rep++)); do
     for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record manifest_h2 "$p" "$(manifest_rate "$p" h2)"; done
     lap manifest
   fi
+  if want h2m1; then
+    for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record manifest_h2m1 "$p" "$(manifest_rate "$p" h2m1)"; done
+    lap h2m1
+  fi
   if want blob1; then
     for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record blob1_mibs "$p" "$(blob_one "$p")"; done
     lap blob1
@@ -790,6 +892,28 @@ for ((rep = 0; rep < reps; rep++)); do
     eviction_stalls
     lap evict
   fi
+  # Idle connections and the herd restart their peers: after the figures that
+  # read peak RSS and rely on warm caches.
+  if want idle; then
+    for proto in h1 h2; do
+      for p in $(rotate "$rep" regmirror nginx-cache); do idle_conns "$p" "$proto"; done
+    done
+    lap idle
+  fi
+  # Two rounds, taking turns; each starts the peer empty.
+  if want herd; then
+    herd_t=() herd_p99=() herd_err=()
+    for round in 0 1; do
+      for p in $(rotate "$((rep + round))" regmirror nginx-cache); do herd "$p"; done
+    done
+    record_medians herd_s herd_t
+    record_medians herd_p99_s herd_p99
+    record_medians herd_errors herd_err
+    # The herd left these caches holding only its image: the next repetition's
+    # warm figures need the bench image back.
+    if ((rep + 1 < reps)); then for p in regmirror nginx-cache; do warm_image "$p"; done; fi
+    lap herd
+  fi
   if want push; then
     push_figures "$rep"
     lap push
@@ -805,5 +929,7 @@ $("$NGINX" -v 2>&1 | sed 's/.*: //'), docker-registry $(dpkg-query -W -f '${Vers
 h2load $(dpkg-query -W -f '${Version}' nghttp2-client), skopeo $(dpkg-query -W -f '${Version}' skopeo)"
 python3 scripts/bench_report.py "$RESULTS" \
   --command "$command_line" --reps "$reps" --big-mib "$big_mib" --conns "$conns_many" \
+  --herd "$herd_n" --herd-mib "${HERD_MIB:-0}" \
+  --idle "$idle_n" --idle-settle "$idle_settle" \
   --image-mib "$(awk -v n="$IMAGE_BYTES" 'BEGIN {printf "%.0f", n / 1048576}')" \
   --machine "$machine" --versions "$versions" ${out:+--out "$out"}

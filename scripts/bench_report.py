@@ -32,15 +32,24 @@ REGISTRY_FIGURES = {"push_s", "push_pull_s", "push8_s", "push8_rss_mib"}
 FIGURES = [
     ("manifest_h1", "warm manifest-by-digest GET/s, 64 connections, HTTP/1.1", "req/s", [("nginx-cache", ">=", 1.0)]),
     ("manifest_h2", "warm manifest-by-digest GET/s, 64 connections × 4 streams, HTTP/2", "req/s", [("nginx-cache", ">=", 1.0)]),
+    ("manifest_h2m1", "warm manifest-by-digest GET/s, 64 connections × 1 stream, HTTP/2", "req/s", [("nginx-cache", ">=", 1.0)]),
     ("tag_head_ms", "warm tag HEAD round trip (median of 3 × 100 on kept-alive connections, peers taking turns)", "ms", [("direct", "<=", 1.1)]),
     ("blob1_mibs", "warm {big} MiB blob GET, 1 client (HTTP/1.1; median of 3 GETs per repetition)", "MiB/s", [("nginx-cache", ">=", 1.0), ("nginx-static", ">=", 0.9)]),
     ("blob64_mibs", "warm {big} MiB blob GET, 64 concurrent clients (HTTP/1.1), aggregate", "MiB/s", [("nginx-cache", ">=", 1.0), ("nginx-static", ">=", 0.9)]),
     ("cold_blob_s", "cold {big} MiB blob GET, time (median of 3 per repetition, taking turns)", "s", [("direct", "<=", 1.5)]),
     ("cold8_upstream_bytes", "8 concurrent cold pulls of one image (skopeo): upstream blob bytes / image size (the larger of 2 per repetition)", "×", [(None, "<=", 1.0)]),
     ("cold8_s", "8 concurrent cold pulls of one image (skopeo), time (mean of 2 per repetition, taking turns)", "s", [("nginx-cache", "<=", 1.0)]),
+    # A fleet behind NAT gateways pulling one image the cache has not seen (scripts/bench_herd.py):
+    # nginx-cache's proxy_cache_lock waiters poll for the entry, regmirror's waiters are streamed to.
+    ("herd_s", "herd: {herd} clients from 50 addresses pull one cold {herd_mib} MiB image (5 layers) at once, manifest by tag then each blob, digests checked; wall time (mean of 2 per repetition, taking turns)", "s", [("nginx-cache", "<=", 1.0)]),
+    ("herd_p99_s", "herd: p99 of the {herd} clients' own pull times (mean of 2 per repetition)", "s", [("nginx-cache", "<=", 1.0)]),
+    ("herd_errors", "herd: failed pulls, both rounds together", "pulls", []),
     ("pull_warm_s", "warm whole-image pull (skopeo, {image} MiB, 5 layers), time (median of 5 per repetition, taking turns)", "s", [("direct", "<=", 1.0)]),
     ("rss_mib", "peak RSS (VmHWM, all processes): cold pull, then every warm figure incl. 64 × {big} MiB", "MiB", [("nginx-cache", "<=", 1.5)]),
     ("conns_s", "{conns} new TLS connections × 5 manifest GETs (HTTP/1.1), time (median of 3 per repetition, taking turns)", "s", [("nginx-cache", "<=", 1.0)]),
+    # scripts/bench_idle.py: VmRSS summed over the server's processes, after minus before, in a freshly started peer.
+    ("idle_h1_kib", "RSS per idle connection: {idle} TLS connections from 40 addresses, one warm manifest GET each (HTTP/1.1), then idle {settle} s", "KiB", [("nginx-cache", "<=", 1.5)]),
+    ("idle_h2_kib", "RSS per idle connection: the same over HTTP/2 (ALPN h2, one GET each, PINGs answered)", "KiB", [("nginx-cache", "<=", 1.5)]),
     # The private registry: regmirror with a [[local]] namespace beside distribution with
     # htpasswd auth, both started empty for each figure, skopeo pushing the bench image.
     ("push_s", "push of the {image} MiB image to a private registry (skopeo, login, empty store; median of 3 per repetition, taking turns)", "s", [("dist-auth", "<=", 1.0)]),
@@ -97,6 +106,10 @@ def main():
     ap.add_argument("--big-mib", required=True)
     ap.add_argument("--image-mib", required=True)
     ap.add_argument("--conns", default="1000")
+    ap.add_argument("--herd", default="500")
+    ap.add_argument("--herd-mib", default="4")
+    ap.add_argument("--idle", default="4000")
+    ap.add_argument("--idle-settle", default="10")
     ap.add_argument("--machine", default="")
     ap.add_argument("--versions", default="")
     ap.add_argument("--out")
@@ -168,7 +181,9 @@ def render(figures, peers, data, a):
     rows = [head, "|" + "---|" * (len(peers) + 4)]
     missed = 0
     for key, label, unit, targets in figures:
-        label = label.format(big=a.big_mib, image=a.image_mib, conns=a.conns)
+        label = label.format(
+            big=a.big_mib, image=a.image_mib, conns=a.conns, herd=a.herd, herd_mib=a.herd_mib, idle=a.idle, settle=a.idle_settle
+        )
         cells = [cell(data.get((key, p), [])) for p in peers]
         mine = data.get((key, "regmirror"), [])
         ratios, met = [], []
