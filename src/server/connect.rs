@@ -492,7 +492,7 @@ async fn intercept(
     };
     let tls_stream = tokio::select! {
         done = tokio::time::timeout(limits.handshake_timeout, handshake) => match done {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(why)) => {
                 tracing::warn!(%peer, %target, "CONNECT tunnel refused: {why}");
                 return;

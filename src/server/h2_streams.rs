@@ -82,7 +82,7 @@ impl Streams {
 /// Then what they all wrote leaves through `batch`, when there is one.
 pub fn poll_connection<C: Future + ?Sized>(
     connection: Pin<&mut C>,
-    streams: &mut Streams,
+    mut streams: Option<&mut Streams>,
     batch: Option<&dyn BatchFlush>,
     cx: &mut Context<'_>,
 ) -> Poll<C::Output> {
@@ -95,7 +95,7 @@ pub fn poll_connection<C: Future + ?Sized>(
             outcome = Poll::Ready(done);
             break;
         }
-        if !streams.poll(cx) {
+        if !streams.as_deref_mut().is_some_and(|s| s.poll(cx)) {
             break;
         }
         rounds += 1;

@@ -41,6 +41,7 @@ mod connect;
 mod fd_limit;
 mod h2_abuse;
 mod h2_streams;
+mod http1;
 mod write_batch;
 pub use admission::Refused;
 use admission::{Activity, Candidate, Decision, Policy, Pressure};
@@ -291,12 +292,15 @@ async fn connection(
         };
         // h2c is told apart from HTTP/1.1 by its preface, as hyper does.
         let io = FrameWatch::new(stream, conn.signals.clone());
-        return serve(TokioIo::new(io), None, app, info, conn, stop).await;
+        let serving = Box::pin(serve(TokioIo::new(io), None, app, info, conn, stop));
+        return serving.await;
     };
-    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
+    let handshake = handshake(&acceptor, stream, limits.handshake_timeout);
     let tls_stream = tokio::select! {
         done = handshake => match done {
-            Ok(Ok(s)) => s,
+            // Boxed at once: a local the stream was moved out of keeps its
+            // room in this future, and an idle connection is mostly that.
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
                 tracing::info!(%peer, error = %e, "TLS handshake failed");
                 return;
@@ -322,10 +326,23 @@ async fn connection(
     serve_tls(tls_stream, app, info, conn, stop).await
 }
 
+/// The TLS handshake, boxed and built outside the connection's future, so
+/// that an idle connection's task keeps no room for one.
+#[allow(clippy::type_complexity)]
+fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: Counted,
+    deadline: Duration,
+) -> Pin<Box<tokio::time::Timeout<tokio_rustls::Accept<Counted>>>> {
+    Box::pin(tokio::time::timeout(deadline, acceptor.accept(stream)))
+}
+
 /// Serves HTTP (h2 when ALPN chose it) on a finished TLS handshake: the TLS
-/// listener's and a CONNECT tunnel's connections alike.
+/// listener's and a CONNECT tunnel's connections alike. The stream comes
+/// boxed: an async fn keeps room for what it takes by value for as long as
+/// it runs, and an idle connection's task is mostly those futures.
 async fn serve_tls<S>(
-    tls_stream: tokio_rustls::server::TlsStream<S>,
+    tls_stream: Box<tokio_rustls::server::TlsStream<S>>,
     app: Arc<App>,
     info: ConnInfo,
     conn: Arc<Conn>,
@@ -338,14 +355,43 @@ async fn serve_tls<S>(
     if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         conn.signals.h2.store(true, Ordering::Release);
         let (io, batch) = WriteBatch::new(FrameWatch::new(tls_stream, conn.signals.clone()));
-        serve(TokioIo::new(io), Some(batch), app, info, conn, stop).await
+        // Boxed, so that the task of an idle HTTP/1 connection is small
+        // (see `http1`).
+        let serving = Box::pin(serve(TokioIo::new(io), Some(batch), app, info, conn, stop));
+        serving.await
     } else {
-        serve(TokioIo::new(tls_stream), None, app, info, conn, stop).await
+        http1::serve(tls_stream, app, info, conn, stop).await
     }
 }
 
-/// `batch`: for HTTP/2 over TLS, sends what the connection's streams wrote
-/// each time they have run (see `write_batch`).
+/// The request handler as hyper calls it: every request counted on `conn`
+/// from the moment hyper hands it over until its response body is done.
+fn service(
+    app: Arc<App>,
+    info: ConnInfo,
+    conn: Arc<Conn>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = hyper::Response<TrackedBody>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Send
+       + 'static {
+    service_fn(move |req| {
+        let app = app.clone();
+        let info = info.clone();
+        let request = Request::begin(&conn);
+        async move {
+            let resp = handle(app, info, req).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| TrackedBody { body, request }))
+        }
+    })
+}
+
+/// HTTP/1.1 (TLS, `http1`) or either protocol, told apart by hyper (h2
+/// over TLS, and plain HTTP with its h2c preface). `batch`: for HTTP/2 over
+/// TLS, sends what the connection's streams wrote each time they have run
+/// (see `write_batch`).
 async fn serve<I>(
     io: I,
     batch: Option<Arc<dyn BatchFlush>>,
@@ -358,18 +404,7 @@ async fn serve<I>(
 {
     let peer = info.peer;
     let limits = conn.table.limits.clone();
-    let service = {
-        let conn = conn.clone();
-        service_fn(move |req| {
-            let app = app.clone();
-            let info = info.clone();
-            let request = Request::begin(&conn);
-            async move {
-                let resp = handle(app, info, req).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|body| TrackedBody { body, request }))
-            }
-        })
-    };
+    let service = service(app, info, conn.clone());
     let executor = StreamExecutor::default();
     let mut streams = Streams::new(executor.clone());
     let mut builder = auto::Builder::new(executor);
@@ -395,6 +430,43 @@ async fn serve<I>(
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
     let http = builder.serve_connection(io, service);
     tokio::pin!(http);
+    drive(
+        http.as_mut(),
+        |c| c.graceful_shutdown(),
+        Some(&mut streams),
+        batch.as_deref(),
+        &conn,
+        &mut stop,
+        peer,
+    )
+    .await;
+}
+
+/// How [`drive`] left a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The protocol ended it cleanly, unasked.
+    Finished,
+    /// An error, a deadline, the table or shutdown ended it.
+    Cut,
+}
+
+/// Runs hyper's connection `http` under the connection's deadlines, the
+/// table's reclaim and shutdown (`shutdown` asks it to finish gracefully).
+async fn drive<C, E>(
+    mut http: Pin<&mut C>,
+    shutdown: fn(Pin<&mut C>),
+    mut streams: Option<&mut Streams>,
+    batch: Option<&dyn BatchFlush>,
+    conn: &Conn,
+    stop: &mut watch::Receiver<bool>,
+    peer: Option<SocketAddr>,
+) -> Ended
+where
+    C: Future<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &conn.table.limits;
     let mut draining = false;
     // Set once the table closed this connection to make room.
     let mut cut_at: Option<Instant> = None;
@@ -405,14 +477,19 @@ async fn serve<I>(
         }
         conn.arm(wake_at);
         tokio::select! {
-            result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), &mut streams, batch.as_deref(), cx)) => {
-                if let Err(e) = result {
-                    match conn.signals.abuse.classify(&*e) {
-                        Some(abuse) => h2_abuse::report(peer, abuse),
-                        None => tracing::debug!(peer = ?peer, error = %e, "connection ended with an error"),
+            result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), streams.as_deref_mut(), batch, cx)) => {
+                return match result {
+                    Ok(()) if !draining => Ended::Finished,
+                    Ok(()) => Ended::Cut,
+                    Err(e) => {
+                        let e = e.into();
+                        match conn.signals.abuse.classify(&*e) {
+                            Some(abuse) => h2_abuse::report(peer, abuse),
+                            None => tracing::debug!(peer = ?peer, error = %e, "connection ended with an error"),
+                        }
+                        Ended::Cut
                     }
-                }
-                return;
+                };
             }
             _ = conn.signals.reclaimed.notified(), if cut_at.is_none() => {
                 // Gracefully: a request the client sent just now is still
@@ -421,14 +498,14 @@ async fn serve<I>(
                 cut_at = Some(Instant::now() + RECLAIM_GRACE);
                 if !draining {
                     draining = true;
-                    http.as_mut().graceful_shutdown();
+                    shutdown(http.as_mut());
                 }
             }
             _ = conn.changed.notified() => {}
             _ = tokio::time::sleep_until(wake_at) => {
                 if cut_at.is_some_and(|cut| Instant::now() >= cut) {
                     tracing::debug!(peer = ?peer, "connection closed to make room did not finish in time");
-                    return;
+                    return Ended::Cut;
                 }
                 if let Some(why) = conn.expired() {
                     let shut_window = conn.signals.h2.load(Ordering::Acquire)
@@ -438,12 +515,12 @@ async fn serve<I>(
                     } else {
                         tracing::info!(peer = ?peer, "closing connection: {why}");
                     }
-                    return;
+                    return Ended::Cut;
                 }
             }
             _ = stop.changed(), if !draining => {
                 draining = true;
-                http.as_mut().graceful_shutdown();
+                shutdown(http.as_mut());
             }
         }
     }
