@@ -511,7 +511,8 @@ fn a_kept_alive_connection_is_served_across_idle_spells() {
         let warm = c.get(&blob_path).await.expect("the blob, fetched from upstream");
         assert_eq!(common::sha256_digest(&warm.body), digest, "the blob as upstream has it");
 
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Longer than the second after which hyper hands an idle socket back.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let after_idle = c.get(&manifest).await.expect("a request after an idle spell");
         assert_eq!(after_idle.status, 200, "after an idle spell");
 

@@ -23,7 +23,9 @@
 //! request and then stalls: its half a head is dropped with the connection,
 //! as admission would drop it to make room.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,6 +35,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::admission::Activity;
 use super::{drive, service, Conn, Ended, Signals};
@@ -41,6 +44,10 @@ use crate::registry::{App, ConnInfo};
 /// What the idle wait reads the next request's first bytes into; hyper
 /// reads the rest. Part of every idle connection's task, so small.
 const FIRST_READ: usize = 64;
+/// How long a connection is idle before hyper hands it back. Requests of
+/// one pull follow each other closely; rebuilding hyper's connection for
+/// each cost a tenth of a warm manifest GET's rate.
+const HANDBACK_AFTER: Duration = Duration::from_secs(1);
 /// How long saying goodbye (TLS close_notify) to an idle client may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -106,7 +113,8 @@ where
         signals: conn.signals.clone(),
         writes: 0,
         flushed: true,
-        mark: None,
+        spell: None,
+        timer: None,
         handed_back: false,
     });
     let mut builder = http1::Builder::new();
@@ -146,9 +154,7 @@ where
     let limits = &conn.table.limits;
     let mut buf = [0u8; FIRST_READ];
     loop {
-        let wake_at = conn
-            .deadline()
-            .unwrap_or_else(|| tokio::time::Instant::now() + limits.idle_timeout);
+        let wake_at = conn.deadline().unwrap_or_else(|| Instant::now() + limits.idle_timeout);
         conn.arm(wake_at);
         tokio::select! {
             read = io.read(&mut buf) => return match read {
@@ -178,13 +184,16 @@ where
 }
 
 /// The socket as hyper sees it: bytes to replay first, and an end of
-/// stream once the connection is idle, so that hyper hands the socket back.
+/// stream once the connection has been idle for [`HANDBACK_AFTER`], so
+/// that hyper hands the socket back.
 ///
 /// Idle is [`Signals::activity`]'s (a request served, none in flight, no
-/// byte since) with everything hyper wrote flushed. It must hold across two
-/// of hyper's reads in successive polls with no write between them: hyper
-/// can read right after it buffered a response's end, before flushing it,
-/// and its flush, which follows in the same poll, is a write.
+/// byte since) with everything hyper wrote flushed, and it must hold with
+/// no write and no byte received for the whole spell: hyper can read right
+/// after it buffered a response's end, before flushing it, and its flush,
+/// which follows in the same poll, is a write. The spell keeps a client
+/// that sends its next request at once (a pull's requests follow each
+/// other within milliseconds) on the same hyper connection.
 struct Handback<S> {
     inner: S,
     replay: Bytes,
@@ -193,8 +202,10 @@ struct Handback<S> {
     writes: u64,
     /// Whether hyper's last write was followed by a flush that finished.
     flushed: bool,
-    /// `(bytes received, writes)` when a read last found the connection idle.
-    mark: Option<(u64, u64)>,
+    /// `(bytes received, writes)` when this idle spell began, and when.
+    spell: Option<((u64, u64), Instant)>,
+    /// Wakes hyper when the spell may be over; set once, moved on as needed.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// End of stream was reported: hyper must not shut the socket down.
     handed_back: bool,
 }
@@ -202,6 +213,36 @@ struct Handback<S> {
 impl<S> Handback<S> {
     fn idle(&self) -> bool {
         self.flushed && matches!(self.signals.activity(), Activity::Idle { .. })
+    }
+
+    /// Whether the idle spell that includes now is over; if not, hyper is
+    /// woken when it may be.
+    fn spell_over(&mut self, cx: &mut Context<'_>) -> bool {
+        let seen = (self.signals.bytes_in.load(Ordering::Acquire), self.writes);
+        let now = Instant::now();
+        let began = match self.spell {
+            Some((was, began)) if was == seen => began,
+            _ => {
+                self.spell = Some((seen, now));
+                now
+            }
+        };
+        let due = began + HANDBACK_AFTER;
+        if now >= due {
+            return true;
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        // A timer set for an earlier spell fires early; it is moved on
+        // then, not at every request.
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= due {
+                return true;
+            }
+            timer.as_mut().reset(due);
+        }
+        false
     }
 }
 
@@ -219,20 +260,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Handback<S> {
         }
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if polled.is_ready() || !this.idle() {
-            this.mark = None;
+            this.spell = None;
             return polled;
         }
-        let now = (
-            this.signals.bytes_in.load(std::sync::atomic::Ordering::Acquire),
-            this.writes,
-        );
-        if this.mark == Some(now) {
+        if this.spell_over(cx) {
             this.handed_back = true;
             return Poll::Ready(Ok(()));
         }
-        // Ask again on the next poll, after hyper's flush.
-        this.mark = Some(now);
-        cx.waker().wake_by_ref();
         Poll::Pending
     }
 }
