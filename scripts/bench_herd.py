@@ -71,16 +71,12 @@ async def pull(args, ctx, source, conn, start):
 
 async def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--connect", required=True)
-    p.add_argument("--host", required=True)
-    p.add_argument("--cafile", required=True)
+    bh.add_peer_args(p, "127.0.20.1", 50)
     p.add_argument("--repo", required=True)
     p.add_argument("--tag", required=True)
     p.add_argument("--manifest")
     p.add_argument("--accept", default="application/vnd.oci.image.manifest.v1+json")
     p.add_argument("--clients", type=int, default=500)
-    p.add_argument("--sources", default="127.0.20.1")
-    p.add_argument("--nsources", type=int, default=50)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a client may take")
     args = p.parse_args()
 

@@ -17,6 +17,16 @@ import struct
 KEEP = 1 << 20
 
 
+def add_peer_args(parser, first_source, nsources):
+    """The arguments both load generators take: where the peer listens, the
+    name it is addressed by, its CA, and the clients' source addresses."""
+    parser.add_argument("--connect", required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--cafile", required=True)
+    parser.add_argument("--sources", default=first_source)
+    parser.add_argument("--nsources", type=int, default=nsources)
+
+
 def sources(first, n):
     """n consecutive addresses from first: the clients' source addresses."""
     a = ipaddress.IPv4Address(first)

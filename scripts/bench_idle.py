@@ -79,17 +79,13 @@ async def open_one(args, ctx, source):
 
 async def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--connect", required=True)
-    p.add_argument("--host", required=True)
-    p.add_argument("--cafile", required=True)
+    bh.add_peer_args(p, "127.0.21.1", 40)
     p.add_argument("--path", required=True)
     p.add_argument("--digest", required=True)
     p.add_argument("--pids", required=True, help="the server's processes, comma-separated")
     p.add_argument("--accept")
     p.add_argument("--proto", choices=["h1", "h2"], default="h1")
     p.add_argument("--conns", type=int, default=4000)
-    p.add_argument("--sources", default="127.0.21.1")
-    p.add_argument("--nsources", type=int, default=40)
     p.add_argument("--settle", type=float, default=10.0)
     args = p.parse_args()
 

@@ -3,17 +3,18 @@
 //! hyper keeps an 8 KiB read buffer and an 8 KiB header buffer for as long
 //! as a connection lives, kept-alive and idle included, and has no option
 //! to release them: with the connection task around them an idle
-//! kept-alive TLS connection cost 37 KiB, where nginx holds 16 KiB. A fleet
+//! kept-alive TLS connection cost 37 KiB, where nginx holds about 15. A fleet
 //! keeps thousands of those open between pulls.
 //!
 //! So a connection alternates between two states. While requests come,
 //! hyper serves them on the socket wrapped in a [`Handback`]. Once the last
-//! response is written and flushed and nothing new has arrived, the
-//! `Handback` tells hyper the client has finished (end of stream); hyper
-//! ends cleanly without shutting the socket down, and hands it back
-//! (`into_parts`). The connection then waits for the next bytes with a
-//! small buffer of its own, under the same deadlines, and when they come
-//! starts a new hyper connection with those bytes replayed first.
+//! response is written and flushed and nothing new has arrived for
+//! [`HANDBACK_AFTER`], the `Handback` tells hyper the client has finished
+//! (end of stream); hyper ends cleanly without shutting the socket down,
+//! and hands it back (`into_parts`). The connection then waits for the
+//! next bytes with a small buffer of its own, under the same deadlines,
+//! and when they come starts a new hyper connection with those bytes
+//! replayed first.
 //!
 //! What the client sees is one kept-alive connection: nothing is written
 //! on the hand-back, and no byte it sent is lost, because hand-back only
