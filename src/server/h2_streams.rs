@@ -79,11 +79,13 @@ impl Streams {
 /// Drives a connection and its streams together: after the streams ran, the
 /// connection is polled again to send what they produced and to accept what
 /// arrived meanwhile, up to a bound so other connections get their turn.
-/// Then what they all wrote leaves through `batch`, when there is one.
+/// Then what they all wrote leaves through `batch`, when there is one;
+/// `quiet` says whether no response is under way any more.
 pub fn poll_connection<C: Future + ?Sized>(
     connection: Pin<&mut C>,
     mut streams: Option<&mut Streams>,
     batch: Option<&dyn BatchFlush>,
+    quiet: impl Fn() -> bool,
     cx: &mut Context<'_>,
 ) -> Poll<C::Output> {
     const ROUNDS: usize = 8;
@@ -107,7 +109,7 @@ pub fn poll_connection<C: Future + ?Sized>(
     if let Some(batch) = batch {
         // Pending only while the socket is full: the task is woken when it
         // drains, and the rest goes then.
-        let _ = batch.flush(cx);
+        let _ = batch.flush(cx, quiet());
     }
     outcome
 }

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::admission::Activity;
-use super::{drive, service, Conn, Ended, Signals};
+use super::{drive, h1_options, service, Conn, Ended, Signals};
 use crate::registry::{App, ConnInfo};
 
 /// What the idle wait reads the next request's first bytes into; hyper
@@ -119,14 +119,7 @@ where
         handed_back: false,
     });
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // Generous transport limits; the handler enforces the real one
-        // (`MAX_HEADER_BYTES`) so that clients get an OCI error body.
-        .max_buf_size(256 * 1024)
-        .max_headers(200)
-        // The rest of a head whose first bytes the idle wait read.
-        .header_read_timeout(limits.idle_timeout);
+    h1_options!(&mut builder, limits);
     let mut http = builder.serve_connection(io, service(app.clone(), info.clone(), conn.clone()));
     let ended = drive(
         Pin::new(&mut http),

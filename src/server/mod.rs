@@ -292,7 +292,7 @@ async fn connection(
         };
         // h2c is told apart from HTTP/1.1 by its preface, as hyper does.
         let io = FrameWatch::new(stream, conn.signals.clone());
-        let serving = Box::pin(serve(TokioIo::new(io), None, app, info, conn, stop));
+        let serving = Box::pin(serve(TokioIo::new(io), app, info, conn, stop));
         return serving.await;
     };
     let handshake = handshake(&acceptor, stream, limits.handshake_timeout);
@@ -357,7 +357,7 @@ async fn serve_tls<S>(
         let (io, batch) = WriteBatch::new(FrameWatch::new(tls_stream, conn.signals.clone()));
         // Boxed, so that the task of an idle HTTP/1 connection is small
         // (see `http1`).
-        let serving = Box::pin(serve(TokioIo::new(io), Some(batch), app, info, conn, stop));
+        let serving = Box::pin(serve_h2(TokioIo::new(io), batch, app, info, conn, stop));
         serving.await
     } else {
         http1::serve(tls_stream, app, info, conn, stop).await
@@ -388,13 +388,75 @@ fn service(
     })
 }
 
-/// HTTP/1.1 (TLS, `http1`) or either protocol, told apart by hyper (h2
-/// over TLS, and plain HTTP with its h2c preface). `batch`: for HTTP/2 over
-/// TLS, sends what the connection's streams wrote each time they have run
-/// (see `write_batch`).
-async fn serve<I>(
+/// hyper's HTTP/1 settings, for the `http1` builder and the plain
+/// listener's `auto` one alike (the two types share the method names).
+macro_rules! h1_options {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            // Generous transport limits; the handler enforces the real one
+            // (`MAX_HEADER_BYTES`) so that clients get an OCI error body.
+            .max_buf_size(256 * 1024)
+            .max_headers(200)
+            // hyper starts this clock whenever it waits for a head, idle
+            // keep-alive included, so it doubles as the HTTP/1 idle timeout
+            // (and, after `http1`'s idle wait, as the deadline for the rest
+            // of a head); the first request's tighter deadline is the
+            // connection loop's.
+            .header_read_timeout($limits.idle_timeout)
+    };
+}
+pub(crate) use h1_options;
+
+/// hyper's HTTP/2 settings, for the `http2` builder (TLS) and the plain
+/// listener's `auto` one (h2c) alike.
+macro_rules! h2_options {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams($limits.h2_max_streams)
+            .max_send_buf_size(H2_MAX_SEND_BUF)
+            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+            .max_header_list_size(256 * 1024)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+    };
+}
+
+/// Plain HTTP: HTTP/1.1, or h2c told apart by its preface, as hyper does.
+async fn serve<I>(io: I, app: Arc<App>, info: ConnInfo, conn: Arc<Conn>, mut stop: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let limits = conn.table.limits.clone();
+    let service = service(app, info, conn.clone());
+    let executor = StreamExecutor::default();
+    let mut streams = Streams::new(executor.clone());
+    let mut builder = auto::Builder::new(executor);
+    h1_options!(builder.http1(), limits);
+    h2_options!(builder.http2(), limits);
+    let http = builder.serve_connection(io, service);
+    tokio::pin!(http);
+    drive(
+        http.as_mut(),
+        |c| c.graceful_shutdown(),
+        Some(&mut streams),
+        None,
+        &conn,
+        &mut stop,
+        peer,
+    )
+    .await;
+}
+
+/// HTTP/2 over TLS (ALPN chose it), on hyper's HTTP/2 connection itself:
+/// `auto`'s wrapper costs every request a little and every connection its
+/// room. `batch` sends what the connection's streams wrote each time they
+/// have run (see `write_batch`).
+async fn serve_h2<I>(
     io: I,
-    batch: Option<Arc<dyn BatchFlush>>,
+    batch: Arc<dyn BatchFlush>,
     app: Arc<App>,
     info: ConnInfo,
     conn: Arc<Conn>,
@@ -407,34 +469,15 @@ async fn serve<I>(
     let service = service(app, info, conn.clone());
     let executor = StreamExecutor::default();
     let mut streams = Streams::new(executor.clone());
-    let mut builder = auto::Builder::new(executor);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Generous transport limits; the handler enforces the real one
-        // (`MAX_HEADER_BYTES`) so that clients get an OCI error body.
-        .max_buf_size(256 * 1024)
-        .max_headers(200)
-        // hyper starts this clock whenever it waits for a head, idle
-        // keep-alive included, so it doubles as the HTTP/1 idle timeout;
-        // the first request's tighter deadline is the connection loop's.
-        .header_read_timeout(limits.idle_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_streams)
-        .max_send_buf_size(H2_MAX_SEND_BUF)
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-        .max_header_list_size(256 * 1024)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
+    let mut builder = hyper::server::conn::http2::Builder::new(executor);
+    h2_options!(&mut builder, limits);
     let http = builder.serve_connection(io, service);
     tokio::pin!(http);
     drive(
         http.as_mut(),
         |c| c.graceful_shutdown(),
         Some(&mut streams),
-        batch.as_deref(),
+        Some(&*batch),
         &conn,
         &mut stop,
         peer,
@@ -470,6 +513,7 @@ where
     let mut draining = false;
     // Set once the table closed this connection to make room.
     let mut cut_at: Option<Instant> = None;
+    let quiet = || conn.signals.in_flight.load(Ordering::Acquire) == 0;
     loop {
         let mut wake_at = conn.deadline().unwrap_or_else(|| Instant::now() + limits.idle_timeout);
         if let Some(cut) = cut_at {
@@ -477,7 +521,7 @@ where
         }
         conn.arm(wake_at);
         tokio::select! {
-            result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), streams.as_deref_mut(), batch, cx)) => {
+            result = std::future::poll_fn(|cx| poll_connection(http.as_mut(), streams.as_deref_mut(), batch, quiet, cx)) => {
                 return match result {
                     Ok(()) if !draining => Ended::Finished,
                     Ok(()) => Ended::Cut,

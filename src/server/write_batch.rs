@@ -37,8 +37,11 @@ pub struct WriteBatch<T> {
 /// The connection task's side: sends what was held back.
 pub trait BatchFlush: Send + Sync {
     /// Writes and flushes everything held back. Pending while the socket is
-    /// full; the task is then woken when it can take more.
-    fn flush(&self, cx: &mut Context<'_>) -> Poll<()>;
+    /// full; the task is then woken when it can take more. `quiet`: no
+    /// response is under way, so the buffer's memory goes back once it is
+    /// drained (a blob's batches may have grown it to [`BATCH_LIMIT`], and
+    /// an idle connection should not keep that).
+    fn flush(&self, cx: &mut Context<'_>, quiet: bool) -> Poll<()>;
 }
 
 struct Shared<T> {
@@ -172,12 +175,13 @@ struct Flusher<T> {
 }
 
 impl<T: AsyncWrite + Unpin + Send> BatchFlush for Flusher<T> {
-    fn flush(&self, cx: &mut Context<'_>) -> Poll<()> {
+    fn flush(&self, cx: &mut Context<'_>, quiet: bool) -> Poll<()> {
         let mut s = lock(&self.shared);
         if s.failed.is_some() {
             return Poll::Ready(());
         }
         match ready!(s.drain_and_flush(cx)) {
+            Ok(()) if quiet => s.buf = Vec::new(),
             Ok(()) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "writing to the client failed");
@@ -204,7 +208,7 @@ mod tests {
         let mut got = [0u8; 7];
         let early = tokio::time::timeout(std::time::Duration::from_millis(50), far.read(&mut got)).await;
         assert!(early.is_err(), "nothing reaches the peer before the task's flush");
-        std::future::poll_fn(|cx| flusher.flush(cx)).await;
+        std::future::poll_fn(|cx| flusher.flush(cx, false)).await;
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"one two");
     }
@@ -225,7 +229,7 @@ mod tests {
         for piece in data.chunks(1000) {
             batch.write_all(piece).await.unwrap();
         }
-        std::future::poll_fn(|cx| flusher.flush(cx)).await;
+        std::future::poll_fn(|cx| flusher.flush(cx, false)).await;
         batch.shutdown().await.unwrap();
         drop(batch);
         drop(flusher);
@@ -241,7 +245,7 @@ mod tests {
         batch.write_all(b"head").await.unwrap();
         batch.write_all(&large).await.unwrap();
         batch.write_all(b"tail").await.unwrap();
-        std::future::poll_fn(|cx| flusher.flush(cx)).await;
+        std::future::poll_fn(|cx| flusher.flush(cx, false)).await;
         let mut got = vec![0u8; 8 + LARGE];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[..4], b"head");
@@ -250,12 +254,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_quiet_flush_gives_the_buffer_back_and_a_busy_one_keeps_it() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let (mut batch, flusher) = WriteBatch::new(near);
+        let held = |batch: &WriteBatch<tokio::io::DuplexStream>| lock(&batch.shared).buf.capacity();
+        batch.write_all(&[1u8; 20_000]).await.unwrap();
+        std::future::poll_fn(|cx| flusher.flush(cx, false)).await;
+        assert!(held(&batch) >= 20_000, "a response under way keeps its buffer");
+        batch.write_all(&[2u8; 100]).await.unwrap();
+        std::future::poll_fn(|cx| flusher.flush(cx, true)).await;
+        assert_eq!(held(&batch), 0, "an idle connection holds no batch buffer");
+        let mut got = vec![0u8; 20_100];
+        far.read_exact(&mut got).await.unwrap();
+        assert!(got[..20_000].iter().all(|&b| b == 1) && got[20_000..].iter().all(|&b| b == 2));
+    }
+
+    #[tokio::test]
     async fn a_failed_flush_fails_the_next_write() {
         let (near, far) = tokio::io::duplex(1024);
         let (mut batch, flusher) = WriteBatch::new(near);
         drop(far);
         batch.write_all(b"lost").await.unwrap();
-        std::future::poll_fn(|cx| flusher.flush(cx)).await;
+        std::future::poll_fn(|cx| flusher.flush(cx, false)).await;
         assert!(batch.write_all(b"more").await.is_err());
     }
 }
