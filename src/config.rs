@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::reference::valid_component;
+use crate::tag_policy::{RepositoryRules, TagPolicy, TagRules};
 
 /// The configuration shipped in the repository and embedded in the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
@@ -183,6 +184,27 @@ pub struct UpstreamConfig {
     /// CDN hosts on private networks that redirects may lead to.
     #[serde(default)]
     pub private_redirect_hosts: Vec<String>,
+    /// How long a tag upstream confirmed is answered without asking again
+    /// (default `"0s"`: asked on every request).
+    pub tag_check_interval: Option<String>,
+    /// Tags (regular expressions) that never move once seen.
+    pub immutable_tags: Option<Vec<String>>,
+    /// Tags matching `immutable_tags` that are asked about all the same.
+    pub immutable_tags_exclude: Option<Vec<String>>,
+    /// Other tag rules for some of the upstream's repositories.
+    #[serde(default)]
+    pub tag_policy: Vec<TagPolicyConfig>,
+}
+
+/// `[[upstream.tag_policy]]`: tag rules for the repositories matching
+/// `repositories`; a key left out keeps the upstream's value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagPolicyConfig {
+    pub repositories: Vec<String>,
+    pub tag_check_interval: Option<String>,
+    pub immutable_tags: Option<Vec<String>>,
+    pub immutable_tags_exclude: Option<Vec<String>>,
 }
 
 /// A configuration that passed every check, with values parsed into the
@@ -310,6 +332,8 @@ pub struct Upstream {
     /// When set, only repositories matching one of these are served.
     pub repositories: Option<Vec<crate::auth::access::RepoPattern>>,
     pub private_redirect_hosts: Vec<String>,
+    /// When a tag may be answered without asking upstream.
+    pub tag_policy: crate::tag_policy::TagPolicy,
 }
 
 #[derive(Clone)]
@@ -477,6 +501,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
     let mut upstreams = Vec::new();
     for (i, u) in raw.upstreams.into_iter().enumerate() {
         let key = |field: &str| format!("upstream[{i}].{field}");
+        let tag_policy = validate_tag_policy(&u, &key)?;
         if u.name.is_empty() {
             return Err(invalid(key("name"), "must not be empty"));
         }
@@ -592,15 +617,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         }
         let repositories = match u.repositories {
             None => None,
-            Some(list) => Some(
-                list.iter()
-                    .enumerate()
-                    .map(|(j, p)| {
-                        crate::auth::access::RepoPattern::parse(p)
-                            .map_err(|m| invalid(format!("upstream[{i}].repositories[{j}]"), m))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
+            Some(list) => Some(repo_patterns(&list, &key("repositories"))?),
         };
         let mut private_redirect_hosts = Vec::new();
         for h in &u.private_redirect_hosts {
@@ -626,6 +643,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
             share_private: u.share_private,
             repositories,
             private_redirect_hosts,
+            tag_policy,
         });
     }
 
@@ -648,6 +666,76 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         locals,
         connect,
         connect_policy,
+    })
+}
+
+fn repo_patterns(list: &[String], key: &str) -> Result<Vec<crate::auth::access::RepoPattern>, Invalid> {
+    list.iter()
+        .enumerate()
+        .map(|(j, p)| crate::auth::access::RepoPattern::parse(p).map_err(|m| invalid(format!("{key}[{j}]"), m)))
+        .collect()
+}
+
+/// The upstream's tag rules, then each `[[upstream.tag_policy]]` on top of
+/// them (a key it leaves out keeps the upstream's value).
+fn validate_tag_policy(u: &UpstreamConfig, key: &dyn Fn(&str) -> String) -> Result<TagPolicy, Invalid> {
+    let defaults = TagRules::default();
+    let upstream = tag_rules(
+        key,
+        u.tag_check_interval.as_deref(),
+        u.immutable_tags.as_deref(),
+        u.immutable_tags_exclude.as_deref(),
+        &defaults,
+    )?;
+    let mut by_repository = Vec::new();
+    for (j, p) in u.tag_policy.iter().enumerate() {
+        let key = |field: &str| key(&format!("tag_policy[{j}].{field}"));
+        if p.repositories.is_empty() {
+            return Err(invalid(
+                key("repositories"),
+                "must name at least one repository pattern",
+            ));
+        }
+        by_repository.push(RepositoryRules {
+            repositories: repo_patterns(&p.repositories, &key("repositories"))?,
+            rules: tag_rules(
+                &key,
+                p.tag_check_interval.as_deref(),
+                p.immutable_tags.as_deref(),
+                p.immutable_tags_exclude.as_deref(),
+                &upstream,
+            )?,
+        });
+    }
+    Ok(TagPolicy {
+        upstream,
+        by_repository,
+    })
+}
+
+fn tag_rules(
+    key: &dyn Fn(&str) -> String,
+    interval: Option<&str>,
+    immutable: Option<&[String]>,
+    exclude: Option<&[String]>,
+    inherit: &TagRules,
+) -> Result<TagRules, Invalid> {
+    let patterns = |field: &str, list: Option<&[String]>, inherited: &[regex::Regex]| match list {
+        None => Ok(inherited.to_vec()),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(j, p)| crate::tag_policy::compile(p).map_err(|m| invalid(key(&format!("{field}[{j}]")), m)))
+            .collect(),
+    };
+    let check_interval = match interval {
+        None => inherit.check_interval,
+        Some(v) => parse_duration_or_zero(v).map_err(|m| invalid(key("tag_check_interval"), m))?,
+    };
+    Ok(TagRules {
+        check_interval,
+        immutable: patterns("immutable_tags", immutable, &inherit.immutable)?,
+        immutable_exclude: patterns("immutable_tags_exclude", exclude, &inherit.immutable_exclude)?,
     })
 }
 
@@ -854,6 +942,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A duration where zero means "never" or "always" (`"0s"`).
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim();
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b == b'0')
+        && ["ms", "s", "m", "h"].contains(&t[digits.len()..].trim())
+    {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 /// An upstream URL: http(s), a host, nothing below the root (requests
 /// put their own `/v2/...` path on it).
 fn parse_upstream_url(text: &str) -> Result<url::Url, String> {
@@ -1051,6 +1152,46 @@ mod tests {
         assert!(e.contains("upstream[1].retry_delay"), "{e}");
         let e = err(&DEFAULT_CONFIG.replace("url = \"https://ghcr.io\"", "url = \"https://ghcr.io\"\nretries = 99"));
         assert!(e.contains("upstream[1].retries"), "{e}");
+    }
+
+    #[test]
+    fn tag_policies_inherit_the_upstreams_rules_and_name_bad_patterns() {
+        let with =
+            |lines: &str| DEFAULT_CONFIG.replace("namespace = \"ghcr\"", &format!("namespace = \"ghcr\"\n{lines}"));
+        let s = Settings::from_toml(
+            &with(
+                "tag_check_interval = \"60s\"\nimmutable_tags = ['^v\\d+$']\n\
+                 [[upstream.tag_policy]]\nrepositories = [\"org/*\"]\ntag_check_interval = \"0s\"",
+            ),
+            "t",
+        )
+        .unwrap();
+        let p = &s.upstreams[1].tag_policy;
+        assert_eq!(p.rules("other/app").check_interval, Duration::from_secs(60));
+        let org = p.rules("org/app");
+        assert_eq!(org.check_interval, Duration::ZERO);
+        assert!(
+            org.is_immutable("v1"),
+            "a key the table leaves out keeps the upstream's value"
+        );
+        assert!(Settings::load(None).unwrap().upstreams[1]
+            .tag_policy
+            .upstream
+            .always_asks());
+
+        let e = err(&with("immutable_tags = ['^v\\d+$', 'v(']"));
+        assert!(
+            e.contains("upstream[1].immutable_tags[1]") && e.contains("regular expression"),
+            "{e}"
+        );
+        let e = err(&with(
+            "[[upstream.tag_policy]]\nrepositories = [\"org/*\"]\nimmutable_tags_exclude = ['[']",
+        ));
+        assert!(e.contains("upstream[1].tag_policy[0].immutable_tags_exclude[0]"), "{e}");
+        let e = err(&with("[[upstream.tag_policy]]\nrepositories = []"));
+        assert!(e.contains("upstream[1].tag_policy[0].repositories"), "{e}");
+        let e = err(&with("tag_check_interval = \"soon\""));
+        assert!(e.contains("upstream[1].tag_check_interval"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod route;
 pub mod server;
 pub mod setup;
 pub mod status_page;
+pub mod tag_policy;
 pub mod tls;
 pub mod upstream;
 

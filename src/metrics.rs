@@ -73,6 +73,14 @@ pub struct ConnectLabel {
     pub outcome: &'static str,
 }
 
+/// A tag answered without asking upstream, and why: `interval`
+/// (confirmed within `tag_check_interval`) or `immutable`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TagSkipLabels {
+    pub upstream: String,
+    pub reason: &'static str,
+}
+
 /// An upstream answer: its status code, or `error` when none came.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamStatusLabels {
@@ -123,6 +131,8 @@ pub struct Metrics {
     pub downloads_aborted: Counter,
     /// Tags served from cache because upstream failed.
     pub stale_served: Family<UpstreamLabel, Counter>,
+    /// Tags answered from the store by the upstream's tag policy, without asking upstream.
+    pub tag_checks_skipped: Family<TagSkipLabels, Counter>,
     /// Content deleted to keep the store under `cache.max_size` (or a full disk).
     pub evicted_blobs: Counter,
     pub evicted_bytes: Counter,
@@ -189,6 +199,7 @@ impl Metrics {
             digest_mismatches: Counter::default(),
             downloads_aborted: Counter::default(),
             stale_served: Family::default(),
+            tag_checks_skipped: Family::default(),
             evicted_blobs: Counter::default(),
             evicted_bytes: Counter::default(),
             cache_bytes: Gauge::default(),
@@ -302,6 +313,11 @@ impl Metrics {
             "stale_served",
             "tags served from cache because upstream failed",
             m.stale_served.clone(),
+        );
+        r.register(
+            "tag_checks_skipped",
+            "tags answered from the store without asking upstream (tag_check_interval, immutable_tags)",
+            m.tag_checks_skipped.clone(),
         );
         r.register(
             "evicted_blobs",

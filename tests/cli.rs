@@ -35,6 +35,18 @@ fn check_accepts_the_default_config_and_names_the_bad_key() {
     let (ok, _, err) = regmirror(&["check", "--config", path.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("upstream[2].url"), "{err}");
+
+    let text = include_str!("../config.toml").replace(
+        "namespace = \"quay\"",
+        "namespace = \"quay\"\nimmutable_tags = ['^v(\\d+']",
+    );
+    std::fs::write(&path, text).unwrap();
+    let (ok, _, err) = regmirror(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("upstream[2].immutable_tags[0]") && err.contains("not a regular expression"),
+        "{err}"
+    );
 }
 
 #[test]

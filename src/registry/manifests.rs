@@ -23,6 +23,7 @@ use super::outcome::RequestOutcome;
 use super::{copy_header, header_value, App};
 use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::{FetchError, Served, Source, TagRecord};
+use crate::metrics::{TagSkipLabels, METRICS};
 use crate::reference::{Digest, Reference, Tag};
 use crate::route::RepoRequest;
 use crate::upstream::{self, Credential, UpstreamRequest};
@@ -48,7 +49,14 @@ pub async fn serve(
     let accept = accept_of(headers);
     match reference {
         Reference::Digest(d) => by_digest(app, r, d, &accept, head, access).await,
-        Reference::Tag(t) => by_tag(app, r, t, &accept, head, access).await,
+        Reference::Tag(t) => {
+            if !crate::tag_policy::forces_check(headers) {
+                if let Some(resp) = unasked(app, r, t, &accept, head, access).await? {
+                    return Ok(resp);
+                }
+            }
+            by_tag(app, r, t, &accept, head, access).await
+        }
     }
 }
 
@@ -305,6 +313,60 @@ async fn fetch_served(
         })
         .await
         .map_err(|e| manifest_unknown(e.into(), d))
+}
+
+/// The tag answered from the store without asking upstream, when the
+/// upstream's tag policy allows it for this tag (confirmed within
+/// `tag_check_interval`, or immutable) and the client may be served the
+/// recorded answer (the same rule as for a stale one: a private answer only
+/// to a client whose token upstream accepted here lately). `None`: ask.
+async fn unasked(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    tag: &Tag,
+    accept: &str,
+    head: bool,
+    access: &Access<'_>,
+) -> Result<Option<Response<Body>>, RegistryError> {
+    let upstream = app.upstream(r);
+    let rules = upstream.config.tag_policy.rules(r.repo.as_str());
+    if rules.always_asks() {
+        return Ok(None);
+    }
+    // What this process confirmed lately, else what the store keeps (after
+    // a restart, an immutable tag still needs no question).
+    let mut records = app.cache.recent_tags(app.repo_key(r), tag);
+    if records.is_empty() {
+        records = app.cache.last_tags(app.repo_key(r), tag).await;
+    }
+    let now = now_ms();
+    for record in admissible(records, accept) {
+        let Some(why) = rules.unasked(tag.as_str(), record.seen_ms, now) else {
+            continue;
+        };
+        if !access.may_read_recorded(record.public) {
+            continue;
+        }
+        let Ok(digest) = Digest::parse(&record.digest) else {
+            continue;
+        };
+        // Served for as long as it is stored; once evicted, upstream says
+        // again what the tag names.
+        if app.cache.stat(&digest).await.ok().flatten().is_none() {
+            continue;
+        }
+        let manifest = fetch_by_digest(app, r, &digest, accept, access, false).await?;
+        METRICS
+            .tag_checks_skipped
+            .get_or_create(&TagSkipLabels {
+                upstream: upstream.name().to_string(),
+                reason: why.as_str(),
+            })
+            .inc();
+        tracing::debug!(upstream = %upstream.name(), repo = %r.repo, %tag, %digest, reason = why.as_str(), "tag answered without asking upstream");
+        return Ok(Some(respond(&digest, manifest, head, None)));
+    }
+    Ok(None)
 }
 
 /// Upstream's answer to a tag HEAD.

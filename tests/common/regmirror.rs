@@ -187,11 +187,10 @@ impl Config {
                 format!("urls = [{}]", urls.join(", "))
             };
             t += &format!(
-                "[[upstream]]\nname = {}\nhosts = [{}]\n{location}\nnamespace = {}\n{}",
+                "[[upstream]]\nname = {}\nhosts = [{}]\n{location}\nnamespace = {}\n",
                 q(&u.name),
                 hosts.join(", "),
                 q(&u.namespace),
-                u.extra
             );
             if let Some(ca) = &u.ca_file {
                 t += &format!("ca_file = {}\n", p(ca));
@@ -201,6 +200,8 @@ impl Config {
                 std::fs::write(&pw, password).expect("write password file");
                 t += &format!("username = {}\npassword_file = {}\n", q(user), p(&pw));
             }
+            // Last: it may open sub-tables (`[[upstream.tag_policy]]`).
+            t += &u.extra;
             t += "\n";
         }
         t += &self.extra_toml;
