@@ -17,16 +17,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use regmirror::cache::blob_store::BlobStore;
 use regmirror::cache::evict::{evict_to, now_ms};
 use regmirror::cache::index::{Change, Class, Index};
-use regmirror::cache::listing::{cached_tags, closure, references, CachedTag};
+use regmirror::cache::listing::{cached_tags, closure, CachedTag};
 use regmirror::cache::{DiskStore, MetaStore, RepoKey, INDEX_FILE};
-use regmirror::config::{format_size as human, parse_size, Settings};
-use regmirror::reference::{Digest, RepoName, Tag};
-
-/// The manifest types `warm` asks for, index types first.
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
+use regmirror::config::{format_size as human, parse_image, parse_size, Platforms, Settings};
+use regmirror::reference::{Digest, Tag};
+use regmirror::warm::{warm_image, Answer, Get, Progress, Puller};
 
 type Res<T> = Result<T, String>;
 
@@ -275,40 +270,6 @@ fn hash_file(path: &Path, d: &Digest) -> std::io::Result<bool> {
 
 // ---------------------------------------------------------------- images
 
-/// An image name as users write it: `[registry/]repo[:tag|@digest]`.
-struct ImageRef {
-    upstream: usize,
-    repo: RepoName,
-    reference: String,
-}
-
-fn parse_image(s: &Settings, image: &str) -> Res<ImageRef> {
-    let (first, rest) = image.split_once('/').unwrap_or(("", image));
-    let is_host = first.contains('.') || first.contains(':') || first == "localhost";
-    let (host, path) = if is_host { (first, rest) } else { ("docker.io", image) };
-    let upstream = s
-        .upstreams
-        .iter()
-        .position(|u| u.name == host || u.hosts.iter().any(|h| h == host))
-        .ok_or_else(|| format!("{image}: no configured upstream serves {host}"))?;
-    let (name, reference) = match path.split_once('@') {
-        Some((n, d)) => (n, d.to_string()),
-        None => match path.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => (n, t.to_string()),
-            _ => (path, "latest".to_string()),
-        },
-    };
-    let mut repo = RepoName::parse(name).map_err(|e| format!("{image}: {e}"))?;
-    if s.upstreams[upstream].library_prefix {
-        repo = repo.with_library_prefix();
-    }
-    Ok(ImageRef {
-        upstream,
-        repo,
-        reference,
-    })
-}
-
 // ---------------------------------------------------------------- ls
 
 pub fn ls(s: &Settings, json: bool) -> Res<()> {
@@ -394,7 +355,7 @@ async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
 /// Forgets a tag (every media type recorded) and deletes its manifests and
 /// the blobs they name, except what another recorded tag still reaches.
 pub fn rm(s: &Settings, image: &str) -> Res<()> {
-    let img = parse_image(s, image)?;
+    let img = parse_image(&s.upstreams, image)?;
     let store = open(s)?;
     rt()?.block_on(async {
         let u = &s.upstreams[img.upstream];
@@ -453,7 +414,8 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
 // ---------------------------------------------------------------- warm
 
 /// Pulls images through the running server's plain listener, so they are
-/// fetched, verified and stored exactly as a client's pull would be.
+/// fetched, verified and stored exactly as a client's pull would be (the
+/// same run as a `[[warm]]` schedule's, over HTTP).
 pub fn warm(s: &Settings, images: &[String], platform: Option<&str>) -> Res<()> {
     let addr = s
         .http
@@ -476,120 +438,87 @@ pub fn warm(s: &Settings, images: &[String], platform: Option<&str>) -> Res<()> 
         .no_proxy()
         .build()
         .map_err(|e| e.to_string())?;
+    let puller = OverHttp { client, host };
+    let platforms = Platforms::Only(vec![platform]);
     rt()?.block_on(async {
         for image in images {
-            let img = parse_image(s, image)?;
-            let name = format!("{}/{}", s.upstreams[img.upstream].namespace, img.repo);
-            let base = format!("http://{host}/v2/{name}");
-            let client = with_token(&client, &host, &name).await?;
-            let (n, bytes) = warm_one(&client, &base, &img.reference, &platform, image).await?;
-            println!("warmed {image}: {n} blobs ({})", human(bytes));
+            let bar = Bar(progress(0, image));
+            if let Some(pb) = &bar.0 {
+                pb.set_style(
+                    ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
+            let warmed = warm_image(&puller, &s.upstreams, image, &platforms, &bar).await?;
+            if let Some(pb) = bar.0 {
+                pb.finish_and_clear();
+            }
+            println!("warmed {image}: {} blobs ({})", warmed.blobs, human(warmed.bytes));
         }
         Ok(())
     })
 }
 
-/// A client that carries the token regmirror issues anonymously for
-/// `name`, when the upstream authenticates (warm fills the cache with what
-/// anyone may pull: public images).
-async fn with_token(client: &reqwest::Client, host: &str, name: &str) -> Res<reqwest::Client> {
-    let ping = client
-        .get(format!("http://{host}/v2/{name}/tags/list"))
-        .send()
-        .await
-        .map_err(|e| format!("http://{host}: {e} (is regmirror serve running?)"))?;
-    if ping.status() != reqwest::StatusCode::UNAUTHORIZED {
-        return Ok(client.clone());
-    }
-    let url = format!("http://{host}/token?scope=repository:{name}:pull");
-    let body = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?
-        .bytes()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
-    let token = v["token"]
-        .as_str()
-        .ok_or_else(|| format!("{url}: no token in the answer"))?;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?,
-    );
-    reqwest::Client::builder()
-        .no_proxy()
-        .default_headers(headers)
-        .build()
-        .map_err(|e| e.to_string())
+/// The running server, over its plain listener.
+struct OverHttp {
+    client: reqwest::Client,
+    host: String,
 }
 
-async fn get_all(client: &reqwest::Client, url: &str, accept: bool, bar: Option<&ProgressBar>) -> Res<Vec<u8>> {
-    let mut rb = client.get(url);
-    if accept {
-        rb = rb.header("accept", MANIFEST_ACCEPT);
-    }
-    let mut resp = rb
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e} (is regmirror serve running?)"))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        return Err(format!("{url}: {status} {body}"));
-    }
-    let mut out = Vec::new();
-    while let Some(c) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
-        if let Some(pb) = bar {
-            pb.inc(c.len() as u64);
+#[async_trait::async_trait]
+impl Puller for OverHttp {
+    async fn get(&self, get: Get<'_>) -> Result<Box<dyn Answer>, String> {
+        let url = format!("http://{}{}", self.host, get.path);
+        let mut rb = self.client.get(&url);
+        if let Some(a) = get.accept {
+            rb = rb.header("accept", a);
         }
-        // Layers are only read to the end (the server stores them); keep manifests.
-        if accept {
-            out.extend_from_slice(&c);
+        if let Some(t) = get.token {
+            rb = rb.bearer_auth(t);
         }
+        if get.fresh {
+            rb = rb.header("cache-control", "no-cache");
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e} (is regmirror serve running?)"))?;
+        Ok(Box::new(HttpAnswer(resp)))
     }
-    Ok(out)
 }
 
-async fn warm_one(
-    client: &reqwest::Client,
-    base: &str,
-    reference: &str,
-    platform: &str,
-    image: &str,
-) -> Res<(usize, u64)> {
-    let mut manifest = get_all(client, &format!("{base}/manifests/{reference}"), true, None).await?;
-    let (mut blobs, children) = references(&manifest);
-    if !children.is_empty() {
-        let child = children
-            .iter()
-            .find(|(_, p)| p == platform)
-            .ok_or_else(|| format!("{image}: no {platform} image in its index"))?;
-        manifest = get_all(client, &format!("{base}/manifests/{}", child.0), true, None).await?;
-        blobs = references(&manifest).0;
+struct HttpAnswer(reqwest::Response);
+
+#[async_trait::async_trait]
+impl Answer for HttpAnswer {
+    fn status(&self) -> u16 {
+        self.0.status().as_u16()
     }
-    let v: serde_json::Value = serde_json::from_slice(&manifest).unwrap_or_default();
-    let total: u64 = v["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .chain(std::iter::once(&v["config"]))
-        .filter_map(|l| l["size"].as_u64())
-        .sum();
-    let bar = progress(total, image);
-    if let Some(pb) = &bar {
-        pb.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+
+    fn warning(&self) -> Option<String> {
+        let w = self.0.headers().get("warning")?;
+        w.to_str().ok().map(str::to_string)
     }
-    for b in &blobs {
-        get_all(client, &format!("{base}/blobs/{b}"), false, bar.as_ref()).await?;
+
+    async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
+        let url = self.0.url().to_string();
+        self.0.chunk().await.map_err(|e| format!("{url}: {e}"))
     }
-    if let Some(pb) = bar {
-        pb.finish_and_clear();
+}
+
+/// The progress bar, on a terminal.
+struct Bar(Option<ProgressBar>);
+
+impl Progress for Bar {
+    fn total(&self, bytes: u64) {
+        if let Some(pb) = &self.0 {
+            pb.set_length(bytes);
+        }
     }
-    Ok((blobs.len(), total))
+
+    fn advance(&self, bytes: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(bytes);
+        }
+    }
 }

@@ -52,6 +52,19 @@ pub struct Config {
     /// tunnels without intercepting, and who may use it.
     #[serde(default)]
     pub connect: ConnectConfig,
+    /// `[[warm]]`: images pulled into the cache on a schedule.
+    #[serde(default)]
+    pub warm: Vec<WarmConfig>,
+}
+
+/// `[[warm]]`: images pulled into the cache without a client, every `every`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmConfig {
+    pub images: Vec<String>,
+    /// `os/arch` of multi-platform images to take (default: every one).
+    pub platforms: Option<Vec<String>>,
+    pub every: String,
 }
 
 /// `[connect]` as written. Every key is optional: by default only the
@@ -228,6 +241,16 @@ pub struct Settings {
     /// The CONNECT proxy listener; `None` disables it.
     pub connect: Option<SocketAddr>,
     pub connect_policy: ConnectPolicy,
+    pub warm: Vec<WarmSchedule>,
+}
+
+/// A validated `[[warm]]`.
+#[derive(Debug, Clone)]
+pub struct WarmSchedule {
+    /// Each names a configured upstream (checked).
+    pub images: Vec<String>,
+    pub platforms: Platforms,
+    pub every: Duration,
 }
 
 /// A validated `[connect]`.
@@ -334,6 +357,52 @@ pub struct Upstream {
     pub private_redirect_hosts: Vec<String>,
     /// When a tag may be answered without asking upstream.
     pub tag_policy: crate::tag_policy::TagPolicy,
+}
+
+/// Which platforms of a multi-platform image are warmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Platforms {
+    Every,
+    /// `os/arch` (or `os/arch/variant`) names; each must be in the index.
+    Only(Vec<String>),
+}
+
+/// An image as `warm` names it: `[host/]repo[:tag|@digest]`, host one of
+/// an upstream's names or hosts (default docker.io).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// Index into the configured upstreams.
+    pub upstream: usize,
+    /// The repository as upstream names it (`library/` added for Docker Hub).
+    pub repo: crate::reference::RepoName,
+    pub reference: String,
+}
+
+/// Parses an image name against the configured upstreams.
+pub fn parse_image(upstreams: &[Upstream], image: &str) -> Result<ImageRef, String> {
+    let (first, rest) = image.split_once('/').unwrap_or(("", image));
+    let is_host = first.contains('.') || first.contains(':') || first == "localhost";
+    let (host, path) = if is_host { (first, rest) } else { ("docker.io", image) };
+    let upstream = upstreams
+        .iter()
+        .position(|u| u.name == host || u.hosts.iter().any(|h| h == host))
+        .ok_or_else(|| format!("{image}: no configured upstream serves {host}"))?;
+    let (name, reference) = match path.split_once('@') {
+        Some((n, d)) => (n, d.to_string()),
+        None => match path.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t.to_string()),
+            _ => (path, "latest".to_string()),
+        },
+    };
+    let mut repo = crate::reference::RepoName::parse(name).map_err(|e| format!("{image}: {e}"))?;
+    if upstreams[upstream].library_prefix {
+        repo = repo.with_library_prefix();
+    }
+    Ok(ImageRef {
+        upstream,
+        repo,
+        reference,
+    })
 }
 
 #[derive(Clone)]
@@ -650,6 +719,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
     let limits = validate_limits(raw.limits)?;
     let locals = validate_locals(raw.locals, &namespaces)?;
     let connect_policy = validate_connect(raw.connect, &locals)?;
+    let warm = validate_warm(raw.warm, &upstreams)?;
 
     Ok(Settings {
         https,
@@ -666,7 +736,47 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         locals,
         connect,
         connect_policy,
+        warm,
     })
+}
+
+fn validate_warm(raw: Vec<WarmConfig>, upstreams: &[Upstream]) -> Result<Vec<WarmSchedule>, Invalid> {
+    let mut out = Vec::new();
+    for (i, w) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("warm[{i}].{k}");
+        if w.images.is_empty() {
+            return Err(invalid(key("images"), "must name at least one image"));
+        }
+        for (j, image) in w.images.iter().enumerate() {
+            parse_image(upstreams, image).map_err(|m| invalid(key(&format!("images[{j}]")), m))?;
+        }
+        let platforms = match w.platforms {
+            None => Platforms::Every,
+            Some(list) => {
+                for (j, p) in list.iter().enumerate() {
+                    let parts: Vec<&str> = p.split('/').collect();
+                    let named = |c: &&str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    if !(2..=3).contains(&parts.len()) || !parts.iter().all(named) {
+                        return Err(invalid(
+                            key(&format!("platforms[{j}]")),
+                            format!("{p:?} is not a platform like \"linux/amd64\" or \"linux/arm64/v8\""),
+                        ));
+                    }
+                }
+                if list.is_empty() {
+                    return Err(invalid(key("platforms"), "leave it out to warm every platform"));
+                }
+                Platforms::Only(list)
+            }
+        };
+        let every = parse_duration(&w.every).map_err(|m| invalid(key("every"), m))?;
+        out.push(WarmSchedule {
+            images: w.images,
+            platforms,
+            every,
+        });
+    }
+    Ok(out)
 }
 
 fn repo_patterns(list: &[String], key: &str) -> Result<Vec<crate::auth::access::RepoPattern>, Invalid> {
@@ -1192,6 +1302,28 @@ mod tests {
         assert!(e.contains("upstream[1].tag_policy[0].repositories"), "{e}");
         let e = err(&with("tag_check_interval = \"soon\""));
         assert!(e.contains("upstream[1].tag_check_interval"), "{e}");
+    }
+
+    #[test]
+    fn warm_schedules_name_configured_upstreams_platforms_and_an_interval() {
+        let with = |t: &str| format!("{DEFAULT_CONFIG}\n[[warm]]\n{t}\n");
+        let s = Settings::from_toml(
+            &with("images = [\"alpine:3\", \"ghcr.io/org/app:1\"]\nevery = \"1h\""),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(s.warm[0].platforms, Platforms::Every);
+        assert_eq!(s.warm[0].every, Duration::from_secs(3600));
+        let e = err(&with("images = [\"alpine:3\", \"example.com/x:1\"]\nevery = \"1h\""));
+        assert!(e.contains("warm[0].images[1]") && e.contains("example.com"), "{e}");
+        let e = err(&with(
+            "images = [\"alpine:3\"]\nplatforms = [\"amd64\"]\nevery = \"1h\"",
+        ));
+        assert!(e.contains("warm[0].platforms[0]"), "{e}");
+        let e = err(&with("images = [\"alpine:3\"]\nevery = \"0s\""));
+        assert!(e.contains("warm[0].every"), "{e}");
+        let e = err(&with("images = []\nevery = \"1h\""));
+        assert!(e.contains("warm[0].images"), "{e}");
     }
 
     #[test]

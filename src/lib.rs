@@ -23,6 +23,7 @@ pub mod status_page;
 pub mod tag_policy;
 pub mod tls;
 pub mod upstream;
+pub mod warm;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -98,10 +99,12 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         auth,
         ca_pem,
         via,
+        warming: warm::runs::WarmRuns::new(&settings.warm),
         settings,
         hosted: local::Hosted::default(),
     });
     local::Hosted::spawn_background(&app);
+    warm::schedule::spawn(&app);
     let served = server::run(app, issuer, listeners, shutdown).await;
     cache.flush().await;
     served.map_err(StartError::Listen)

@@ -81,6 +81,12 @@ pub struct TagSkipLabels {
     pub reason: &'static str,
 }
 
+/// How a `[[warm]]` run ended: `ok`, or `failed` (an image could not be warmed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarmRunLabel {
+    pub result: &'static str,
+}
+
 /// An upstream answer: its status code, or `error` when none came.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamStatusLabels {
@@ -133,6 +139,8 @@ pub struct Metrics {
     pub stale_served: Family<UpstreamLabel, Counter>,
     /// Tags answered from the store by the upstream's tag policy, without asking upstream.
     pub tag_checks_skipped: Family<TagSkipLabels, Counter>,
+    /// `[[warm]]` runs by how they ended.
+    pub warm_runs: Family<WarmRunLabel, Counter>,
     /// Content deleted to keep the store under `cache.max_size` (or a full disk).
     pub evicted_blobs: Counter,
     pub evicted_bytes: Counter,
@@ -200,6 +208,7 @@ impl Metrics {
             downloads_aborted: Counter::default(),
             stale_served: Family::default(),
             tag_checks_skipped: Family::default(),
+            warm_runs: Family::default(),
             evicted_blobs: Counter::default(),
             evicted_bytes: Counter::default(),
             cache_bytes: Gauge::default(),
@@ -318,6 +327,11 @@ impl Metrics {
             "tag_checks_skipped",
             "tags answered from the store without asking upstream (tag_check_interval, immutable_tags)",
             m.tag_checks_skipped.clone(),
+        );
+        r.register(
+            "warm_runs",
+            "scheduled ([[warm]]) warm runs, by result",
+            m.warm_runs.clone(),
         );
         r.register(
             "evicted_blobs",

@@ -29,6 +29,8 @@ pub struct StatusData {
     pub urls: Vec<(String, Vec<UrlState>)>,
     /// Repositories of the local namespaces (pushed, not cached).
     pub local: Vec<LocalRepo>,
+    /// The `[[warm]]` schedules, in config order.
+    pub warm: Vec<crate::warm::runs::RunState>,
     pub now: SystemTime,
 }
 
@@ -69,6 +71,21 @@ fn ago(now: SystemTime, then: Option<SystemTime>) -> String {
         120..=7199 => format!("{} min ago", s / 60),
         7200..=172_799 => format!("{} h ago", s / 3600),
         _ => format!("{} d ago", s / 86_400),
+    }
+}
+
+/// `in 42 s`, `in 3 min`, …; `now` once due; `-` for never.
+fn until(now: SystemTime, then: Option<SystemTime>) -> String {
+    let Some(then) = then else {
+        return "-".into();
+    };
+    let s = then.duration_since(now).map_or(0, |d| d.as_secs());
+    match s {
+        0 => "now".into(),
+        1..=119 => format!("in {s} s"),
+        120..=7199 => format!("in {} min", s / 60),
+        7200..=172_799 => format!("in {} h", s / 3600),
+        _ => format!("in {} d", s / 86_400),
     }
 }
 
@@ -256,6 +273,10 @@ pub fn render(d: &StatusData) -> String {
         h.push_str("</table></div>");
     }
 
+    if !d.warm.is_empty() {
+        warm_section(&mut h, d);
+    }
+
     // The cache, per upstream.
     h.push_str("<h2>Cached images</h2>");
     for u in &d.upstreams {
@@ -285,6 +306,43 @@ pub fn render(d: &StatusData) -> String {
     }
     h.push_str("<p class=\"muted\">Metrics: <a href=\"/metrics\">/metrics</a> · root CA: <a href=\"/ca.crt\">/ca.crt</a></p></body></html>\n");
     h
+}
+
+/// The `[[warm]]` schedules: last run, its result, next run.
+fn warm_section(h: &mut String, d: &StatusData) {
+    h.push_str(
+        "<h2>Scheduled warming</h2><div class=\"scroll\"><table id=\"warm\"><tr><th>images</th>\
+<th>every</th><th>last run</th><th>result</th><th>next run</th></tr>",
+    );
+    for w in &d.warm {
+        let images: Vec<String> = w.images.iter().map(|i| format!("<code>{}</code>", escape(i))).collect();
+        let result = match (&w.running_since, &w.last) {
+            (Some(_), _) => "<span class=\"muted\">running</span>".to_string(),
+            (None, None) => "-".to_string(),
+            (None, Some(last)) => match &last.result {
+                Ok(r) => format!(
+                    "<span class=\"ok\">ok</span>: {} blobs, {} in {:.1} s",
+                    r.blobs,
+                    human(r.bytes),
+                    last.took.as_secs_f64()
+                ),
+                Err(e) => format!("<span class=\"bad\">failed</span>: {}", escape(e)),
+            },
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{} s</td><td>{}</td><td>{result}</td><td>{}</td></tr>",
+            images.join("<br>"),
+            w.every.as_secs(),
+            ago(d.now, w.last.as_ref().map(|l| l.finished)),
+            if w.running_since.is_some() {
+                "-".to_string()
+            } else {
+                until(d.now, w.next)
+            }
+        );
+    }
+    h.push_str("</table></div>");
 }
 
 #[cfg(test)]
@@ -318,6 +376,17 @@ mod tests {
                 size: 5 << 20,
                 last_push: Some(SystemTime::now()),
             }],
+            warm: vec![crate::warm::runs::RunState {
+                images: vec!["docker.io/library/<i>alpine:3".into()],
+                every: std::time::Duration::from_secs(3600),
+                running_since: None,
+                last: Some(crate::warm::runs::LastRun {
+                    finished: SystemTime::now(),
+                    took: std::time::Duration::from_millis(1500),
+                    result: Err("upstream <down>".into()),
+                }),
+                next: Some(SystemTime::now() + std::time::Duration::from_secs(600)),
+            }],
             now: SystemTime::now(),
         }
     }
@@ -333,6 +402,13 @@ mod tests {
         assert!(
             page.contains("private/&lt;b&gt;app") && page.contains("5.0 MiB"),
             "local repositories listed"
+        );
+        assert!(
+            page.contains("library/&lt;i&gt;alpine:3")
+                && page.contains("failed</span>: upstream &lt;down&gt;")
+                && page.contains("in 9 min")
+                && page.contains("3600 s"),
+            "warm schedules listed with their last result and next run"
         );
     }
 

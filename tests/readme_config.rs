@@ -19,6 +19,7 @@ fn schema_keys() -> BTreeSet<String> {
         ("LimitsConfig", "limits"),
         ("LocalConfig", "local"),
         ("ConnectConfig", "connect"),
+        ("WarmConfig", "warm"),
     ];
     let mut keys = BTreeSet::new();
     for (name, section) in sections {
@@ -73,6 +74,9 @@ fn documented_keys() -> BTreeSet<String> {
             } else if let Some(field) = token.strip_prefix("[[local]] ") {
                 bare_section = Some("local");
                 keys.insert(format!("local.{field}"));
+            } else if let Some(field) = token.strip_prefix("[[warm]] ") {
+                bare_section = Some("warm");
+                keys.insert(format!("warm.{field}"));
             } else if token.contains('.') {
                 keys.insert(token.to_string());
                 if !token.starts_with("upstream.") {

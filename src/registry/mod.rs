@@ -51,6 +51,8 @@ pub struct App {
     pub via: String,
     /// Upload sessions and usage of the local namespaces.
     pub hosted: crate::local::Hosted,
+    /// What the `[[warm]]` schedules did last.
+    pub warming: crate::warm::runs::WarmRuns,
 }
 
 /// What the listener knows of the connection a request came on.
@@ -72,6 +74,8 @@ pub enum Listener {
     Tls,
     /// Inside a tunnel opened on the CONNECT proxy listener.
     Connect,
+    /// Sent by a `[[warm]]` schedule from inside the server.
+    Warm,
 }
 
 impl Listener {
@@ -80,6 +84,7 @@ impl Listener {
             Listener::Plain => "plain",
             Listener::Tls => "tls",
             Listener::Connect => "connect",
+            Listener::Warm => "warm",
         }
     }
 }
@@ -355,6 +360,7 @@ async fn status_page(app: &App) -> String {
             .map(|u| (u.name().to_string(), u.url_states()))
             .collect(),
         local: crate::local::summary(app).await,
+        warm: app.warming.snapshot(),
         now: std::time::SystemTime::now(),
     })
 }
