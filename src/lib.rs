@@ -100,6 +100,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         ca_pem,
         via,
         warming: warm::runs::WarmRuns::new(&settings.warm),
+        tag_asks: Default::default(),
         settings,
         hosted: local::Hosted::default(),
     });

@@ -20,6 +20,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 use super::body::{stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::outcome::RequestOutcome;
+use super::tag_asks::{Asking, TagAnswer, TagAsks, Turn};
 use super::{copy_header, header_value, App};
 use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::{FetchError, Served, Source, TagRecord};
@@ -369,8 +370,32 @@ async fn unasked(
     Ok(None)
 }
 
+/// Serves the answer another request for the tag just had from upstream.
+async fn serve_answer(
+    app: &Arc<App>,
+    r: &RepoRequest,
+    accept: &str,
+    head: bool,
+    access: &Access<'_>,
+    answer: TagAnswer,
+) -> Result<Response<Body>, RegistryError> {
+    let TagAnswer { digest, record } = answer;
+    if head && app.cache.stat(&digest).await.ok().flatten().is_none() {
+        // As the asker answered its HEAD: what upstream said, nothing fetched.
+        let mut out = Response::new(super::body::empty());
+        let h = out.headers_mut();
+        h.insert(header::CONTENT_TYPE, header_value(&record.media_type));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(record.size));
+        h.insert("docker-content-digest", header_value(digest.as_str()));
+        h.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
+        return Ok(out);
+    }
+    let manifest = fetch_by_digest(app, r, &digest, accept, access, true).await?;
+    Ok(respond(&digest, manifest, head, None))
+}
+
 /// Upstream's answer to a tag HEAD.
-enum TagAnswer {
+enum Asked {
     /// 304: the tag still names the digest of this record.
     Same(Digest, TagRecord),
     New(upstream::Response),
@@ -384,6 +409,34 @@ async fn by_tag(
     head: bool,
     access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
+    // Anonymous requests for one tag at once: one asks, the others serve
+    // its answer (see `tag_asks`).
+    let mut asking = None;
+    if access.answers_are_public() {
+        let key = (
+            app.upstream(r).name().to_string(),
+            r.repo.to_string(),
+            tag.as_str().to_string(),
+            accept.to_string(),
+        );
+        match app.tag_asks.turn(key) {
+            Turn::Ask(a) => asking = Some(a),
+            Turn::Wait(rx) => {
+                if let Some(answer) = TagAsks::wait(rx).await {
+                    access.note_public();
+                    return serve_answer(app, r, accept, head, access, answer).await;
+                }
+            }
+        }
+    }
+    let share = |asking: Option<Asking<'_>>, digest: &Digest, record: &TagRecord| {
+        if let Some(a) = asking {
+            a.answer(Some(TagAnswer {
+                digest: digest.clone(),
+                record: record.clone(),
+            }));
+        }
+    };
     let client = &app.upstream(r).client;
 
     // The answer upstream gave this Accept last time, if this process saw
@@ -400,14 +453,14 @@ async fn by_tag(
     }
     let asked = match (client.send(&ask).await, known) {
         (Ok(resp), Some((digest, record))) if resp.status() == http::StatusCode::NOT_MODIFIED => {
-            Ok(TagAnswer::Same(digest, record))
+            Ok(Asked::Same(digest, record))
         }
-        (Ok(resp), _) => resp.ok().await.map(TagAnswer::New),
+        (Ok(resp), _) => resp.ok().await.map(Asked::New),
         (Err(e), _) => Err(e),
     };
     let resp = match asked {
-        Ok(TagAnswer::New(resp)) => resp,
-        Ok(TagAnswer::Same(digest, record)) => {
+        Ok(Asked::New(resp)) => resp,
+        Ok(Asked::Same(digest, record)) => {
             access.note_public();
             // Still upstream's answer: recorded as given now (its time, and
             // to whom it may be served stale), then served like a new one.
@@ -417,6 +470,7 @@ async fn by_tag(
                 ..record
             };
             app.cache.record_tag(app.repo_key(r), tag, &record).await;
+            share(asking, &digest, &record);
             let manifest = fetch_by_digest(app, r, &digest, accept, access, access.answers_are_public()).await?;
             return Ok(respond(&digest, manifest, head, None));
         }
@@ -443,6 +497,7 @@ async fn by_tag(
             seen_ms: now_ms(),
         };
         app.cache.record_tag(app.repo_key(r), tag, &record).await;
+        share(asking, &digest, &record);
     }
 
     if head && app.cache.stat(&digest).await.ok().flatten().is_none() {

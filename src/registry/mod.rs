@@ -13,6 +13,7 @@ pub mod errors;
 pub mod manifests;
 pub mod outcome;
 pub mod range;
+pub mod tag_asks;
 pub mod tags;
 
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub struct App {
     pub hosted: crate::local::Hosted,
     /// What the `[[warm]]` schedules did last.
     pub warming: crate::warm::runs::WarmRuns,
+    /// Tag questions upstream is being asked now, shared by anonymous requests.
+    pub tag_asks: tag_asks::TagAsks,
 }
 
 /// What the listener knows of the connection a request came on.
