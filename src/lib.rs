@@ -13,6 +13,7 @@ pub mod cache;
 pub mod config;
 pub mod local;
 pub mod logging;
+pub mod media_types;
 pub mod metrics;
 pub mod reference;
 pub mod registry;

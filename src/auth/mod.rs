@@ -349,7 +349,7 @@ impl<'a> Access<'a> {
             // have to convert for the client with 404.
             headers.insert(
                 header::ACCEPT,
-                HeaderValue::from_static(crate::registry::manifests::DEFAULT_ACCEPT),
+                HeaderValue::from_static(crate::media_types::ALL_MANIFESTS),
             );
         }
         let req = UpstreamRequest {

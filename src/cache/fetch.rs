@@ -24,8 +24,6 @@
 //! the evictor is told to make room. Pulls go on succeeding; the cache
 //! fills again once there is space.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
@@ -34,11 +32,12 @@ use tokio::sync::watch;
 
 use super::blob_store::{ByteStream, GrowingBlob, PendingBlob};
 use super::error::FetchError;
+use super::progress::Progress;
 use super::served::{Lookup, Served, ServedInfo};
+use super::source::{OpenFuture, Source};
 use super::Cache;
 use crate::metrics::METRICS;
 use crate::reference::Digest;
-use crate::upstream;
 
 /// Largest piece the leader buffers before writing it to the pending blob.
 const WRITE_CHUNK: usize = 1024 * 1024;
@@ -46,40 +45,6 @@ const WRITE_CHUNK: usize = 1024 * 1024;
 const MAX_RESUMES: u32 = 20;
 /// Resumes in a row that brought no new byte before the download fails.
 const MAX_FRUITLESS_RESUMES: u32 = 3;
-
-/// An upstream body as the cache sees it: bytes and what upstream said of them.
-pub struct Source {
-    pub media_type: Option<String>,
-    /// The length upstream announced, checked against what arrives.
-    pub length: Option<u64>,
-    /// The most bytes accepted however they are sent (manifests are small).
-    pub max_len: Option<u64>,
-    /// Provenance: fetched without any client's credential, so it may be
-    /// served to anyone; recorded when the content is committed.
-    pub public: bool,
-    /// Where `body` begins in the content: 0, or the offset a resumed
-    /// download asked for when upstream honoured the range.
-    pub start: u64,
-    pub body: ByteStream,
-}
-
-/// Opens the content from the given byte offset on (0: all of it). A source
-/// may begin at 0 whatever was asked (an upstream that ignores ranges).
-pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Source, upstream::Error>> + Send>>;
-
-#[derive(Clone, Debug)]
-pub(crate) enum Progress {
-    Opening,
-    Growing {
-        written: u64,
-    },
-    Done {
-        size: u64,
-    },
-    Failed(FetchError),
-    /// The store had no room: each waiter streams from upstream itself.
-    Uncached,
-}
 
 /// How a leader's download ended when it did not fail.
 enum Outcome {
@@ -590,6 +555,7 @@ async fn hash_and_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream;
     use std::io;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;

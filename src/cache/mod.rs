@@ -21,7 +21,9 @@ pub mod hot;
 pub mod index;
 pub mod listing;
 pub mod meta_store;
+mod progress;
 pub mod served;
+pub mod source;
 #[cfg(test)]
 mod store_suite;
 
@@ -36,10 +38,10 @@ pub use blob_store::{BlobInfo, BlobStore, ByteStream};
 pub use disk::DiskStore;
 pub use error::FetchError;
 pub use evict::{Lifecycle, Limits};
-pub use fetch::{OpenFuture, Source};
 pub use hosted_store::{HostedStore, Link};
 pub use meta_store::{MetaStore, RepoKey, TagRecord};
 pub use served::{Lookup, Served, ServedInfo};
+pub use source::{OpenFuture, Source};
 
 use crate::reference::{Digest, Tag};
 

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 
 use super::blob_store::{ByteStream, GrowingBlob, StoredBlob};
 use super::disk::READ_CHUNK;
-use super::fetch::{Progress, Source};
+use super::progress::Progress;
+use super::source::Source;
 use crate::metrics::METRICS;
 use crate::reference::Digest;
 

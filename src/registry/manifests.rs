@@ -29,12 +29,8 @@ use crate::reference::{Digest, Reference, Tag};
 use crate::route::RepoRequest;
 use crate::upstream::{self, Credential, UpstreamRequest};
 
-/// Sent upstream when the client names no manifest type (no Accept, or only
-/// `*/*`), so upstream never refuses a modern manifest or converts it.
-pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
+/// Sent upstream when the client names no manifest type.
+const DEFAULT_ACCEPT: &str = crate::media_types::ALL_MANIFESTS;
 
 /// Manifests are small; a bigger "manifest" is refused rather than buffered.
 const MAX_MANIFEST: usize = 4 << 20;

@@ -20,11 +20,7 @@ use bytes::Bytes;
 use crate::cache::listing::references;
 use crate::config::{parse_image, Platforms, Upstream};
 
-/// The manifest types a warm run asks for, index types first.
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
+use crate::media_types::ALL_MANIFESTS as MANIFEST_ACCEPT;
 
 /// Manifests are read whole; anything bigger is not one.
 const MAX_MANIFEST: usize = 4 << 20;

@@ -1,0 +1,29 @@
+//! Where a download's bytes come from, as the cache sees it: a body and what
+//! its sender said of it, opened again from an offset to resume. The cache
+//! fetches through this and never calls upstream itself.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::blob_store::ByteStream;
+use crate::upstream;
+
+/// An upstream body as the cache sees it: bytes and what upstream said of them.
+pub struct Source {
+    pub media_type: Option<String>,
+    /// The length upstream announced, checked against what arrives.
+    pub length: Option<u64>,
+    /// The most bytes accepted however they are sent (manifests are small).
+    pub max_len: Option<u64>,
+    /// Provenance: fetched without any client's credential, so it may be
+    /// served to anyone; recorded when the content is committed.
+    pub public: bool,
+    /// Where `body` begins in the content: 0, or the offset a resumed
+    /// download asked for when upstream honoured the range.
+    pub start: u64,
+    pub body: ByteStream,
+}
+
+/// Opens the content from the given byte offset on (0: all of it). A source
+/// may begin at 0 whatever was asked (an upstream that ignores ranges).
+pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Source, upstream::Error>> + Send>>;
