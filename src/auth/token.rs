@@ -1,4 +1,5 @@
-//! regmirror's `/token` endpoint, where the realm of its challenges points.
+//! What regmirror's `/token` endpoint (`registry/token.rs`, where the realm
+//! of its challenges points) decides:
 //!
 //! - With credentials (Basic on a GET; the OAuth2 `password` or
 //!   `refresh_token` grant on a POST, as docker and containerd send them)
@@ -14,18 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderValue, Method};
 
 use super::scope::{route_name, Scope};
 use super::{ANONYMOUS_TOKEN_LIFETIME, ANONYMOUS_TOKEN_PREFIX};
-use crate::metrics::{UpstreamLabel, METRICS};
 use crate::reference::Digest;
-use crate::registry::body::{full, Body};
-use crate::registry::errors::RegistryError;
-use crate::registry::outcome::AnsweredFor;
-use crate::registry::App;
-use crate::upstream::token::Challenge;
-use crate::upstream::{AuthScheme, TokenRelay, UpstreamId};
+use crate::route::RouteTable;
+use crate::upstream::{TokenRelay, UpstreamId};
 
 /// Token request bodies are small forms; more is refused.
 pub const MAX_TOKEN_REQUEST: usize = 16 * 1024;
@@ -74,41 +70,35 @@ impl TokenRequest {
     }
 }
 
-/// Answers one `/token` request.
-pub async fn serve(
-    app: &App,
+/// How a token request with credentials is sent to upstream's realm: the
+/// client's scopes in upstream's names, upstream's own `service`, every
+/// other parameter as the client sent it.
+pub struct RelayPlan {
+    pub relay: TokenRelay,
+    /// (upstream name, client name) of each repository scope renamed, to
+    /// put the client's names back in upstream's answer.
+    pub renamed: Vec<(String, String)>,
+    pub scopes: usize,
+}
+
+/// Decides the relay of `req` (for upstream `id`, whose realm names
+/// `service`), carrying the client's `authorization` on a GET.
+pub fn relay_plan(
+    routes: &RouteTable,
     host: Option<&str>,
+    id: UpstreamId,
+    req: &TokenRequest,
     method: &Method,
-    query: Option<&str>,
-    headers: &HeaderMap,
-    form: Bytes,
-) -> Result<Response<Body>, RegistryError> {
-    let authorization = headers.get(header::AUTHORIZATION).cloned();
-    let req = TokenRequest::parse(method, query, authorization.is_some(), &form);
-    let id = upstream_for(app, host, &req);
-    let upstream = app.upstreams.get(id);
-    if !req.has_credentials {
-        return Ok(anonymous_token(upstream.name()));
-    }
-    let service = match upstream.client.discover_auth().await {
-        AuthScheme::Challenges(Challenge::Bearer { service, .. }) => service,
-        // Nothing to exchange credentials for: the upstream is open or
-        // takes Basic credentials on every request.
-        AuthScheme::Open | AuthScheme::Challenges(Challenge::Basic) => return Ok(anonymous_token(upstream.name())),
-        AuthScheme::Unknown => {
-            return Err(RegistryError::unavailable(format!(
-                "upstream {} cannot be reached to check credentials",
-                upstream.name()
-            )))
-        }
-    };
+    service: Option<&str>,
+    authorization: Option<HeaderValue>,
+) -> RelayPlan {
     let ns = req.ns.as_deref();
     let mut renamed: Vec<(String, String)> = Vec::new();
     let scopes: Vec<String> = req
         .scopes
         .iter()
         .filter_map(|s| {
-            let up = s.to_upstream(&app.routes, host, ns, id)?;
+            let up = s.to_upstream(routes, host, ns, id)?;
             if let (Some(c), Some(u)) = (s.repository(), up.repository()) {
                 renamed.push((u.to_string(), c.to_string()));
             }
@@ -118,7 +108,7 @@ pub async fn serve(
     let relay = if *method == Method::POST {
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.extend_pairs(req.params.iter());
-        if let Some(s) = &service {
+        if let Some(s) = service {
             form.append_pair("service", s);
         }
         if !scopes.is_empty() {
@@ -132,8 +122,8 @@ pub async fn serve(
         }
     } else {
         let mut q: Vec<(String, String)> = Vec::new();
-        if let Some(s) = &service {
-            q.push(("service".into(), s.clone()));
+        if let Some(s) = service {
+            q.push(("service".into(), s.to_string()));
         }
         q.extend(scopes.iter().map(|s| ("scope".to_string(), s.clone())));
         q.extend(req.params.iter().cloned());
@@ -144,46 +134,32 @@ pub async fn serve(
             authorization,
         }
     };
-    let answer = upstream.client.relay_token(relay).await?;
-    let body = echo_in_client_names(answer.body, &renamed);
-    let mut resp = Response::new(full(body.clone()));
-    *resp.status_mut() = answer.status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        answer
-            .content_type
-            .unwrap_or_else(|| HeaderValue::from_static("application/json")),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    METRICS
-        .tokens_relayed
-        .get_or_create(&UpstreamLabel::of(upstream.name()))
-        .inc();
-    resp.extensions_mut().insert(AnsweredFor(upstream.name().to_string()));
-    tracing::info!(upstream = %upstream.name(), status = answer.status.as_u16(), scopes = scopes.len(), "token request relayed");
-    Ok(resp)
+    RelayPlan {
+        relay,
+        renamed,
+        scopes: scopes.len(),
+    }
 }
 
 /// Which upstream a token request is for: containerd's `ns`, the
 /// intercepted host, the first repository scope, or the default upstream.
-fn upstream_for(app: &App, host: Option<&str>, req: &TokenRequest) -> UpstreamId {
-    if let Some(id) = req.ns.as_deref().and_then(|n| app.routes.upstream_for_ns(n)) {
+pub fn upstream_for(routes: &RouteTable, host: Option<&str>, req: &TokenRequest) -> UpstreamId {
+    if let Some(id) = req.ns.as_deref().and_then(|n| routes.upstream_for_ns(n)) {
         return id;
     }
-    if let Some(id) = host.and_then(|h| app.routes.upstream_for_host(h)) {
+    if let Some(id) = host.and_then(|h| routes.upstream_for_host(h)) {
         return id;
     }
     req.scopes
         .iter()
         .filter_map(Scope::repository)
-        .find_map(|name| route_name(&app.routes, host, req.ns.as_deref(), name))
+        .find_map(|name| route_name(routes, host, req.ns.as_deref(), name))
         .map(|(id, _)| id)
-        .unwrap_or_else(|| app.routes.default_upstream())
+        .unwrap_or_else(|| routes.default_upstream())
 }
 
 /// A `scope` upstream echoes in its answer, put back in the client's names.
-fn echo_in_client_names(body: Bytes, renamed: &[(String, String)]) -> Bytes {
+pub fn echo_in_client_names(body: Bytes, renamed: &[(String, String)]) -> Bytes {
     if renamed.is_empty() {
         return body;
     }
@@ -213,28 +189,20 @@ fn echo_in_client_names(body: Bytes, renamed: &[(String, String)]) -> Bytes {
 
 static ISSUED: AtomicU64 = AtomicU64::new(0);
 
-/// regmirror's own token for a client without credentials.
-fn anonymous_token(upstream: &str) -> Response<Body> {
-    METRICS.tokens_issued.get_or_create(&UpstreamLabel::of(upstream)).inc();
+/// The body of regmirror's own token for a client without credentials:
+/// a random token that stands for nobody (see `ANONYMOUS_TOKEN_PREFIX`).
+pub fn anonymous_token_body() -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let n = ISSUED.fetch_add(1, Ordering::Relaxed);
     let seed = format!("{}-{}-{n}", now.as_nanos(), std::process::id());
     let token = format!("{ANONYMOUS_TOKEN_PREFIX}{}", &Digest::of(seed.as_bytes()).hex()[..32]);
-    let body = serde_json::json!({
+    serde_json::json!({
         "token": token,
         "access_token": token,
         "expires_in": ANONYMOUS_TOKEN_LIFETIME.as_secs(),
         "issued_at": rfc3339(now.as_secs()),
     })
-    .to_string();
-    let mut resp = Response::new(full(body.clone()));
-    *resp.status_mut() = StatusCode::OK;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    resp.extensions_mut().insert(AnsweredFor(upstream.to_string()));
-    resp
+    .to_string()
 }
 
 pub(crate) fn rfc3339(secs: u64) -> String {

@@ -15,6 +15,7 @@ pub mod outcome;
 pub mod range;
 pub mod tag_asks;
 pub mod tags;
+pub mod token;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -284,7 +285,7 @@ where
             if crate::local::token::is_local(app, &request) {
                 return crate::local::token::serve(app, &request, &parts.headers).await;
             }
-            auth::token::serve(app, host, &method, parts.uri.query(), &parts.headers, form).await
+            token::serve(app, host, &method, parts.uri.query(), &parts.headers, form).await
         }
         Endpoint::Local(r) => {
             use http_body_util::BodyExt;
