@@ -9,7 +9,23 @@
 
 use crate::config::Settings;
 use crate::reference::{Digest, Reference, RepoName};
-use crate::upstream::UpstreamId;
+
+/// Which upstream a request is for: the upstream's place in configuration
+/// order, so routing needs nothing of the upstreams but their names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UpstreamId(usize);
+
+impl UpstreamId {
+    /// The id of the `i`th upstream in configuration order, for tables built
+    /// from that same configuration (routing, the upstream table, tests).
+    pub fn from_config_index(i: usize) -> Self {
+        UpstreamId(i)
+    }
+
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
 
 /// What the routing table needs to know of one upstream.
 #[derive(Debug, Clone)]

@@ -4,15 +4,15 @@
 use std::io;
 use std::sync::Arc;
 
+use super::source::SourceError;
 use crate::reference::Digest;
-use crate::upstream;
 
 /// Cloneable, so one failed download reaches every waiter with its cause.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     /// The source of the bytes (upstream) failed before or while opening.
-    #[error(transparent)]
-    Source(#[from] upstream::Error),
+    #[error("{0}")]
+    Source(SourceError),
     #[error("cache store: could not {op} {digest}: {source}")]
     Store {
         digest: Digest,
@@ -33,6 +33,12 @@ pub enum FetchError {
     DigestMismatch { expected: Digest, got: Digest },
     #[error("download of {digest} was abandoned before it finished")]
     Abandoned { digest: Digest },
+}
+
+impl From<SourceError> for FetchError {
+    fn from(e: SourceError) -> Self {
+        FetchError::Source(e)
+    }
 }
 
 impl FetchError {

@@ -555,6 +555,7 @@ async fn hash_and_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::SourceError;
     use crate::upstream;
     use std::io;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -666,13 +667,13 @@ mod tests {
                 let g = g.clone();
                 Box::pin(async move {
                     let _ = g.acquire().await;
-                    Err(upstream::Error::Status {
+                    Err(SourceError::new(upstream::Error::Status {
                         upstream: "u".into(),
                         status: http::StatusCode::NOT_FOUND,
                         body: None,
                         retry_after: None,
                         challenge: None,
-                    })
+                    }))
                 })
             })
             .await
@@ -698,7 +699,9 @@ mod tests {
         .expect("the second requester joins the first download");
         gate.add_permits(1);
         let led = leader.await.unwrap();
-        assert!(matches!(led, Err(FetchError::Source(e)) if e.is_not_found()));
+        assert!(
+            matches!(led, Err(FetchError::Source(e)) if e.downcast_ref::<upstream::Error>().is_some_and(|u| u.is_not_found()))
+        );
         assert_eq!(
             joiner
                 .await

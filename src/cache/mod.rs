@@ -41,7 +41,7 @@ pub use evict::{Lifecycle, Limits};
 pub use hosted_store::{HostedStore, Link};
 pub use meta_store::{MetaStore, RepoKey, TagRecord};
 pub use served::{Lookup, Served, ServedInfo};
-pub use source::{OpenFuture, Source};
+pub use source::{OpenFuture, Source, SourceError};
 
 use crate::reference::{Digest, Tag};
 

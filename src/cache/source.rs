@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use super::blob_store::ByteStream;
-use crate::upstream;
+use std::sync::Arc;
 
 /// An upstream body as the cache sees it: bytes and what upstream said of them.
 pub struct Source {
@@ -26,4 +26,28 @@ pub struct Source {
 
 /// Opens the content from the given byte offset on (0: all of it). A source
 /// may begin at 0 whatever was asked (an upstream that ignores ranges).
-pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Source, upstream::Error>> + Send>>;
+pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Source, SourceError>> + Send>>;
+
+/// Why a source could not be opened: the sender's own error, kept whole
+/// (the registry turns an upstream's into the client's answer) without the
+/// cache knowing what sent it. Cloneable, as every waiter of a failed
+/// download gets it.
+#[derive(Clone, Debug)]
+pub struct SourceError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl SourceError {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SourceError(Arc::new(e))
+    }
+
+    /// The sender's error, when it is an `E`.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.downcast_ref::<E>()
+    }
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}

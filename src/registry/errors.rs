@@ -352,7 +352,10 @@ impl From<UpstreamError> for RegistryError {
 impl From<FetchError> for RegistryError {
     fn from(e: FetchError) -> Self {
         match e {
-            FetchError::Source(u) => u.into(),
+            FetchError::Source(s) => match s.downcast_ref::<UpstreamError>() {
+                Some(u) => u.clone().into(),
+                None => RegistryError::gateway(StatusCode::BAD_GATEWAY, s.to_string()),
+            },
             FetchError::Store { digest, op, source } => {
                 RegistryError::internal(format!("cache store failure ({op}) for {digest}: {source}"))
             }

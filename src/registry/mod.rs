@@ -566,9 +566,13 @@ pub(crate) async fn open_source(
     digest: &crate::reference::Digest,
     max_len: Option<u64>,
     public: bool,
-) -> Result<crate::cache::Source, crate::upstream::Error> {
+) -> Result<crate::cache::Source, crate::cache::SourceError> {
     let up = app.upstream(r);
-    let (resp, start) = up.client.get_from(req, offset).await?;
+    let (resp, start) = up
+        .client
+        .get_from(req, offset)
+        .await
+        .map_err(crate::cache::SourceError::new)?;
     app.auth.note_in_repository(up.name(), &r.repo.to_string(), digest);
     let mut source = source_from(resp, max_len);
     source.public = public;

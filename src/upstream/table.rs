@@ -7,18 +7,7 @@ use super::client::{ClientBuildError, UpstreamClient};
 use super::resolve::UpstreamResolver;
 use crate::config;
 
-/// Which upstream a request is for. Only [`UpstreamTable`] hands these out,
-/// so every id names a configured upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct UpstreamId(usize);
-
-impl UpstreamId {
-    /// The id of the `i`th upstream in configuration order. For tables built
-    /// from that same configuration (routing, tests).
-    pub fn from_config_index(i: usize) -> Self {
-        UpstreamId(i)
-    }
-}
+pub use crate::route::UpstreamId;
 
 /// One upstream registry: what the operator configured and the client that
 /// talks to it.
@@ -58,7 +47,7 @@ impl UpstreamTable {
             .enumerate()
             .map(|(i, cfg)| {
                 Ok(Upstream {
-                    id: UpstreamId(i),
+                    id: UpstreamId::from_config_index(i),
                     config: cfg.clone(),
                     client: UpstreamClient::new(cfg, resolver.clone(), via)?,
                 })
@@ -70,7 +59,7 @@ impl UpstreamTable {
     /// The entry for an id from routing, which is built from the same
     /// configuration as this table, so every id it hands out is in range.
     pub fn get(&self, id: UpstreamId) -> &Upstream {
-        &self.entries[id.0]
+        &self.entries[id.index()]
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
