@@ -552,8 +552,7 @@ where
                     return Ended::Cut;
                 }
                 if let Some(why) = conn.expired() {
-                    let shut_window = conn.signals.h2.load(Ordering::Acquire)
-                        && conn.with_client.load(Ordering::Acquire) > 0;
+                    let shut_window = why == Expiry::ClientNotReading && conn.signals.h2.load(Ordering::Acquire);
                     if shut_window {
                         h2_abuse::report(peer, Abuse::ZeroWindow);
                     } else {
@@ -963,17 +962,37 @@ impl Conn {
     }
 
     /// Why the connection is to be closed now, if it is.
-    fn expired(&self) -> Option<&'static str> {
+    fn expired(&self) -> Option<Expiry> {
         let deadline = self.deadline()?;
         if Instant::now() < deadline {
             return None;
         }
         Some(if !self.signals.served_any.load(Ordering::Acquire) {
-            "no request within limits.first_request_timeout"
+            Expiry::NoFirstRequest
         } else if self.signals.in_flight.load(Ordering::Acquire) == 0 {
-            "idle for limits.idle_timeout"
+            Expiry::Idle
         } else {
-            "client read nothing for limits.idle_timeout"
+            Expiry::ClientNotReading
+        })
+    }
+}
+
+/// Why a connection ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    NoFirstRequest,
+    Idle,
+    /// A response waits for the client, which read nothing (over HTTP/2: a
+    /// window held shut).
+    ClientNotReading,
+}
+
+impl std::fmt::Display for Expiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Expiry::NoFirstRequest => "no request within limits.first_request_timeout",
+            Expiry::Idle => "idle for limits.idle_timeout",
+            Expiry::ClientNotReading => "client read nothing for limits.idle_timeout",
         })
     }
 }
