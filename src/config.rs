@@ -55,6 +55,23 @@ pub struct Config {
     /// `[[warm]]`: images pulled into the cache on a schedule.
     #[serde(default)]
     pub warm: Vec<WarmConfig>,
+    /// `[[webhook]]`: where events (pulls, pushes, misses, evictions,
+    /// upstreams going down and up) are POSTed.
+    #[serde(rename = "webhook", default)]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// `[[webhook]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Event names to send (default: every kind).
+    pub events: Option<Vec<String>>,
+    /// A file holding the HMAC-SHA256 key the body is signed with.
+    pub secret_file: Option<PathBuf>,
+    /// Events kept for delivery while the receiver is down.
+    pub queue: Option<usize>,
 }
 
 /// `[[warm]]`: images pulled into the cache without a client, every `every`.
@@ -242,6 +259,33 @@ pub struct Settings {
     pub connect: Option<SocketAddr>,
     pub connect_policy: ConnectPolicy,
     pub warm: Vec<WarmSchedule>,
+    pub webhooks: Vec<Webhook>,
+}
+
+/// Events a `[[webhook]]` keeps when `queue` is left out: a few hours of
+/// a busy mirror's pulls while a receiver restarts, a few MiB of memory.
+pub const DEFAULT_WEBHOOK_QUEUE: usize = 10_000;
+/// The largest `queue`: beyond it a dead receiver costs real memory.
+pub const MAX_WEBHOOK_QUEUE: usize = 1_000_000;
+
+/// A validated `[[webhook]]`.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: url::Url,
+    /// The kinds it is sent, each once, in the order of [`crate::events::Kind::ALL`].
+    pub events: Vec<crate::events::Kind>,
+    pub secret: Option<WebhookSecret>,
+    pub queue: usize,
+}
+
+/// The key of a webhook's signature, kept out of `Debug` output (logs).
+#[derive(Clone)]
+pub struct WebhookSecret(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(<redacted>)")
+    }
 }
 
 /// A validated `[[warm]]`.
@@ -720,6 +764,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
     let locals = validate_locals(raw.locals, &namespaces)?;
     let connect_policy = validate_connect(raw.connect, &locals)?;
     let warm = validate_warm(raw.warm, &upstreams)?;
+    let webhooks = validate_webhooks(raw.webhooks)?;
 
     Ok(Settings {
         https,
@@ -737,7 +782,75 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         connect,
         connect_policy,
         warm,
+        webhooks,
     })
+}
+
+fn validate_webhooks(raw: Vec<WebhookConfig>) -> Result<Vec<Webhook>, Invalid> {
+    use crate::events::Kind;
+    let mut out = Vec::new();
+    for (i, w) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("webhook[{i}].{k}");
+        let url = url::Url::parse(&w.url).map_err(|e| invalid(key("url"), format!("{:?}: {e}", w.url)))?;
+        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+            return Err(invalid(
+                key("url"),
+                format!("{:?} must be an http:// or https:// URL with a host", w.url),
+            ));
+        }
+        let events = match w.events {
+            None => Kind::ALL.to_vec(),
+            Some(names) => {
+                if names.is_empty() {
+                    return Err(invalid(key("events"), "leave it out to send every event"));
+                }
+                let mut wanted = Vec::new();
+                for (j, name) in names.iter().enumerate() {
+                    let kind = Kind::parse(name).ok_or_else(|| {
+                        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                        invalid(
+                            key(&format!("events[{j}]")),
+                            format!("{name:?} is not an event (one of {})", known.join(", ")),
+                        )
+                    })?;
+                    wanted.push(kind);
+                }
+                Kind::ALL.into_iter().filter(|k| wanted.contains(k)).collect()
+            }
+        };
+        let secret = match &w.secret_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read(path)
+                    .map_err(|e| invalid(key("secret_file"), format!("cannot read {}: {e}", path.display())))?;
+                let mut bytes = text.as_slice();
+                while let [rest @ .., b'\n' | b'\r'] = bytes {
+                    bytes = rest;
+                }
+                if bytes.is_empty() {
+                    return Err(invalid(key("secret_file"), format!("{} is empty", path.display())));
+                }
+                Some(WebhookSecret(bytes.into()))
+            }
+        };
+        let queue = match w.queue {
+            None => DEFAULT_WEBHOOK_QUEUE,
+            Some(n) if (1..=MAX_WEBHOOK_QUEUE).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    key("queue"),
+                    format!("{n} is not between 1 and {MAX_WEBHOOK_QUEUE}"),
+                ))
+            }
+        };
+        out.push(Webhook {
+            url,
+            events,
+            secret,
+            queue,
+        });
+    }
+    Ok(out)
 }
 
 fn validate_warm(raw: Vec<WarmConfig>, upstreams: &[Upstream]) -> Result<Vec<WarmSchedule>, Invalid> {
@@ -1324,6 +1437,68 @@ mod tests {
         assert!(e.contains("warm[0].every"), "{e}");
         let e = err(&with("images = []\nevery = \"1h\""));
         assert!(e.contains("warm[0].images"), "{e}");
+    }
+
+    #[test]
+    fn webhooks_default_to_every_event_and_name_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "k3y\n").unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let with = |t: &str| format!("{DEFAULT_CONFIG}\n[[webhook]]\n{t}\n");
+        let s = Settings::from_toml(&with("url = \"https://hooks.example/in\""), "t").unwrap();
+        let w = &s.webhooks[0];
+        assert_eq!(w.events, crate::events::Kind::ALL.to_vec());
+        assert_eq!(w.queue, DEFAULT_WEBHOOK_QUEUE);
+        assert!(w.secret.is_none());
+        let s = Settings::from_toml(
+            &with(&format!(
+                "url = \"http://127.0.0.1:9/x\"\nevents = [\"evict\", \"pull\"]\nsecret_file = {:?}\nqueue = 5",
+                secret.display().to_string()
+            )),
+            "t",
+        )
+        .unwrap();
+        let w = &s.webhooks[0];
+        use crate::events::Kind;
+        assert_eq!(w.events, vec![Kind::Pull, Kind::Evict]);
+        assert_eq!(
+            &*w.secret.as_ref().unwrap().0,
+            b"k3y",
+            "the file's newline is not part of the key"
+        );
+        assert!(!format!("{w:?}").contains("k3y"), "the key stays out of Debug output");
+        assert_eq!(w.queue, 5);
+
+        let e = err(&with("url = \"ftp://hooks.example/\""));
+        assert!(e.contains("webhook[0].url"), "{e}");
+        let e = err(&with("url = \"not a url\""));
+        assert!(e.contains("webhook[0].url"), "{e}");
+        let e = err(&with("url = \"https://h.example/\"\nevents = [\"pull\", \"pulled\"]"));
+        assert!(e.contains("webhook[0].events[1]") && e.contains("pulled"), "{e}");
+        let e = err(&with("url = \"https://h.example/\"\nevents = []"));
+        assert!(e.contains("webhook[0].events"), "{e}");
+        let e = err(&with(
+            "url = \"https://h.example/\"\nsecret_file = \"/nonexistent/secret\"",
+        ));
+        assert!(
+            e.contains("webhook[0].secret_file") && e.contains("/nonexistent/secret"),
+            "{e}"
+        );
+        let e = err(&with(&format!(
+            "url = \"https://h.example/\"\nsecret_file = {:?}",
+            empty.display().to_string()
+        )));
+        assert!(e.contains("webhook[0].secret_file") && e.contains("empty"), "{e}");
+        for q in ["0", "1000001"] {
+            let e = err(&with(&format!("url = \"https://h.example/\"\nqueue = {q}")));
+            assert!(e.contains("webhook[0].queue"), "{e}");
+        }
+        let e = err(&with("url = \"https://h.example/\"\nqueue = -1"));
+        assert!(e.contains("queue"), "{e}");
+        let e = err(&with("url = \"https://h.example/\"\nsecret = \"inline\""));
+        assert!(e.contains("secret"), "unknown keys are refused: {e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod events;
 pub mod local;
 pub mod logging;
 pub mod media_types;
@@ -43,6 +44,8 @@ pub enum StartError {
     Upstream(#[from] upstream::client::ClientBuildError),
     #[error("{0}")]
     Listen(std::io::Error),
+    #[error("{0}")]
+    Webhook(#[from] events::StartError),
 }
 
 /// Loads the CA and store, builds the upstream clients, binds the listeners
@@ -107,6 +110,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
     });
     local::Hosted::spawn_background(&app);
     warm::schedule::spawn(&app);
+    events::start(&app.settings.webhooks, &app.settings.server_name, &app.via)?;
     let served = server::run(app, issuer, listeners, shutdown).await;
     cache.flush().await;
     served.map_err(StartError::Listen)

@@ -101,6 +101,19 @@ pub struct UrlLabels {
     pub url: String,
 }
 
+/// A `[[webhook]]`, by its URL (without credentials or query).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    pub webhook: String,
+}
+
+/// One delivery attempt to a webhook and how it went: `ok` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookDeliveryLabels {
+    pub webhook: String,
+    pub result: &'static str,
+}
+
 type Histograms = Family<KindLabel, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -185,6 +198,10 @@ pub struct Metrics {
     pub pushed_manifests: Counter,
     /// Requests to local namespaces refused for want of a login or a right.
     pub local_refused: Counter,
+    /// Webhook delivery attempts by result (each failed attempt counts).
+    pub webhook_deliveries: Family<WebhookDeliveryLabels, Counter>,
+    /// Events dropped from a full webhook queue (oldest first).
+    pub webhook_dropped: Family<WebhookLabel, Counter>,
 }
 
 /// The one registry of the process.
@@ -231,6 +248,8 @@ impl Metrics {
             pushed_bytes: Counter::default(),
             pushed_manifests: Counter::default(),
             local_refused: Counter::default(),
+            webhook_deliveries: Family::default(),
+            webhook_dropped: Family::default(),
         };
         let mut r = Registry::with_prefix("regmirror");
         r.register(
@@ -420,6 +439,16 @@ impl Metrics {
             "when an upstream URL last answered (Unix time; 0: never)",
             Unit::Seconds,
             m.upstream_url_last_success.clone(),
+        );
+        r.register(
+            "webhook_deliveries",
+            "webhook delivery attempts, by result (ok, failed: each failed attempt)",
+            m.webhook_deliveries.clone(),
+        );
+        r.register(
+            "webhook_dropped",
+            "events dropped from a full webhook queue, oldest first",
+            m.webhook_dropped.clone(),
         );
         m.registry = r;
         m

@@ -20,6 +20,7 @@ fn schema_keys() -> BTreeSet<String> {
         ("LocalConfig", "local"),
         ("ConnectConfig", "connect"),
         ("WarmConfig", "warm"),
+        ("WebhookConfig", "webhook"),
     ];
     let mut keys = BTreeSet::new();
     for (name, section) in sections {
@@ -77,6 +78,9 @@ fn documented_keys() -> BTreeSet<String> {
             } else if let Some(field) = token.strip_prefix("[[warm]] ") {
                 bare_section = Some("warm");
                 keys.insert(format!("warm.{field}"));
+            } else if let Some(field) = token.strip_prefix("[[webhook]] ") {
+                bare_section = Some("webhook");
+                keys.insert(format!("webhook.{field}"));
             } else if token.contains('.') {
                 keys.insert(token.to_string());
                 if !token.starts_with("upstream.") {

@@ -344,6 +344,12 @@ pub async fn evict_to(
         }
         done.blobs += 1;
         done.bytes += v.size;
+        if crate::events::wanted(crate::events::Kind::Evict) {
+            let mut event = crate::events::Event::new(crate::events::Kind::Evict);
+            event.digest = Some(v.digest.clone());
+            event.size = Some(v.size);
+            crate::events::emit(event);
+        }
         removed.push(Change::Remove { digest: v.digest });
     }
     let after = {

@@ -248,6 +248,15 @@ pub async fn put(
         store.set_tag(&r.repo, t, &d).await.map_err(store_error)?;
     }
     METRICS.pushed_manifests.inc();
+    if crate::events::wanted(crate::events::Kind::Push) {
+        let mut event = crate::events::Event::new(crate::events::Kind::Push);
+        event.repository = Some(r.repo.to_string());
+        event.reference = Some(reference.to_string());
+        event.digest = Some(d.to_string());
+        event.media_type = Some(media_type.clone());
+        event.size = Some(size);
+        crate::events::emit(event);
+    }
     tracing::info!(repo = %r.repo, reference = %reference, digest = %d, "manifest pushed");
     let mut resp = Response::new(crate::registry::body::empty());
     *resp.status_mut() = StatusCode::CREATED;

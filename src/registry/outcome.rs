@@ -117,6 +117,7 @@ pub fn finish(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     METRICS.request(upstream, info.kind, status);
+    emit_events(info, method, &resp, outcome);
     METRICS
         .listener_requests
         .get_or_create(&crate::metrics::ListenerLabel {
@@ -175,6 +176,45 @@ pub fn finish(
     log_and_remember(
         info, method, path, host, elapsed, upstream, status, bytes, outcome, resp,
     )
+}
+
+/// The webhook events of a request: `pull` for a manifest GET answered
+/// with content (by tag or digest), `miss` for a manifest or blob whose
+/// download this request started. Read from what `finish` already has (the
+/// response's headers name the digest, type and size), so the handlers
+/// need not know about events.
+fn emit_events(info: &RequestInfo, method: &Method, resp: &Response<Body>, outcome: Option<RequestOutcome>) {
+    use crate::events::{self, Event, Kind};
+    let content = matches!(info.kind, "tag" | "manifest" | "blob");
+    let pull = matches!(info.kind, "tag" | "manifest") && *method == Method::GET && resp.status().is_success();
+    let miss = content && outcome == Some(RequestOutcome::Miss);
+    if !(pull && events::wanted(Kind::Pull) || miss && events::wanted(Kind::Miss)) {
+        return;
+    }
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut event = Event::new(Kind::Pull);
+    event.repository = info.repo.clone();
+    event.reference = info.reference.clone();
+    event.upstream = info.upstream.clone();
+    event.digest = header("docker-content-digest").or_else(|| {
+        // A blob (and a manifest by digest) is named by its digest.
+        info.reference.clone().filter(|r| r.contains(':'))
+    });
+    event.media_type = header(header::CONTENT_TYPE.as_str()).filter(|_| info.kind != "blob");
+    event.size = header(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
+    if miss {
+        let mut m = event.clone();
+        m.kind = Kind::Miss;
+        events::emit(m);
+    }
+    if pull {
+        events::emit(event);
+    }
 }
 
 /// The request's log line, and the pull for the status page.

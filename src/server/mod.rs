@@ -382,7 +382,8 @@ fn service(
         let info = info.clone();
         let request = Request::begin(&conn);
         async move {
-            let resp = handle(app, info, req).await;
+            let client = info.peer.map(|p| p.ip());
+            let resp = crate::events::with_client(client, handle(app, info, req)).await;
             Ok::<_, std::convert::Infallible>(resp.map(|body| TrackedBody { body, request }))
         }
     })

@@ -261,7 +261,7 @@ impl UpstreamClient {
                 tokens: TokenCache::default(),
                 auth: Mutex::new(AuthScheme::Unknown),
                 discovery_failed: Mutex::new(None),
-                health: Arc::new(Health::new(url.as_str())),
+                health: Arc::new(Health::new(&cfg.name, url.as_str())),
             });
         }
         if endpoints.is_empty() {

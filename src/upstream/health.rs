@@ -67,13 +67,16 @@ struct State {
 /// hands out, so a body that breaks later is charged to the right URL.
 #[derive(Debug)]
 pub struct Health {
+    /// The upstream's configured name, for the events this URL's changes send.
+    upstream: String,
     url: String,
     state: Mutex<State>,
 }
 
 impl Health {
-    pub fn new(url: &str) -> Self {
+    pub fn new(upstream: &str, url: &str) -> Self {
         Health {
+            upstream: upstream.to_string(),
             url: url.to_string(),
             state: Mutex::new(State::default()),
         }
@@ -137,10 +140,30 @@ impl Health {
     /// The URL answered.
     pub fn success(&self) {
         let mut s = self.state();
+        let was_down = s.backoff_until.is_some();
         s.failures = 0;
         s.backoff_until = None;
         s.probing = false;
         s.last_success = Some(SystemTime::now());
+        drop(s);
+        if was_down {
+            self.emit(crate::events::Kind::UpstreamUp, None);
+        }
+    }
+
+    /// An `upstream_down` or `upstream_up` event: sent on the change of
+    /// state only, not per request, so an outage is two events.
+    fn emit(&self, kind: crate::events::Kind, why: Option<&str>) {
+        if !crate::events::wanted(kind) {
+            return;
+        }
+        let mut event = crate::events::Event::new(kind);
+        // The request that noticed it is not what the event is about.
+        event.client = None;
+        event.upstream = Some(self.upstream.clone());
+        event.url = Some(self.url.clone());
+        event.error = why.map(str::to_string);
+        crate::events::emit(event);
     }
 
     /// The URL failed: back off for longer the more it keeps failing, and
@@ -148,6 +171,7 @@ impl Health {
     pub fn failure(&self, why: &str, retry_after: Option<Duration>) {
         let now = Instant::now();
         let mut s = self.state();
+        let was_up = s.backoff_until.is_none();
         s.failures = s.failures.saturating_add(1);
         let exp = s.failures.saturating_sub(1).min(16);
         let backoff = FIRST_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF);
@@ -160,6 +184,10 @@ impl Health {
         s.probing = false;
         s.last_error = Some((why.to_string(), SystemTime::now()));
         tracing::debug!(url = %self.url, failures = s.failures, ?backoff, error = why, "upstream URL failed");
+        drop(s);
+        if was_up {
+            self.emit(crate::events::Kind::UpstreamDown, Some(why));
+        }
     }
 
     pub fn snapshot(&self) -> UrlState {
@@ -232,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_failing_url_is_skipped_for_longer_each_time_and_probed_once() {
-        let h = Health::new("http://a");
+        let h = Health::new("u", "http://a");
         let t0 = Instant::now();
         assert_eq!(h.admit(t0), Admission::Use);
         h.failure("refused", None);
@@ -263,11 +291,11 @@ mod tests {
 
     #[test]
     fn retry_after_is_a_hard_bound_even_for_the_request_that_saw_it() {
-        let h = Health::new("http://a");
+        let h = Health::new("u", "http://a");
         h.failure("429", Some(Duration::from_secs(30)));
         assert!(h.retry_allowed(Instant::now()).is_err());
         assert!(h.retry_allowed(Instant::now() + Duration::from_secs(31)).is_ok());
-        let h = Health::new("http://b");
+        let h = Health::new("u", "http://b");
         h.failure("refused", None);
         assert!(
             h.retry_allowed(Instant::now()).is_ok(),
