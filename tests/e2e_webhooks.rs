@@ -1,8 +1,9 @@
 //! `[[webhook]]` against a receiver on loopback: a cold pull, a warm pull
 //! and an eviction arrive as signed CloudEvents with the right fields; with
 //! the receiver down pulls go on at full speed, the events wait in the
-//! queue and arrive once it is back, a full queue drops the oldest, and an
-//! upstream outage is an `upstream_down` event.
+//! queue and arrive once it is back, a full queue drops the oldest, an
+//! upstream outage is an `upstream_down` and its end an `upstream_up`, and
+//! a push to a local namespace is a `push`.
 
 mod common;
 
@@ -124,7 +125,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
-fn pulls_evictions_and_an_upstream_outage_reach_a_webhook_signed_and_survive_its_outage() {
+fn pulls_evictions_and_upstream_outages_reach_a_webhook_signed_and_survive_its_outage() {
     let rt = common::runtime();
     let log = Arc::new(Mutex::new(Vec::new()));
     let (receiver, addr) = listen(&rt, "127.0.0.1:0".parse().unwrap(), log.clone());
@@ -382,5 +383,61 @@ fn pulls_evictions_and_an_upstream_outage_reach_a_webhook_signed_and_survive_its
             && down["data"]["client"].is_null(),
         "{down}"
     );
+
+    // Back: the next request that reaches it is an `upstream_up`.
+    s.env.upstream.restart();
+    wait_for("an upstream_up event", || {
+        // Each pull asks upstream for the tag; once the URL's back-off is
+        // over, one of them gets through.
+        let _ = client.skopeo_copy("quay.io/org/hook-d:1", None);
+        !of_type(&events(&log, "/hook"), "upstream_up").is_empty()
+    });
+    let got = events(&log, "/hook");
+    let up = of_type(&got, "upstream_up")[0];
+    assert_eq!(up["data"]["upstream"], "quay.io", "{up}");
+    assert_eq!(up["data"]["url"], down["data"]["url"], "{up}");
     s.rm.stop();
+}
+
+/// A push to a local namespace is a `push` event naming what was stored
+/// and who pushed it.
+#[test]
+fn a_push_to_a_local_namespace_is_an_event() {
+    use common::push::{dead_upstream_config, Auth, Local, Namespace, ADMIN, CI, ROLES};
+    let rt = common::runtime();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (_receiver, addr) = listen(&rt, "127.0.0.1:0".parse().unwrap(), log.clone());
+    let mut cfg = dead_upstream_config();
+    cfg.extra_toml += &format!("[[webhook]]\nurl = \"http://{addr}/hook\"\nevents = [\"push\"]\n");
+    let l = Local::start_with(
+        cfg,
+        &[Namespace {
+            namespace: "private",
+            users: &[ADMIN, CI],
+            keys: ROLES,
+        }],
+    );
+    let pushed = rt.block_on(l.push_image("private/app", "1.0", 1, &Auth::user(ADMIN)));
+    wait_for("the push event", || !events(&log, "/hook").is_empty());
+    let got = events(&log, "/hook");
+    assert!(
+        got.iter().all(|r| r.event["type"] == "io.regmirror.push"),
+        "only pushes: {got:?}"
+    );
+    let data = &got[0].event["data"];
+    assert_eq!(data["repository"], "private/app", "{data}");
+    assert_eq!(data["reference"], "1.0", "{data}");
+    assert_eq!(data["digest"], pushed.digest.as_str(), "{data}");
+    assert_eq!(
+        data["mediaType"], "application/vnd.oci.image.manifest.v1+json",
+        "{data}"
+    );
+    assert_eq!(data["size"], pushed.manifest.len() as u64, "{data}");
+    assert!(
+        data["client"]
+            .as_str()
+            .and_then(|c| c.parse::<std::net::IpAddr>().ok())
+            .is_some_and(|ip| ip.is_loopback()),
+        "{data}"
+    );
 }

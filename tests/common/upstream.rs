@@ -260,6 +260,25 @@ impl Upstream {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Starts distribution again after [`Upstream::stop`], on the same
+    /// config, storage and log, and waits until it answers.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("registry log");
+        self.child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn docker-registry");
+        let ca = self.ca_pem.clone();
+        self.wait_ready(&ca);
+    }
+
     /// Kills distribution and waits until its address refuses connections
     /// (the access-log helpers cannot be used afterwards).
     pub fn stop(&mut self) {
