@@ -15,6 +15,7 @@ use sha2::Sha256;
 
 use super::{Hook, Stamped, StartError};
 use crate::metrics::{WebhookDeliveryLabels, METRICS};
+use crate::upstream::error::error_chain;
 
 /// The wait after a first failed attempt; doubled while failures go on.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -110,19 +111,6 @@ async fn run(hook: Arc<Hook>, client: reqwest::Client, source: Arc<str>, instanc
             }
         }
     }
-}
-
-/// reqwest's error with its causes: "error sending request" alone does
-/// not say the connection was refused.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// `sha256=<hex>`: HMAC-SHA256 of exactly the bytes sent, keyed with the
