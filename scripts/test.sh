@@ -33,6 +33,17 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 
+# Garage, the S3 store the replica tests run on (a real 3-node cluster on
+# loopback): built from crates.io once (~15 min on 2 cores) into a directory
+# later runs on this machine reuse.
+garage_version=2.5.0
+garage_root=/var/cache/regmirror-ci/garage
+if [[ $("$garage_root/bin/garage" --version 2>/dev/null | awk '{print $2}') != "cargo:$garage_version" ]]; then
+  echo "==> cargo install garage $garage_version (once per machine)"
+  cargo install --locked --quiet garage --version "$garage_version" --root "$garage_root"
+fi
+export REGMIRROR_GARAGE_BIN="$garage_root/bin/garage"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

@@ -31,6 +31,16 @@ struct Store {
 }
 
 fn open(s: &Settings) -> Res<Store> {
+    if let Some(b) = &s.bucket {
+        // The bucket's commands need a bucket-wide index (issue 29's next
+        // step): refused rather than run on this replica's read cache only,
+        // which would report, verify or evict the wrong content.
+        return Err(format!(
+            "cache.backend = \"s3\" (bucket {}): ls, du, verify, gc and rm work on the disk backend only so far; \
+             `cache warm` works",
+            b.bucket
+        ));
+    }
     let disk = DiskStore::attach(&s.cache_dir).map_err(|e| format!("cache.dir: {e}"))?;
     let (index, _) = Index::open(&s.cache_dir.join(INDEX_FILE)).map_err(|e| format!("cache index: {e}"))?;
     Ok(Store {

@@ -176,6 +176,21 @@ pub struct CacheConfig {
     /// Where eviction stops once the store passed `max_size`: a share of
     /// it (`"90%"`, the default) or a size (`"45GiB"`).
     pub low_water: Option<String>,
+    /// Where content and records live: `"disk"` (the default, `dir`) or
+    /// `"s3"` (a bucket shared by every replica; `dir` and `max_size` are
+    /// then this replica's local read cache in front of it).
+    pub backend: Option<String>,
+    pub bucket: Option<String>,
+    /// The S3 endpoint (`http://garage:3900`); AWS's when left out.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Keys under this prefix (`"regmirror/"`), so one bucket can hold
+    /// other things too.
+    pub prefix: Option<String>,
+    /// An AWS shared-credentials file (`[default]`, `aws_access_key_id`,
+    /// `aws_secret_access_key`); without it the standard AWS environment
+    /// variables are used.
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// How upstream hostnames are resolved. regmirror never reads /etc/hosts for
@@ -246,6 +261,8 @@ pub struct Settings {
     pub server_name: String,
     pub ca_dir: PathBuf,
     pub cache_dir: PathBuf,
+    /// Where content and records live besides `cache_dir`; `None`: only there.
+    pub bucket: Option<BucketSettings>,
     pub max_size: u64,
     /// Bytes eviction brings the store down to (below `max_size`).
     pub low_water: u64,
@@ -260,6 +277,17 @@ pub struct Settings {
     pub connect_policy: ConnectPolicy,
     pub warm: Vec<WarmSchedule>,
     pub webhooks: Vec<Webhook>,
+}
+
+/// A validated `[cache] backend = "s3"`: the bucket every replica shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSettings {
+    pub bucket: String,
+    pub endpoint: Option<url::Url>,
+    pub region: Option<String>,
+    /// Empty, or ends with `/`.
+    pub prefix: String,
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// Events a `[[webhook]]` keeps when `queue` is left out: a few hours of
@@ -526,6 +554,66 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
     (key.into(), message.into())
 }
 
+/// `[cache] backend` and the bucket keys: refused when set for a backend
+/// that does not use them, so a typo never silently keeps content on disk.
+fn validate_backend(c: &CacheConfig) -> Result<Option<BucketSettings>, Invalid> {
+    let bucket_keys = [
+        ("cache.bucket", c.bucket.is_some()),
+        ("cache.endpoint", c.endpoint.is_some()),
+        ("cache.region", c.region.is_some()),
+        ("cache.prefix", c.prefix.is_some()),
+        ("cache.credentials_file", c.credentials_file.is_some()),
+    ];
+    match c.backend.as_deref().unwrap_or("disk") {
+        "disk" => {
+            if let Some((key, _)) = bucket_keys.iter().find(|(_, set)| *set) {
+                return Err(invalid(*key, "is only read with cache.backend = \"s3\""));
+            }
+            Ok(None)
+        }
+        "s3" => {
+            let bucket = c.bucket.as_deref().map(str::trim).unwrap_or_default();
+            if bucket.is_empty() {
+                return Err(invalid("cache.bucket", "is required with cache.backend = \"s3\""));
+            }
+            let endpoint = match c.endpoint.as_deref() {
+                None => None,
+                Some(e) => {
+                    let u = url::Url::parse(e).map_err(|err| invalid("cache.endpoint", format!("{e:?}: {err}")))?;
+                    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                        return Err(invalid(
+                            "cache.endpoint",
+                            format!("{e:?} is not an http:// or https:// URL"),
+                        ));
+                    }
+                    Some(u)
+                }
+            };
+            let mut prefix = c.prefix.as_deref().unwrap_or_default().trim_matches('/').to_string();
+            if prefix.split('/').any(|p| p == "." || p == "..") {
+                return Err(invalid(
+                    "cache.prefix",
+                    format!("{prefix:?} must not hold . or .. components"),
+                ));
+            }
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            Ok(Some(BucketSettings {
+                bucket: bucket.to_string(),
+                endpoint,
+                region: c.region.clone(),
+                prefix,
+                credentials_file: c.credentials_file.clone(),
+            }))
+        }
+        other => Err(invalid(
+            "cache.backend",
+            format!("{other:?}: expected \"disk\" or \"s3\""),
+        )),
+    }
+}
+
 fn validate(raw: Config) -> Result<Settings, Invalid> {
     let https = parse_addr("server.https", raw.server.https.as_deref())?;
     let http = parse_addr("server.http", raw.server.http.as_deref())?;
@@ -762,6 +850,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
 
     let limits = validate_limits(raw.limits)?;
     let locals = validate_locals(raw.locals, &namespaces)?;
+    let bucket = validate_backend(&raw.cache)?;
     let connect_policy = validate_connect(raw.connect, &locals)?;
     let warm = validate_warm(raw.warm, &upstreams)?;
     let webhooks = validate_webhooks(raw.webhooks)?;
@@ -772,6 +861,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         server_name,
         ca_dir: raw.ca.dir,
         cache_dir: raw.cache.dir,
+        bucket,
         max_size,
         low_water,
         resolver_overrides,
@@ -1275,6 +1365,31 @@ mod tests {
 
     fn err(text: &str) -> String {
         Settings::from_toml(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_s3_backend_needs_a_bucket_and_its_keys_need_the_backend() {
+        let with = |lines: &str| DEFAULT_CONFIG.replacen("[cache]\n", &format!("[cache]\n{lines}\n"), 1);
+        let s = Settings::from_toml(
+            &with("backend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://garage:3900\"\nprefix = \"/a/b\""),
+            "t.toml",
+        )
+        .unwrap();
+        let bucket = s.bucket.expect("the s3 backend");
+        assert_eq!((bucket.bucket.as_str(), bucket.prefix.as_str()), ("b", "a/b/"));
+        assert_eq!(bucket.endpoint.unwrap().as_str(), "http://garage:3900/");
+        assert!(Settings::from_toml(DEFAULT_CONFIG, "t.toml").unwrap().bucket.is_none());
+
+        let e = err(&with("backend = \"s3\""));
+        assert!(e.contains("cache.bucket") && e.contains("required"), "{e}");
+        let e = err(&with("bucket = \"b\""));
+        assert!(e.contains("cache.bucket") && e.contains("only read with"), "{e}");
+        let e = err(&with("backend = \"s4\""));
+        assert!(e.contains("cache.backend") && e.contains("s4"), "{e}");
+        let e = err(&with("backend = \"s3\"\nbucket = \"b\"\nendpoint = \"ftp://x\""));
+        assert!(e.contains("cache.endpoint"), "{e}");
+        let e = err(&with("backend = \"s3\"\nbucket = \"b\"\nprefix = \"a/../b\""));
+        assert!(e.contains("cache.prefix"), "{e}");
     }
 
     #[test]

@@ -64,16 +64,30 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         .iter()
         .map(|u| (u.namespace.clone(), u.name.clone()))
         .collect();
-    let cache = cache::Cache::open_disk(
-        &settings.cache_dir,
-        namespace_moves,
-        settings.limits.download_concurrency,
-        cache::Limits {
-            max_size: settings.max_size,
-            low_water: settings.low_water,
-        },
-    )
-    .await
+    let limits = cache::Limits {
+        max_size: settings.max_size,
+        low_water: settings.low_water,
+    };
+    let cache = match &settings.bucket {
+        None => {
+            cache::Cache::open_disk(
+                &settings.cache_dir,
+                namespace_moves,
+                settings.limits.download_concurrency,
+                limits,
+            )
+            .await
+        }
+        Some(bucket) => {
+            cache::Cache::open_bucket(
+                bucket,
+                &settings.cache_dir,
+                settings.limits.download_concurrency,
+                limits,
+            )
+            .await
+        }
+    }
     .map_err(|source| StartError::Store {
         path: settings.cache_dir.display().to_string(),
         source,

@@ -1,6 +1,7 @@
 //! The content cache: verified, content-addressed bytes (`blob_store`),
 //! what upstream last said of tags (`meta_store`), their disk
-//! backend (`disk`), the single-flight fetch that fills the cache
+//! backend (`disk`) and their S3 backend (`s3`, behind a local read cache:
+//! `tiered`), the single-flight fetch that fills the cache
 //! (`fetch`), the streams that serve from it (`served`), and the size bound:
 //! a recency index (`index`) and the evictor that keeps the store under
 //! `cache.max_size` (`evict`).
@@ -22,10 +23,13 @@ pub mod index;
 pub mod listing;
 pub mod meta_store;
 mod progress;
+pub mod s3;
+mod s3_hosted;
 pub mod served;
 pub mod source;
-#[cfg(test)]
-mod store_suite;
+#[doc(hidden)]
+pub mod store_suite;
+pub mod tiered;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -65,6 +69,10 @@ pub struct Cache {
     /// Recency notes and the evictor; `None` for a cache without a bound
     /// (unit tests of the fetch path).
     life: Option<Arc<Lifecycle>>,
+    /// Pushed content is kept out of eviction: true where the store it is
+    /// evicted from is its only copy (disk), false where that is a read
+    /// cache in front of a bucket.
+    pin_pushed: bool,
     /// Recently served manifests, answered without the store.
     hot: hot::HotManifests,
     /// Tag records written lately, one per media type, so that upstream
@@ -102,6 +110,7 @@ impl Cache {
             downloads: Arc::new(Semaphore::new(download_concurrency.max(1))),
             repositories: Mutex::new(HashMap::new()),
             life: None,
+            pin_pushed: true,
             hot: hot::HotManifests::default(),
             written_tags: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(4096).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -137,6 +146,33 @@ impl Cache {
         Ok(cache)
     }
 
+    /// The cache on a bucket shared by every replica, with `dir` as this
+    /// replica's local read cache kept under `limits`. Nothing in the
+    /// bucket is read or listed here: the first request does that.
+    pub async fn open_bucket(
+        settings: &crate::config::BucketSettings,
+        dir: &Path,
+        download_concurrency: usize,
+        limits: Limits,
+    ) -> io::Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let local_dir = dir.to_path_buf();
+        let local = tokio::task::spawn_blocking(move || DiskStore::open_dir(&local_dir))
+            .await
+            .map_err(io::Error::other)??;
+        let local = Arc::new(local);
+        let bucket = Arc::new(s3::S3Store::connect(settings)?);
+        let tiered = Arc::new(tiered::TieredStore::new(local.clone(), bucket.clone()));
+        let mut cache = Cache::new(tiered.clone(), bucket.clone(), download_concurrency);
+        cache.hosted = Some(bucket);
+        cache.pin_pushed = false;
+        let life = Lifecycle::new(limits);
+        life.spawn(local, index_path);
+        tiered.set_lifecycle(life.clone());
+        cache.life = Some(life);
+        Ok(cache)
+    }
+
     /// The records of pushed repositories.
     pub fn hosted(&self) -> io::Result<&dyn HostedStore> {
         self.hosted
@@ -146,6 +182,9 @@ impl Cache {
 
     /// A pushed repository holds `d`: it is never evicted from now on.
     pub fn pin(&self, d: &Digest) {
+        if !self.pin_pushed {
+            return;
+        }
         if let Some(life) = &self.life {
             life.pin(d);
         }

@@ -14,6 +14,7 @@
 pub mod certs;
 pub mod clients;
 pub mod daemons;
+pub mod garage;
 pub mod images;
 pub mod matrix;
 pub mod push;

@@ -75,6 +75,10 @@ pub struct Config {
     pub private_etc: Option<(String, String)>,
     /// Run with `--log-format json` (one JSON object per log line).
     pub log_json: bool,
+    /// Lines added to `[cache]` (e.g. the S3 backend's keys).
+    pub cache_extra: String,
+    /// A CA directory to use instead of a fresh one (replicas share one).
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// Hostnames of the three standard upstreams.
@@ -97,6 +101,8 @@ impl Config {
             env: Vec::new(),
             private_etc: None,
             log_json: false,
+            cache_extra: String::new(),
+            ca_dir: None,
         }
     }
 
@@ -164,11 +170,15 @@ impl Config {
         if let Some(c) = self.connect {
             t = t.replacen("[server]\n", &format!("[server]\nconnect = {}\n", q(&c.to_string())), 1);
         }
-        t += &format!("[ca]\ndir = {}\n\n", p(&dir.join("certs")));
         t += &format!(
-            "[cache]\ndir = {}\nmax_size = {}\n\n",
+            "[ca]\ndir = {}\n\n",
+            p(&self.ca_dir.clone().unwrap_or_else(|| dir.join("certs")))
+        );
+        t += &format!(
+            "[cache]\ndir = {}\nmax_size = {}\n{}\n",
             p(&dir.join("data")),
-            q(&self.max_size)
+            q(&self.max_size),
+            self.cache_extra
         );
         if !self.overrides.is_empty() {
             let items: Vec<String> = self
@@ -279,7 +289,11 @@ impl Regmirror {
             .spawn()
             .expect("spawn regmirror");
         let mut rm = Regmirror {
-            ca_pem: dir.path().join("certs").join("ca.pem"),
+            ca_pem: config
+                .ca_dir
+                .clone()
+                .unwrap_or_else(|| dir.path().join("certs"))
+                .join("ca.pem"),
             cache_dir: dir.path().join("data"),
             config,
             config_path,

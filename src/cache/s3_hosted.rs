@@ -1,0 +1,187 @@
+//! The S3 backend of [`HostedStore`]: pushed repositories as keys, laid out
+//! as `disk_hosted` lays out directories, so every replica sees a push the
+//! moment its PUT returns.
+//!
+//! ```text
+//! local/<repo>/_blobs/<alg>-<hex>          a layer or config the repository holds
+//! local/<repo>/_manifests/<alg>-<hex>      a manifest the repository holds
+//! local/<repo>/_deleted/<alg>-<hex>        a manifest deleted through the API, until gc
+//! local/<repo>/_tags/<tag>                 the digest the tag points at
+//! local/<repo>/_referrers/<alg>-<hex>/<alg>-<hex>.json   a referrer's descriptor, by subject
+//! ```
+
+use std::io;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use object_store::path::Path;
+
+use super::hosted_store::{HostedStore, Link};
+use super::s3::S3Store;
+use crate::reference::{Digest, RepoName, Tag};
+
+const RECORDS: [&str; 5] = ["_blobs", "_manifests", "_tags", "_referrers", "_deleted"];
+
+fn link_dir(link: Link) -> &'static str {
+    match link {
+        Link::Blob => "_blobs",
+        Link::Manifest => "_manifests",
+        Link::Deleted => "_deleted",
+    }
+}
+
+fn key_name(d: &Digest) -> String {
+    format!("{}-{}", d.algorithm().name(), d.hex())
+}
+
+fn parse_key_name(name: &str) -> Option<Digest> {
+    let (alg, hex) = name.split_once('-')?;
+    Digest::parse(&format!("{alg}:{hex}")).ok()
+}
+
+fn hosted_key(repo: &RepoName) -> Path {
+    let mut p = Path::from("local");
+    for c in repo.components() {
+        p = p.join(c);
+    }
+    p
+}
+
+fn link_key(repo: &RepoName, link: Link, d: &Digest) -> Path {
+    hosted_key(repo).join(link_dir(link)).join(key_name(d))
+}
+
+fn tag_key(repo: &RepoName, tag: &Tag) -> Path {
+    hosted_key(repo).join("_tags").join(tag.as_str())
+}
+
+fn referrer_key(repo: &RepoName, subject: &Digest, referrer: &Digest) -> Path {
+    hosted_key(repo)
+        .join("_referrers")
+        .join(key_name(subject))
+        .join(format!("{}.json", key_name(referrer)))
+}
+
+#[async_trait]
+impl HostedStore for S3Store {
+    async fn link(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<()> {
+        self.put_small(&link_key(repo, link, d), Bytes::new()).await
+    }
+
+    async fn linked(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<bool> {
+        Ok(self.head(&link_key(repo, link, d)).await?.is_some())
+    }
+
+    async fn unlink(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<bool> {
+        self.delete_existing(&link_key(repo, link, d)).await
+    }
+
+    async fn links(&self, repo: &RepoName, link: Link) -> io::Result<Vec<Digest>> {
+        let (names, _) = self.list_names(&hosted_key(repo).join(link_dir(link))).await?;
+        Ok(names.iter().filter_map(|n| parse_key_name(n)).collect())
+    }
+
+    async fn link_age(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<Option<std::time::Duration>> {
+        let Some(meta) = self.head(&link_key(repo, link, d)).await? else {
+            return Ok(None);
+        };
+        let age = chrono_age(meta.last_modified.timestamp_millis());
+        Ok(Some(age))
+    }
+
+    async fn set_tag(&self, repo: &RepoName, tag: &Tag, d: &Digest) -> io::Result<()> {
+        self.put_small(&tag_key(repo, tag), Bytes::copy_from_slice(d.as_str().as_bytes()))
+            .await
+    }
+
+    async fn tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
+        let Some(data) = self.get_small(&tag_key(repo, tag)).await? else {
+            return Ok(None);
+        };
+        Ok(Digest::parse(String::from_utf8_lossy(&data).trim()).ok())
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool> {
+        self.delete_existing(&tag_key(repo, tag)).await
+    }
+
+    async fn tags(&self, repo: &RepoName) -> io::Result<Vec<(Tag, Digest)>> {
+        let (mut names, _) = self.list_names(&hosted_key(repo).join("_tags")).await?;
+        names.sort();
+        let tags: Vec<Tag> = names.iter().filter_map(|n| Tag::parse(n).ok()).collect();
+        let reads = tags.iter().map(|t| self.tag(repo, t));
+        let digests = futures_util::future::try_join_all(reads).await?;
+        Ok(tags
+            .into_iter()
+            .zip(digests)
+            .filter_map(|(t, d)| Some((t, d?)))
+            .collect())
+    }
+
+    async fn add_referrer(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+        descriptor: &[u8],
+    ) -> io::Result<()> {
+        self.put_small(
+            &referrer_key(repo, subject, referrer),
+            Bytes::copy_from_slice(descriptor),
+        )
+        .await
+    }
+
+    async fn remove_referrer(&self, repo: &RepoName, subject: &Digest, referrer: &Digest) -> io::Result<()> {
+        self.delete_key(&referrer_key(repo, subject, referrer)).await
+    }
+
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<Vec<u8>>> {
+        let dir = hosted_key(repo).join("_referrers").join(key_name(subject));
+        let (names, _) = self.list_names(&dir).await?;
+        let reads = names.iter().filter(|n| n.ends_with(".json")).map(|n| {
+            let key = dir.clone().join(n.as_str());
+            async move { self.get_small(&key).await }
+        });
+        Ok(futures_util::future::try_join_all(reads)
+            .await?
+            .into_iter()
+            .flatten()
+            .map(|b| b.to_vec())
+            .collect())
+    }
+
+    async fn repositories(&self, namespace: &str) -> io::Result<Vec<RepoName>> {
+        let Ok(ns) = RepoName::parse(namespace) else {
+            return Ok(Vec::new());
+        };
+        let base = Path::from("local");
+        let mut out = std::collections::BTreeSet::new();
+        for o in self.list_all(&hosted_key(&ns)).await? {
+            let parts: Vec<String> = o
+                .location
+                .prefix_match(&base)
+                .into_iter()
+                .flatten()
+                .map(|p| p.as_ref().to_string())
+                .collect();
+            if let Some(i) = parts.iter().position(|p| RECORDS.contains(&p.as_str())) {
+                let name = parts[..i].join("/");
+                if name != namespace {
+                    if let Ok(r) = RepoName::parse(&name) {
+                        out.insert(r.as_str().to_string());
+                    }
+                }
+            }
+        }
+        Ok(out.into_iter().filter_map(|n| RepoName::parse(&n).ok()).collect())
+    }
+}
+
+/// How long ago a time in ms since the Unix epoch was (zero if ahead).
+fn chrono_age(ms: i64) -> std::time::Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    std::time::Duration::from_millis(now.saturating_sub(ms).max(0) as u64)
+}

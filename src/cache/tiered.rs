@@ -1,0 +1,271 @@
+//! The S3 backend's content: the bucket every replica shares, behind this
+//! replica's bounded local read cache (a [`DiskStore`] in `cache.dir`,
+//! kept under `cache.max_size` by the evictor).
+//!
+//! A download is written to both at once: readers follow the local copy
+//! while parts stream to the bucket, and the bucket's copy is completed
+//! (made visible to every replica) before the local one. Content read from
+//! the bucket is copied into the local cache as it is served, and committed
+//! there only once its digest checks, so the next read is a local one.
+//! Evicting from the local cache never touches the bucket; deleting does.
+
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::blob_store::{BlobInfo, BlobStore, ByteStream, GrowingBlob, ListedBlob, PendingBlob, StoredBlob};
+use super::disk::DiskStore;
+use super::evict::Lifecycle;
+use super::index::Class;
+use super::s3::{BucketBlob, BucketUpload, S3Store};
+use crate::reference::Digest;
+
+/// Chunks a copy into the local cache may lag behind the client it is
+/// served to; beyond that (a slow disk) the copy is given up, never the
+/// client's stream.
+const COPY_BACKLOG: usize = 64;
+
+pub struct TieredStore {
+    local: Arc<DiskStore>,
+    bucket: Arc<S3Store>,
+    /// The local cache's bound keeper, told of each copy made from the
+    /// bucket (the fetch path tells it of downloads itself).
+    life: OnceLock<Arc<Lifecycle>>,
+}
+
+impl TieredStore {
+    pub fn new(local: Arc<DiskStore>, bucket: Arc<S3Store>) -> Self {
+        TieredStore {
+            local,
+            bucket,
+            life: OnceLock::new(),
+        }
+    }
+
+    pub fn set_lifecycle(&self, life: Arc<Lifecycle>) {
+        let _ = self.life.set(life);
+    }
+}
+
+#[async_trait]
+impl BlobStore for TieredStore {
+    async fn stat(&self, d: &Digest) -> io::Result<Option<BlobInfo>> {
+        if let Some(info) = self.local.stat(d).await? {
+            return Ok(Some(info));
+        }
+        self.bucket.stat_blob(d).await
+    }
+
+    async fn open(&self, d: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
+        if let Some(local) = self.local.open(d).await? {
+            return Ok(Some(local));
+        }
+        let Some(blob) = self.bucket.open_blob(d).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(CopiedBlob {
+            blob,
+            digest: d.clone(),
+            local: self.local.clone(),
+            life: self.life.get().cloned(),
+        })))
+    }
+
+    async fn begin(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>> {
+        let local = self.local.begin(d).await?;
+        Ok(Box::new(TieredPending {
+            local,
+            bucket: self.bucket.begin_blob(d),
+            digest: Some(d.clone()),
+        }))
+    }
+
+    async fn begin_upload(&self, id: &str) -> io::Result<Box<dyn PendingBlob>> {
+        let local = self.local.begin_upload(id).await?;
+        Ok(Box::new(TieredPending {
+            local,
+            bucket: self.bucket.begin_push(id),
+            digest: None,
+        }))
+    }
+
+    async fn delete(&self, d: &Digest) -> io::Result<()> {
+        self.bucket.delete_blob(d).await?;
+        self.local.delete(d).await
+    }
+
+    async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()> {
+        self.bucket.set_media_type(d, media_type).await?;
+        if self.local.stat(d).await?.is_some() {
+            self.local.set_media_type(d, media_type).await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_public(&self, d: &Digest) -> io::Result<()> {
+        self.bucket.mark_public(d).await?;
+        if self.local.stat(d).await?.is_some() {
+            self.local.mark_public(d).await?;
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> io::Result<Vec<ListedBlob>> {
+        self.bucket.list_blobs().await
+    }
+
+    async fn check_writable(&self) -> io::Result<()> {
+        self.local.check_writable().await?;
+        self.bucket.check_writable().await
+    }
+}
+
+/// A download or push written to the local cache and the bucket at once.
+struct TieredPending {
+    local: Box<dyn PendingBlob>,
+    bucket: BucketUpload,
+    digest: Option<Digest>,
+}
+
+#[async_trait]
+impl PendingBlob for TieredPending {
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.local.write(data.clone()).await?;
+        self.bucket.write(data).await
+    }
+
+    async fn reserve(&mut self, len: u64) -> io::Result<()> {
+        self.local.reserve(len).await
+    }
+
+    fn follower(&self) -> Arc<dyn GrowingBlob> {
+        self.local.follower()
+    }
+
+    async fn commit(mut self: Box<Self>, media_type: Option<&str>) -> io::Result<()> {
+        let d = self
+            .digest
+            .clone()
+            .ok_or_else(|| io::Error::other("an upload commits with commit_to"))?;
+        let type_key = media_type.map(|_| S3Store::type_key_of(&d));
+        self.bucket.commit(media_type, type_key).await?;
+        let TieredPending { local, .. } = *self;
+        if let Err(e) = local.commit(media_type).await {
+            // The bucket holds it: served from there until copied again.
+            tracing::warn!(digest = %d, error = %e, "stored in the bucket but not in the local read cache");
+        }
+        Ok(())
+    }
+
+    async fn commit_to(mut self: Box<Self>, d: &Digest, media_type: Option<&str>) -> io::Result<()> {
+        self.bucket.commit_to(d, media_type).await?;
+        let TieredPending { local, .. } = *self;
+        if let Err(e) = local.commit_to(d, media_type).await {
+            tracing::warn!(digest = %d, error = %e, "stored in the bucket but not in the local read cache");
+        }
+        Ok(())
+    }
+
+    fn written(&self) -> u64 {
+        self.local.written()
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        self.bucket.abort().await;
+        let TieredPending { local, .. } = *self;
+        local.abort().await;
+    }
+}
+
+/// Content served from the bucket, copied into the local cache on the way
+/// when it is read whole.
+struct CopiedBlob {
+    blob: BucketBlob,
+    digest: Digest,
+    local: Arc<DiskStore>,
+    life: Option<Arc<Lifecycle>>,
+}
+
+impl StoredBlob for CopiedBlob {
+    fn info(&self) -> &BlobInfo {
+        self.blob.info()
+    }
+
+    fn read(self: Box<Self>, start: u64, end: u64) -> ByteStream {
+        let info = self.blob.info().clone();
+        let whole = start == 0 && end == info.size;
+        let stream = Box::new(self.blob).read(start, end);
+        if !whole {
+            return stream;
+        }
+        let (tx, rx) = mpsc::channel::<Bytes>(COPY_BACKLOG);
+        tokio::spawn(copy_to_local(rx, self.local, self.digest, info, self.life));
+        let mut tx = Some(tx);
+        Box::pin(stream.map(move |chunk| {
+            if let (Ok(c), Some(sender)) = (&chunk, &tx) {
+                if sender.try_send(c.clone()).is_err() {
+                    // The disk is behind (or failed): no copy this time.
+                    tx = None;
+                }
+            }
+            if chunk.is_err() {
+                tx = None;
+            }
+            chunk
+        }))
+    }
+}
+
+/// Writes what `rx` brings to the local cache and commits it once it is
+/// all there and its digest checks; anything less leaves nothing behind.
+async fn copy_to_local(
+    mut rx: mpsc::Receiver<Bytes>,
+    local: Arc<DiskStore>,
+    d: Digest,
+    info: BlobInfo,
+    life: Option<Arc<Lifecycle>>,
+) {
+    let mut pending = match local.begin(&d).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(digest = %d, error = %e, "no local copy of bucket content");
+            return;
+        }
+    };
+    let mut hasher = d.hasher();
+    while let Some(chunk) = rx.recv().await {
+        hasher.update(&chunk);
+        if let Err(e) = pending.write(chunk).await {
+            tracing::debug!(digest = %d, error = %e, "no local copy of bucket content");
+            pending.abort().await;
+            return;
+        }
+    }
+    // The sender is dropped both at the end and when the copy was given up:
+    // only the length and the digest tell them apart.
+    if pending.written() != info.size || hasher.finish() != d {
+        pending.abort().await;
+        return;
+    }
+    if let Err(e) = pending.commit(info.media_type.as_deref()).await {
+        tracing::debug!(digest = %d, error = %e, "no local copy of bucket content");
+        return;
+    }
+    if info.public {
+        if let Err(e) = local.mark_public(&d).await {
+            tracing::debug!(digest = %d, error = %e, "local copy without its provenance");
+        }
+    }
+    if let Some(life) = life {
+        let class = if info.media_type.is_some() {
+            Class::Manifest
+        } else {
+            Class::Layer
+        };
+        life.added(&d, info.size, class);
+    }
+}
