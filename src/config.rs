@@ -59,6 +59,30 @@ pub struct Config {
     /// upstreams going down and up) are POSTed.
     #[serde(rename = "webhook", default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// `[cluster]`: the other replicas on the same bucket, which a cold
+    /// digest is fetched through (its owner) so the cluster fetches it once.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This replica's plain listener as the others reach it
+    /// (`http://10.0.0.1:5000`); `${VAR}` is replaced from the environment
+    /// (`http://${POD_IP}:5000`), since one config serves every replica.
+    #[serde(rename = "self")]
+    pub self_url: String,
+    /// Every member, this one included.
+    pub peers: Option<Vec<String>>,
+    /// A name whose addresses are the members (a Kubernetes headless
+    /// Service), with `self`'s scheme and port; looked up again every 10 s.
+    pub peers_dns: Option<String>,
+    /// The secret every member shares; peer requests are signed with it.
+    pub secret_file: PathBuf,
+    /// How long to wait for the owner to take a connection before fetching
+    /// from upstream directly (default `"1s"`).
+    pub owner_timeout: Option<String>,
 }
 
 /// `[[webhook]]` as written.
@@ -277,6 +301,25 @@ pub struct Settings {
     pub connect_policy: ConnectPolicy,
     pub warm: Vec<WarmSchedule>,
     pub webhooks: Vec<Webhook>,
+    pub cluster: Option<Cluster>,
+}
+
+/// A validated `[cluster]`.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub self_url: url::Url,
+    pub members: ClusterMembers,
+    pub secret: SigningKey,
+    pub owner_timeout: Duration,
+}
+
+/// Who the members are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterMembers {
+    /// `peers`: fixed, `self` among them.
+    Listed(Vec<url::Url>),
+    /// `peers_dns`: the addresses of this name.
+    Dns(String),
 }
 
 /// A validated `[cache] backend = "s3"`: the bucket every replica shares.
@@ -302,17 +345,18 @@ pub struct Webhook {
     pub url: url::Url,
     /// The kinds it is sent, each once, in the order of [`crate::events::Kind::ALL`].
     pub events: Vec<crate::events::Kind>,
-    pub secret: Option<WebhookSecret>,
+    pub secret: Option<SigningKey>,
     pub queue: usize,
 }
 
-/// The key of a webhook's signature, kept out of `Debug` output (logs).
+/// The key of a signature (a webhook's, the cluster's peer requests), kept out of
+/// `Debug` output (logs).
 #[derive(Clone)]
-pub struct WebhookSecret(pub std::sync::Arc<[u8]>);
+pub struct SigningKey(pub std::sync::Arc<[u8]>);
 
-impl std::fmt::Debug for WebhookSecret {
+impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WebhookSecret(<redacted>)")
+        f.write_str("SigningKey(<redacted>)")
     }
 }
 
@@ -552,6 +596,100 @@ type Invalid = (String, String);
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
     (key.into(), message.into())
+}
+
+/// A member's address: `http://host:port` and nothing more (peer requests
+/// add their own paths).
+fn member_url(key: &str, raw: &str) -> Result<url::Url, Invalid> {
+    let u = url::Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?}: {e}")))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() || u.path() != "/" || u.query().is_some() {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must be http(s)://host:port, nothing after"),
+        ));
+    }
+    Ok(u)
+}
+
+/// Replaces `${NAME}` with the environment's NAME; an unset one is an error.
+fn expand_env(key: &str, raw: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Invalid> {
+    let mut out = String::new();
+    let mut rest = raw;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(invalid(key, format!("{raw:?}: unclosed ${{")));
+        };
+        let name = &after[..end];
+        let value = env(name).ok_or_else(|| invalid(key, format!("{raw:?}: ${{{name}}} is not set")))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn validate_cluster(c: &ClusterConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Cluster, Invalid> {
+    let self_url = member_url("cluster.self", &expand_env("cluster.self", &c.self_url, env)?)?;
+    let members = match (&c.peers, &c.peers_dns) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(invalid(
+                "cluster",
+                "set exactly one of cluster.peers and cluster.peers_dns",
+            ));
+        }
+        (Some(peers), None) => {
+            let mut urls = Vec::new();
+            for p in peers {
+                urls.push(member_url("cluster.peers", p)?);
+            }
+            if !urls.contains(&self_url) {
+                return Err(invalid(
+                    "cluster.peers",
+                    format!("must list this replica's own address ({self_url}, cluster.self) too"),
+                ));
+            }
+            urls.sort();
+            urls.dedup();
+            ClusterMembers::Listed(urls)
+        }
+        (None, Some(name)) => {
+            if !valid_hostname(name) {
+                return Err(invalid(
+                    "cluster.peers_dns",
+                    format!("{name:?} is not a valid DNS name"),
+                ));
+            }
+            ClusterMembers::Dns(name.clone())
+        }
+    };
+    let text = std::fs::read(&c.secret_file).map_err(|e| {
+        invalid(
+            "cluster.secret_file",
+            format!("cannot read {}: {e}", c.secret_file.display()),
+        )
+    })?;
+    let secret = String::from_utf8_lossy(&text).trim().as_bytes().to_vec();
+    if secret.len() < 16 {
+        return Err(invalid(
+            "cluster.secret_file",
+            format!(
+                "{} holds fewer than 16 bytes: too easy to guess",
+                c.secret_file.display()
+            ),
+        ));
+    }
+    let owner_timeout = match c.owner_timeout.as_deref() {
+        None => Duration::from_secs(1),
+        Some(t) => parse_duration(t).map_err(|m| invalid("cluster.owner_timeout", m))?,
+    };
+    Ok(Cluster {
+        self_url,
+        members,
+        secret: SigningKey(secret.into()),
+        owner_timeout,
+    })
 }
 
 /// `[cache] backend` and the bucket keys: refused when set for a backend
@@ -854,6 +992,18 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
     let connect_policy = validate_connect(raw.connect, &locals)?;
     let warm = validate_warm(raw.warm, &upstreams)?;
     let webhooks = validate_webhooks(raw.webhooks)?;
+    let cluster = match &raw.cluster {
+        None => None,
+        Some(c) => {
+            if bucket.is_none() {
+                return Err(invalid(
+                    "cluster",
+                    "replicas share content through a bucket: set cache.backend = \"s3\"",
+                ));
+            }
+            Some(validate_cluster(c, &|v| std::env::var(v).ok())?)
+        }
+    };
 
     Ok(Settings {
         https,
@@ -873,6 +1023,7 @@ fn validate(raw: Config) -> Result<Settings, Invalid> {
         connect_policy,
         warm,
         webhooks,
+        cluster,
     })
 }
 
@@ -920,7 +1071,7 @@ fn validate_webhooks(raw: Vec<WebhookConfig>) -> Result<Vec<Webhook>, Invalid> {
                 if bytes.is_empty() {
                     return Err(invalid(key("secret_file"), format!("{} is empty", path.display())));
                 }
-                Some(WebhookSecret(bytes.into()))
+                Some(SigningKey(bytes.into()))
             }
         };
         let queue = match w.queue {
@@ -1390,6 +1541,51 @@ mod tests {
         assert!(e.contains("cache.endpoint"), "{e}");
         let e = err(&with("backend = \"s3\"\nbucket = \"b\"\nprefix = \"a/../b\""));
         assert!(e.contains("cache.prefix"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_needs_the_bucket_its_own_address_and_a_real_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        let s3 = DEFAULT_CONFIG.replacen("[cache]\n", "[cache]\nbackend = \"s3\"\nbucket = \"b\"\n", 1);
+        let with = |base: &str, cluster: &str| format!("{base}\n[cluster]\nsecret_file = {secret:?}\n{cluster}\n");
+        let listed = "self = \"http://10.0.0.1:5000\"\npeers = [\"http://10.0.0.2:5000\", \"http://10.0.0.1:5000\"]";
+        let c = Settings::from_toml(&with(&s3, listed), "t.toml")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.owner_timeout, Duration::from_secs(1));
+        let ClusterMembers::Listed(m) = &c.members else {
+            panic!("listed")
+        };
+        assert_eq!(m.len(), 2);
+
+        let e = err(&with(DEFAULT_CONFIG, listed));
+        assert!(e.contains("cluster") && e.contains("s3"), "{e}");
+        let e = err(&with(
+            &s3,
+            "self = \"http://10.0.0.3:5000\"\npeers = [\"http://10.0.0.2:5000\"]",
+        ));
+        assert!(e.contains("cluster.peers") && e.contains("own address"), "{e}");
+        let e = err(&with(&s3, &format!("{listed}\npeers_dns = \"peers.svc\"")));
+        assert!(e.contains("exactly one"), "{e}");
+        let e = err(&with(
+            &s3,
+            "self = \"http://10.0.0.1:5000/path\"\npeers_dns = \"peers.svc\"",
+        ));
+        assert!(e.contains("cluster.self"), "{e}");
+        std::fs::write(&secret, "short").unwrap();
+        let e = err(&with(&s3, listed));
+        assert!(e.contains("cluster.secret_file") && e.contains("16 bytes"), "{e}");
+
+        let env = |v: &str| (v == "POD_IP").then(|| "10.1.2.3".to_string());
+        assert_eq!(
+            expand_env("k", "http://${POD_IP}:5000", &env).unwrap(),
+            "http://10.1.2.3:5000"
+        );
+        let e = expand_env("cluster.self", "http://${NOPE}:5000", &env).unwrap_err();
+        assert!(e.1.contains("NOPE"), "{e:?}");
     }
 
     #[test]

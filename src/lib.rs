@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod local;
@@ -110,6 +111,14 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
             })?;
         auth.local = Some(auth::local::LocalAuth::new(settings.locals.clone(), signer));
     }
+    let cluster = match &settings.cluster {
+        None => None,
+        Some(c) => {
+            let c = Arc::new(cluster::Cluster::new(c).map_err(|e| StartError::Listen(std::io::Error::other(e)))?);
+            c.spawn_discovery();
+            Some(c)
+        }
+    };
     let app = Arc::new(registry::App {
         routes: route::RouteTable::from_settings(&settings),
         upstreams,
@@ -121,6 +130,7 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         tag_asks: Default::default(),
         settings,
         hosted: local::Hosted::default(),
+        cluster,
     });
     local::Hosted::spawn_background(&app);
     warm::schedule::spawn(&app);

@@ -107,6 +107,14 @@ pub struct WebhookLabel {
     pub webhook: String,
 }
 
+/// What became of a cold digest another replica owns (`[cluster]`):
+/// `owner` (streamed from it) or `fallback` (fetched here: the owner did
+/// not answer, or refused).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerFetchLabels {
+    pub result: &'static str,
+}
+
 /// One delivery attempt to a webhook and how it went: `ok` or `failed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookDeliveryLabels {
@@ -202,6 +210,10 @@ pub struct Metrics {
     pub webhook_deliveries: Family<WebhookDeliveryLabels, Counter>,
     /// Events dropped from a full webhook queue (oldest first).
     pub webhook_dropped: Family<WebhookLabel, Counter>,
+    /// Cold digests owned by another replica, by how they were fetched.
+    pub peer_fetches: Family<PeerFetchLabels, Counter>,
+    /// Requests claiming to come from a replica whose signature failed.
+    pub peer_refused: Counter,
 }
 
 /// The one registry of the process.
@@ -250,6 +262,8 @@ impl Metrics {
             local_refused: Counter::default(),
             webhook_deliveries: Family::default(),
             webhook_dropped: Family::default(),
+            peer_fetches: Family::default(),
+            peer_refused: Counter::default(),
         };
         let mut r = Registry::with_prefix("regmirror");
         r.register(
@@ -449,6 +463,16 @@ impl Metrics {
             "webhook_dropped",
             "events dropped from a full webhook queue, oldest first",
             m.webhook_dropped.clone(),
+        );
+        r.register(
+            "peer_fetches",
+            "cold digests another replica owns, by result (owner: streamed from it, fallback: fetched here)",
+            m.peer_fetches.clone(),
+        );
+        r.register(
+            "peer_refused",
+            "requests signed as a replica's whose signature did not verify",
+            m.peer_refused.clone(),
         );
         m.registry = r;
         m

@@ -21,6 +21,7 @@ fn schema_keys() -> BTreeSet<String> {
         ("ConnectConfig", "connect"),
         ("WarmConfig", "warm"),
         ("WebhookConfig", "webhook"),
+        ("ClusterConfig", "cluster"),
     ];
     let mut keys = BTreeSet::new();
     for (name, section) in sections {
@@ -29,11 +30,16 @@ fn schema_keys() -> BTreeSet<String> {
             .unwrap_or_else(|| panic!("src/config.rs has no struct {name}"));
         let body = &CONFIG_RS[start..];
         let body = &body[..body.find("\n}").expect("struct end")];
+        // A `#[serde(rename = "x")]` line names the key of the field after it.
+        let mut renamed: Option<String> = None;
         for line in body.lines().skip(1) {
             let line = line.trim();
-            if let Some(rest) = line.strip_prefix("pub ") {
+            if let Some(rest) = line.strip_prefix("#[serde(rename = \"") {
+                renamed = rest.split('"').next().map(str::to_string);
+            } else if let Some(rest) = line.strip_prefix("pub ") {
                 let field = rest.split(':').next().unwrap_or("").trim();
-                keys.insert(format!("{section}.{field}"));
+                let key = renamed.take().unwrap_or_else(|| field.to_string());
+                keys.insert(format!("{section}.{key}"));
             }
         }
     }

@@ -39,6 +39,12 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn open(&self, d: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>>;
     /// Starts writing content that is not stored yet.
     async fn begin(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>>;
+    /// Starts writing content another replica is storing in the store the
+    /// replicas share: a backend with a local tier writes only that. The
+    /// same as [`BlobStore::begin`] for a backend that shares nothing.
+    async fn begin_unshared(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>> {
+        self.begin(d).await
+    }
     /// Starts writing a push whose digest the client names only at the
     /// end: it becomes visible with [`PendingBlob::commit_to`]. `id` is the
     /// upload session's, for finding strays.

@@ -237,7 +237,12 @@ impl Cache {
             }
         }
         let limit = length.or(max_len);
-        let begun = match self.blobs.begin(digest).await {
+        let begun = if source.stored_by_sender {
+            self.blobs.begin_unshared(digest).await
+        } else {
+            self.blobs.begin(digest).await
+        };
+        let begun = match begun {
             Ok(mut p) => match length {
                 Some(len) => p.reserve(len).await.map(|()| p),
                 None => Ok(p),
@@ -579,6 +584,7 @@ mod tests {
             .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
             .collect();
         Source {
+            stored_by_sender: false,
             media_type: None,
             length: Some(len),
             max_len: None,

@@ -21,6 +21,10 @@ pub struct Source {
     /// Where `body` begins in the content: 0, or the offset a resumed
     /// download asked for when upstream honoured the range.
     pub start: u64,
+    /// The sender stores this content where every replica reads it (the
+    /// digest's owner writing the shared bucket): kept in this replica's
+    /// local cache only, not written to the bucket a second time.
+    pub stored_by_sender: bool,
     pub body: ByteStream,
 }
 

@@ -84,6 +84,10 @@ impl BlobStore for TieredStore {
         }))
     }
 
+    async fn begin_unshared(&self, d: &Digest) -> io::Result<Box<dyn PendingBlob>> {
+        self.local.begin(d).await
+    }
+
     async fn begin_upload(&self, id: &str) -> io::Result<Box<dyn PendingBlob>> {
         let local = self.local.begin_upload(id).await?;
         Ok(Box::new(TieredPending {

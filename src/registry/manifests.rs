@@ -555,6 +555,7 @@ async fn by_tag_without_digest(
             Box::pin(async move {
                 let body = futures_util::stream::once(async move { Ok(bytes) });
                 Ok(Source {
+                    stored_by_sender: false,
                     media_type,
                     length,
                     max_len: None,

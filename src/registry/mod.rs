@@ -57,6 +57,8 @@ pub struct App {
     pub warming: crate::warm::runs::WarmRuns,
     /// Tag questions upstream is being asked now, shared by anonymous requests.
     pub tag_asks: tag_asks::TagAsks,
+    /// The other replicas on the bucket (`[cluster]`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// What the listener knows of the connection a request came on.
@@ -193,6 +195,26 @@ fn ns_param(query: Option<&str>) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// A request signed as a replica's must verify: a client that sends the
+/// header without the cluster's secret is refused, logged and counted.
+fn check_peer<B>(app: &App, req: &Request<B>) -> Result<(), RegistryError> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let verified = match &app.cluster {
+        Some(c) => c
+            .verify(req.headers(), req.method().as_str(), path)
+            .map_err(|e| e.to_string()),
+        None => Err("this replica has no [cluster]".to_string()),
+    };
+    match verified {
+        Ok(_) => Ok(()),
+        Err(reason) => {
+            METRICS.peer_refused.inc();
+            tracing::warn!(path, reason, "refused a request signed as a replica's");
+            Err(RegistryError::unauthorized(format!("peer signature refused: {reason}")))
+        }
+    }
+}
+
 async fn dispatch<B>(
     app: &Arc<App>,
     conn: &ConnInfo,
@@ -232,6 +254,9 @@ where
         if let Some(e) = misdirected(app, conn.sni.as_deref(), host) {
             return Err(e);
         }
+    }
+    if req.headers().contains_key(crate::cluster::PEER_HEADER) {
+        check_peer(app, &req)?;
     }
     let endpoint = route(&app.routes, host, req.uri().path(), req.uri().query())?;
     describe(app, &endpoint, host, req.uri().query(), info);
@@ -587,6 +612,7 @@ pub(crate) fn source_from(resp: crate::upstream::Response, max_len: Option<u64>)
         .get_or_create(&crate::metrics::UpstreamLabel::of(resp.upstream()))
         .clone();
     crate::cache::Source {
+        stored_by_sender: false,
         media_type: resp.header(header::CONTENT_TYPE).map(str::to_string),
         length: resp.content_length(),
         max_len,
