@@ -44,10 +44,26 @@ if [[ $("$garage_root/bin/garage" --version 2>/dev/null | awk '{print $2}') != "
 fi
 export REGMIRROR_GARAGE_BIN="$garage_root/bin/garage"
 
+# tests/deploy.rs validates deploy/kubernetes/ with kubernetes-validate
+# (PyPI, pinned): it bundles the Kubernetes schemas, so the test runs offline.
+kubernetes_validate=1.37.0
+if [[ $(python3 -m pip show kubernetes-validate 2>/dev/null | sed -n 's/^Version: //p') != "$kubernetes_validate" ]]; then
+  echo "==> pip install kubernetes-validate==$kubernetes_validate"
+  python3 -m pip install -q --root-user-action=ignore "kubernetes-validate==$kubernetes_validate"
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+# The static binary tests/deploy.rs builds the container image from (the
+# Dockerfile's command). Without fat LTO and with 16 codegen units: that test
+# only runs `check` and `ca export` in the image, which the release profile's
+# whole-program optimisation does not change, and it would cost minutes of
+# CI time on 2 cores. Build an image to ship with the Dockerfile's command.
+echo "==> static binary for the image test"
+RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+  cargo build --locked --release --target x86_64-unknown-linux-gnu
 echo "==> cargo test"
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
 echo "==> scripts/bench.sh --quick"
