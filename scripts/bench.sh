@@ -9,8 +9,9 @@
 #   scripts/bench.sh --reps N   repetitions (default 3)
 #   scripts/bench.sh --out F    where the report goes (default docs/BENCHMARKS.md; quick: none)
 #   scripts/bench.sh --only A,B only these figures (cold manifest h2m1 blob1 blob64 tag conns rss
-#                               pull cold8 evict idle herd push); prints the tables; with --out,
-#                               rewrites only the tables of the groups it measured (cache, registry)
+#                               pull cold8 evict idle herd push s3); prints the tables; with --out,
+#                               rewrites only the tables of the groups it measured (cache, registry,
+#                               replicas)
 #   scripts/bench.sh --hold     start and warm every peer, print how to reach them, and wait
 #                               (for perf or a load generator by hand); Ctrl-C stops them all
 #
@@ -37,6 +38,11 @@
 # and, for the push figures, two private registries addressed as https://push.bench:
 #   127.0.9.6  regmirror     a second instance, with a [[local]] namespace and htpasswd logins
 #   127.0.9.7  dist-auth     Debian's docker-registry with the same htpasswd file
+# and, for the replica figures (s3), the S3 backend on a one-node Garage:
+#   127.0.9.8  regmirror-s3  a third instance, cache.backend = "s3", its local read cache emptied
+#                            before each cold-local GET
+#   127.0.9.9  garage        Garage (crates.io, installed by scripts/test.sh), read directly with
+#                            curl --aws-sigv4 for the comparison
 # Clients address every peer as https://registry-1.docker.io (curl --resolve,
 # h2load --connect-to, skopeo in a mount namespace with its own /etc/hosts).
 # Needs root (port 443, unshare --mount). Installs its tools with apt when missing.
@@ -144,6 +150,8 @@ wait_tls() { # wait_tls IP: until something answers TLS on IP:443
 H=registry-1.docker.io
 UP=127.0.9.1 RM=127.0.9.2 DP=127.0.9.3 NC=127.0.9.4 NS=127.0.9.5
 declare -A IP=([direct]=$UP [regmirror]=$RM [dist-proxy]=$DP [nginx-cache]=$NC [nginx-static]=$NS)
+RS=127.0.9.8 GA=127.0.9.9
+IP[regmirror-s3]=$RS
 
 # ---------------------------------------------------------------- certificates
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/ca.key" \
@@ -666,6 +674,104 @@ trim() { # trim REP PEERS...: the first repetition measures every peer; later on
   done
 }
 
+# ---------------------------------------------------------------- replicas (S3 backend)
+# One Garage node (replication_factor 1: what is measured is regmirror's cost
+# over the store, not the store's replication) holding the bucket, a regmirror
+# replica on it, and curl reading the same object from Garage directly.
+GARAGE_BIN=${REGMIRROR_GARAGE_BIN:-/var/cache/regmirror-ci/garage/bin/garage}
+GK=GK0123456789abcdef01234567
+GS=5ec2e7d0c0ffee5ec2e7d0c0ffee5ec2e7d0c0ffee5ec2e7d0c0ffee5ec2e7d0
+start_garage() {
+  [[ -x $GARAGE_BIN ]] || fail "no Garage at $GARAGE_BIN (scripts/test.sh installs it; or set REGMIRROR_GARAGE_BIN)"
+  mkdir -p "$W/garage"
+  cat >"$W/garage/garage.toml" <<EOF
+metadata_dir = "$W/garage/meta"
+data_dir = "$W/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6"
+rpc_bind_addr = "$GA:3901"
+rpc_public_addr = "$GA:3901"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "$GA:3900"
+EOF
+  "$GARAGE_BIN" -c "$W/garage/garage.toml" server >"$W/garage/log" 2>&1 &
+  PID[garage]=$!
+  local g=("$GARAGE_BIN" -c "$W/garage/garage.toml") id=""
+  # `node id` reads the key on disk; `status` needs the server to answer.
+  for _ in $(seq 100); do "${g[@]}" status >/dev/null 2>&1 && id=$("${g[@]}" node id -q 2>/dev/null) && break; sleep 0.2; done
+  [[ -n $id ]] || fail "garage did not start: $(tail -5 "$W/garage/log")"
+  "${g[@]}" layout assign -z dc1 -c 10G "${id:0:16}" >/dev/null
+  "${g[@]}" layout apply --version 1 >/dev/null
+  for _ in $(seq 50); do "${g[@]}" key import --yes -n bench "$GK" "$GS" >/dev/null 2>&1 && break; sleep 0.2; done
+  "${g[@]}" bucket create regmirror >/dev/null
+  "${g[@]}" bucket allow --read --write --owner regmirror --key "$GK" >/dev/null
+}
+start_regmirror_s3() {
+  mkdir -p "$W/rm-s3"
+  sed -e "s|$RM:|$RS:|g" -e "s|dir = \"$W/rm/data\"|dir = \"$W/rm-s3/data\"|" "$W/rm/config.toml" >"$W/rm-s3/config.toml"
+  sed -i "s|^max_size = \"20GiB\"|max_size = \"20GiB\"\nbackend = \"s3\"\nbucket = \"regmirror\"\nendpoint = \"http://$GA:3900\"\nregion = \"garage\"\nprefix = \"bench/\"|" \
+    "$W/rm-s3/config.toml"
+  AWS_ACCESS_KEY_ID=$GK AWS_SECRET_ACCESS_KEY=$GS "$RM_BIN" serve --config "$W/rm-s3/config.toml" >>"$W/rm-s3/log" 2>&1 &
+  PID[regmirror-s3]=$!
+  for _ in $(seq 100); do
+    c regmirror-s3 -s -o /dev/null --max-time 1 "https://$H/v2/" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  fail "regmirror-s3 did not start (log: $(tail -5 "$W/rm-s3/log"))"
+}
+garage_blob() { # garage_blob → MiB/s of one GET of the big blob's object straight from Garage
+  local r
+  r=$(curl -sS -f --aws-sigv4 "aws:amz:garage:s3" --user "$GK:$GS" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
+    -o /dev/null -w '%{time_total} %{size_download}' "http://$GA:3900/regmirror/bench/blobs/sha256/${BIG#sha256:}")
+  [[ ${r#* } == "$BIG_SIZE" ]] || fail "garage: short object ($r)"
+  awk -v t="${r% *}" -v n="$BIG_SIZE" 'BEGIN {printf "%.1f", n / 1048576 / t}'
+}
+s3_cold_local() { # s3_cold_local: appends to S3_RATES the MiB/s of one GET through regmirror-s3
+  # started with an empty local read cache. Not in a $(…) subshell: the
+  # restarted process must stay in PID, or it would outlive the run.
+  local r
+  stop regmirror-s3
+  rm -rf "$W/rm-s3/data"
+  start_regmirror_s3
+  r=$(c regmirror-s3 --http1.1 -f -o /dev/null -w '%{time_total} %{size_download}' "$REPO_URL/blobs/$BIG")
+  [[ ${r#* } == "$BIG_SIZE" ]] || fail "regmirror-s3: short blob ($r)"
+  S3_RATES+=("$(awk -v t="${r% *}" -v n="$BIG_SIZE" 'BEGIN {printf "%.1f", n / 1048576 / t}')")
+}
+replica_figures() { # replica_figures REP: cold-local replica vs Garage, then local hits vs the disk backend
+  local round g=() l=() d=()
+  S3_RATES=()
+  for round in 0 1 2; do
+    if ((($1 + round) % 2 == 0)); then
+      g+=("$(garage_blob)"); s3_cold_local
+    else
+      s3_cold_local; g+=("$(garage_blob)")
+    fi
+  done
+  record s3_cold_local_mibs garage "$(median "${g[@]}")"
+  record s3_cold_local_mibs regmirror "$(median "${S3_RATES[@]}")"
+  # The whole read above was copied into the local read cache as it was
+  # served; let the copy commit, then the hits are local.
+  for _ in $(seq 50); do find "$W/rm-s3/data/blobs" -name "${BIG#sha256:}" | grep -q . && break; sleep 0.1; done
+  for round in 0 1; do
+    if ((($1 + round) % 2 == 0)); then
+      l+=("$(blob_one regmirror-s3)"); d+=("$(blob_one regmirror)")
+    else
+      d+=("$(blob_one regmirror)"); l+=("$(blob_one regmirror-s3)")
+    fi
+  done
+  record s3_local_mibs regmirror "$(median "${l[@]}")"
+  record s3_local_mibs regmirror-disk "$(median "${d[@]}")"
+}
+if want s3; then
+  echo "==> starting Garage and regmirror-s3"
+  start_garage
+  start_regmirror_s3
+  # The first pull through it puts the image in the bucket.
+  warm regmirror-s3
+fi
+
 # ---------------------------------------------------------------- push (private registry)
 # regmirror with a [[local]] namespace beside distribution with htpasswd auth
 # (what teams run as their private registry), both addressed as https://push.bench
@@ -817,6 +923,11 @@ for ((rep = 0; rep < reps; rep++)); do
   if want blob1; then
     for p in $(rotate "$rep" $(trim "$rep" "${all_peers[@]}")); do record blob1_mibs "$p" "$(blob_one "$p")"; done
     lap blob1
+  fi
+  # Beside blob1, while the disk backend's regmirror holds the bench image.
+  if want s3; then
+    replica_figures "$rep"
+    lap s3
   fi
   # 64 × the big blob: only where a target is (distribution takes minutes).
   if want blob64 || want rss; then

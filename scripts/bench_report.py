@@ -23,8 +23,22 @@ GROUPS = {
         "begin": "<!-- bench:registry:begin (written by scripts/bench.sh; edit outside the markers) -->",
         "end": "<!-- bench:registry:end -->",
     },
+    "replicas": {
+        "peers": ["garage", "regmirror-disk", "regmirror"],
+        "begin": "<!-- bench:replicas:begin (written by scripts/bench.sh; edit outside the markers) -->",
+        "end": "<!-- bench:replicas:end -->",
+    },
 }
 REGISTRY_FIGURES = {"push_s", "push_pull_s", "push8_s", "push8_rss_mib"}
+REPLICA_FIGURES = {"s3_cold_local_mibs", "s3_local_mibs"}
+
+
+def group_of(figure):
+    if figure in REGISTRY_FIGURES:
+        return "registry"
+    if figure in REPLICA_FIGURES:
+        return "replicas"
+    return "cache"
 
 # key: (label, unit, [(peer, comparison, target ratio regmirror/peer)])
 # A peer of None compares regmirror's own value with the target; a comparison
@@ -56,6 +70,12 @@ FIGURES = [
     ("push_pull_s", "pull of that pushed image back (skopeo, login; median of 3 per repetition)", "s", [("dist-auth", "<=", 1.0)]),
     ("push8_s", "8 concurrent pushes of the {image} MiB image to distinct repositories, time", "s", [("dist-auth", "<=", 1.0)]),
     ("push8_rss_mib", "peak RSS (VmHWM) of the registry during those 8 concurrent pushes", "MiB", [("dist-auth", "<=", 1.0)]),
+    # The S3 backend (regmirror, cache.backend = "s3", on one Garage node): a blob the bucket
+    # holds, through a replica whose local read cache is empty (restarted empty before each
+    # GET), against curl reading the same object from Garage; then hits from its local read
+    # cache against the disk backend's (regmirror-disk: the single-node instance above).
+    ("s3_cold_local_mibs", "warm {big} MiB blob GET through a replica whose local read cache is cold (from the bucket), 1 client (median of 3 per repetition, taking turns with curl)", "MiB/s", [("garage", ">=", 0.9)]),
+    ("s3_local_mibs", "warm {big} MiB blob GET from the replica's local read cache, 1 client (median of 2 × 3 GETs per repetition, taking turns)", "MiB/s", [("regmirror-disk", ">=", 0.9)]),
     # The server's own CPU during the client-bound figures: their time is mostly the
     # client's (skopeo, h2load) on the same two cores. No target. regmirror's is its own
     # process (the upstream's ~2 ms for its tag HEAD per pull is not counted).
@@ -129,7 +149,7 @@ def main():
     new = old
     missed_all = 0
     for group, g in GROUPS.items():
-        figures = [f for f in FIGURES if (f[0] in REGISTRY_FIGURES) == (group == "registry")]
+        figures = [f for f in FIGURES if group_of(f[0]) == group]
         if not any((f[0], p) in data for f in figures for p in g["peers"]):
             continue
         table, missed = render(figures, g["peers"], data, a)
@@ -167,6 +187,9 @@ def main():
         elif group == "registry" and GROUPS["cache"]["end"] in new:
             at = new.index(GROUPS["cache"]["end"]) + len(GROUPS["cache"]["end"])
             new = new[:at] + "\n\n### Private registry\n\n" + body + new[at:]
+        elif group == "replicas" and GROUPS["registry"]["end"] in new:
+            at = new.index(GROUPS["registry"]["end"]) + len(GROUPS["registry"]["end"])
+            new = new[:at] + "\n\n### Several replicas (S3 backend)\n\n" + body + new[at:]
         else:
             new = ("# Benchmarks\n\n" if not new else new + "\n") + body + "\n"
     print(f"\ntargets missed: {missed_all}")

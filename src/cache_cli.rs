@@ -1,9 +1,12 @@
 //! `regmirror cache …`: the operator's commands on a store, safe while
 //! `serve` runs on it.
 //!
-//! They open the store without clearing anything (`DiskStore::attach`)
-//! and the recency index in redb's multi-writer mode, so `serve` keeps
-//! serving and sees their changes (totals, removals) on its next pass.
+//! On the disk backend they open the store without clearing anything
+//! (`DiskStore::attach`) and the recency index in redb's multi-writer mode,
+//! so `serve` keeps serving and sees their changes (totals, removals) on
+//! its next pass. On the S3 backend they work on the bucket itself, which
+//! every replica reads: what they delete is gone for all (a replica's local
+//! read cache may keep serving its copy until it evicts it).
 //! Deleting under `serve` is as safe as eviction: what a client has open
 //! stays readable. `warm` goes through the running server's plain
 //! listener, so it fills the cache by the normal fetch path (single
@@ -15,10 +18,12 @@ use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use regmirror::cache::blob_store::BlobStore;
+use regmirror::cache::bucket_evict;
 use regmirror::cache::evict::{evict_to, now_ms};
 use regmirror::cache::index::{Change, Class, Index};
 use regmirror::cache::listing::{cached_tags, closure, CachedTag};
-use regmirror::cache::{DiskStore, MetaStore, RepoKey, INDEX_FILE};
+use regmirror::cache::s3::S3Store;
+use regmirror::cache::{DiskStore, HostedStore, MetaStore, RepoKey, INDEX_FILE};
 use regmirror::config::{format_size as human, parse_image, parse_size, Platforms, Settings};
 use regmirror::reference::{Digest, Tag};
 use regmirror::warm::{warm_image, Answer, Get, Progress, Puller};
@@ -26,26 +31,34 @@ use regmirror::warm::{warm_image, Answer, Get, Progress, Puller};
 type Res<T> = Result<T, String>;
 
 struct Store {
-    disk: Arc<DiskStore>,
-    index: Arc<Index>,
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    hosted: Arc<dyn HostedStore>,
+    /// The disk backend's recency index; `None` on the S3 backend.
+    index: Option<Arc<Index>>,
+    /// The S3 backend's bucket.
+    bucket: Option<Arc<S3Store>>,
 }
 
 fn open(s: &Settings) -> Res<Store> {
     if let Some(b) = &s.bucket {
-        // The bucket's commands need a bucket-wide index (issue 29's next
-        // step): refused rather than run on this replica's read cache only,
-        // which would report, verify or evict the wrong content.
-        return Err(format!(
-            "cache.backend = \"s3\" (bucket {}): ls, du, verify, gc and rm work on the disk backend only so far; \
-             `cache warm` works",
-            b.bucket
-        ));
+        let bucket = Arc::new(S3Store::connect(b).map_err(|e| format!("cache.bucket: {e}"))?);
+        return Ok(Store {
+            blobs: bucket.clone(),
+            meta: bucket.clone(),
+            hosted: bucket.clone(),
+            index: None,
+            bucket: Some(bucket),
+        });
     }
-    let disk = DiskStore::attach(&s.cache_dir).map_err(|e| format!("cache.dir: {e}"))?;
+    let disk = Arc::new(DiskStore::attach(&s.cache_dir).map_err(|e| format!("cache.dir: {e}"))?);
     let (index, _) = Index::open(&s.cache_dir.join(INDEX_FILE)).map_err(|e| format!("cache index: {e}"))?;
     Ok(Store {
-        disk: Arc::new(disk),
-        index: Arc::new(index),
+        blobs: disk.clone(),
+        meta: disk.clone(),
+        hosted: disk,
+        index: Some(Arc::new(index)),
+        bucket: None,
     })
 }
 
@@ -53,15 +66,14 @@ fn open(s: &Settings) -> Res<Store> {
 /// removed only by the local collection in `gc`.
 async fn held(s: &Settings, store: &Store) -> Res<std::collections::HashSet<Digest>> {
     let namespaces: Vec<String> = s.locals.iter().map(|l| l.namespace.clone()).collect();
-    regmirror::local::gc::held(store.disk.as_ref(), &namespaces)
+    regmirror::local::gc::held(store.hosted.as_ref(), &namespaces)
         .await
         .map_err(|e| format!("local namespaces: {e}"))
 }
 
 /// The digests the recency index holds: the cache's own content.
-fn indexed_digests(store: &Store) -> Res<std::collections::HashSet<String>> {
-    Ok(store
-        .index
+fn indexed_digests(index: &Index) -> Res<std::collections::HashSet<String>> {
+    Ok(index
         .all()
         .map_err(|e| e.to_string())?
         .into_iter()
@@ -93,25 +105,46 @@ fn progress(len: u64, what: &str) -> Option<ProgressBar> {
 
 pub fn du(s: &Settings) -> Res<()> {
     let store = open(s)?;
-    let all = store.index.all().map_err(|e| e.to_string())?;
-    let total: u64 = all.iter().map(|e| e.size).sum();
-    let manifests = all.iter().filter(|e| e.class == Class::Manifest).count();
+    let runtime = rt()?;
+    let (total, blobs, manifests) = match (&store.index, &store.bucket) {
+        (Some(index), _) => {
+            let all = index.all().map_err(|e| e.to_string())?;
+            let manifests = all.iter().filter(|e| e.class == Class::Manifest).count();
+            (all.iter().map(|e| e.size).sum::<u64>(), all.len(), manifests)
+        }
+        (None, Some(bucket)) => {
+            let all = runtime
+                .block_on(bucket_evict::usage(bucket))
+                .map_err(|e| e.to_string())?;
+            let manifests = all.iter().filter(|e| e.manifest).count();
+            (all.iter().map(|e| e.size).sum::<u64>(), all.len(), manifests)
+        }
+        (None, None) => return Err("no store".into()),
+    };
+    let bound = match (&store.bucket, s.bucket.as_ref().and_then(|b| b.max_size)) {
+        (None, _) => format!("max_size {}, evicts down to {}", human(s.max_size), human(s.low_water)),
+        (Some(b), Some(max)) => format!(
+            "{}: bucket_max_size {}, evicts down to {}",
+            b.label(),
+            human(max),
+            human(max / 10 * 9)
+        ),
+        (Some(b), None) => format!("{}: no bucket_max_size", b.label()),
+    };
     println!(
-        "{} in {} blobs ({} layers and configs, {} manifests); max_size {}, evicts down to {}",
+        "{} in {} blobs ({} layers and configs, {} manifests); {bound}",
         human(total),
-        all.len(),
-        all.len() - manifests,
+        blobs,
+        blobs - manifests,
         manifests,
-        human(s.max_size),
-        human(s.low_water)
     );
     println!("total_bytes {total}");
     if !s.locals.is_empty() {
-        let local = rt()?.block_on(async {
+        let local = runtime.block_on(async {
             let held = held(s, &store).await?;
             let mut bytes = 0;
             for d in &held {
-                if let Ok(Some(info)) = store.disk.stat(d).await {
+                if let Ok(Some(info)) = store.blobs.stat(d).await {
                     bytes += info.size;
                 }
             }
@@ -131,35 +164,68 @@ pub fn du(s: &Settings) -> Res<()> {
 
 pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
     let target = match to {
-        Some(t) => parse_size(t).or_else(|e| if t.trim() == "0" { Ok(0) } else { Err(e) })?,
-        None => s.low_water,
+        Some(t) => Some(parse_size(t).or_else(|e| if t.trim() == "0" { Ok(0) } else { Err(e) })?),
+        None => None,
     };
     let store = open(s)?;
     let runtime = rt()?;
     let keep = runtime.block_on(held(s, &store))?;
-    let keep: std::collections::HashSet<String> = keep.iter().map(|d| d.to_string()).collect();
-    let done = runtime
-        .block_on(evict_to(&store.index, store.disk.as_ref(), target, &|d| {
-            keep.contains(d)
-        }))
-        .map_err(|e| e.to_string())?;
+    let done = match (&store.index, &store.bucket) {
+        (Some(index), _) => {
+            let target = target.unwrap_or(s.low_water);
+            let keep: std::collections::HashSet<String> = keep.iter().map(|d| d.to_string()).collect();
+            runtime
+                .block_on(evict_to(index, store.blobs.as_ref(), target, &|d| keep.contains(d)))
+                .map(|e| (e.blobs, e.bytes, e.before, e.after))
+                .map_err(|e| e.to_string())?
+        }
+        (None, Some(bucket)) => {
+            let target = match (target, s.bucket.as_ref().and_then(|b| b.max_size)) {
+                (Some(t), _) => t,
+                (None, Some(max)) => max / 10 * 9,
+                (None, None) => {
+                    return Err("the bucket has no cache.bucket_max_size: say how far with --to SIZE".into())
+                }
+            };
+            let entries = runtime
+                .block_on(bucket_evict::usage(bucket))
+                .map_err(|e| e.to_string())?;
+            let e = runtime.block_on(bucket_evict::evict_bucket(
+                entries,
+                target,
+                &|d| keep.contains(d),
+                |d| {
+                    let bucket = bucket.clone();
+                    async move { bucket.delete_blob(&d).await }
+                },
+            ));
+            (e.blobs, e.bytes, e.before, e.after)
+        }
+        (None, None) => return Err("no store".into()),
+    };
     println!(
         "evicted {} blobs ({}); store {} -> {}",
-        done.blobs,
-        human(done.bytes),
-        human(done.before),
-        human(done.after)
+        done.0,
+        human(done.1),
+        human(done.2),
+        human(done.3)
     );
     if !s.locals.is_empty() {
         let namespaces: Vec<String> = s.locals.iter().map(|l| l.namespace.clone()).collect();
-        let cached = indexed_digests(&store)?;
+        // What the cache holds besides the pushes keeps its content when a
+        // repository lets go of it. In the bucket pulled and pushed content
+        // are one: unlinked content stays, under the bucket's bound.
+        let cached = match &store.index {
+            Some(index) => Some(indexed_digests(index)?),
+            None => None,
+        };
         let collected = runtime
             .block_on(regmirror::local::gc::collect(
-                store.disk.as_ref(),
-                store.disk.as_ref(),
+                store.hosted.as_ref(),
+                store.blobs.as_ref(),
                 &namespaces,
                 regmirror::local::gc::GC_GRACE,
-                &|d| cached.contains(d.as_str()),
+                &|d| cached.as_ref().is_none_or(|c| c.contains(d.as_str())),
             ))
             .map_err(|e| format!("local namespaces: {e}"))?;
         println!(
@@ -181,16 +247,74 @@ pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
 /// mismatch.
 pub fn verify(s: &Settings) -> Res<()> {
     let store = open(s)?;
-    rt()?.block_on(verify_async(s, &store, &s.cache_dir))
+    match (&store.index, &store.bucket) {
+        (Some(index), _) => rt()?.block_on(verify_async(s, &store, index, &s.cache_dir)),
+        (None, Some(bucket)) => rt()?.block_on(verify_bucket(bucket)),
+        (None, None) => Err("no store".into()),
+    }
 }
 
-async fn verify_async(s: &Settings, store: &Store, root: &Path) -> Res<()> {
+/// Re-hashes every blob in the bucket as it streams; a mismatch is copied
+/// to `quarantine/` in the bucket and deleted, so the next pull through
+/// any replica fetches it again.
+async fn verify_bucket(bucket: &S3Store) -> Res<()> {
+    use futures_util::StreamExt;
+    use regmirror::cache::blob_store::StoredBlob;
+    let listed = bucket.list_blobs().await.map_err(|e| e.to_string())?;
+    let bar = progress(listed.len() as u64, "verifying");
+    let mut bad = 0;
+    for (i, b) in listed.iter().enumerate() {
+        let checked = async {
+            let Some(blob) = bucket.open_blob(&b.digest).await? else {
+                return Ok(None);
+            };
+            let size = blob.info().size;
+            let mut stream = Box::new(blob).read(0, size);
+            let mut h = b.digest.hasher();
+            while let Some(chunk) = stream.next().await {
+                let chunk: bytes::Bytes = chunk?;
+                h.update(&chunk);
+            }
+            Ok::<_, std::io::Error>(Some(h.finish() == b.digest))
+        };
+        match checked.await {
+            Ok(Some(true)) | Ok(None) => {}
+            Ok(Some(false)) => {
+                let to = bucket
+                    .quarantine(&b.digest, now_ms())
+                    .await
+                    .map_err(|e| format!("{}: {e}", b.digest))?;
+                let line = format!("MISMATCH {} quarantined to {to}", b.digest);
+                match &bar {
+                    Some(pb) => pb.println(&line),
+                    None => println!("{line}"),
+                }
+                bad += 1;
+            }
+            Err(e) => eprintln!("could not read {}: {e}", b.digest),
+        }
+        if let Some(pb) = &bar {
+            pb.set_position(i as u64 + 1);
+        }
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    println!("verified {} blobs: {} mismatched", listed.len(), bad);
+    if bad == 0 {
+        Ok(())
+    } else {
+        Err(format!("{bad} blob(s) did not match their digest and were quarantined"))
+    }
+}
+
+async fn verify_async(s: &Settings, store: &Store, index: &Arc<Index>, root: &Path) -> Res<()> {
     let held = held(s, store).await?;
-    let listed = store.disk.list().await.map_err(|e| e.to_string())?;
+    let listed = store.blobs.list().await.map_err(|e| e.to_string())?;
     let bar = progress(listed.len() as u64, "verifying");
     let mut bad = Vec::new();
     let mut changes = Vec::new();
-    let indexed = indexed_digests(store)?;
+    let indexed = indexed_digests(index)?;
     let mut present = std::collections::HashSet::new();
     for (i, b) in listed.iter().enumerate() {
         let path = blob_file(root, &b.digest);
@@ -215,7 +339,7 @@ async fn verify_async(s: &Settings, store: &Store, root: &Path) -> Res<()> {
                 std::fs::create_dir_all(&q).map_err(|e| e.to_string())?;
                 let dest = q.join(format!("{}-{}", b.digest.hex(), now_ms()));
                 std::fs::rename(blob_file(root, &b.digest), &dest).map_err(|e| e.to_string())?;
-                let _ = store.disk.delete(&b.digest).await;
+                let _ = store.blobs.delete(&b.digest).await;
                 changes.push(Change::Remove {
                     digest: b.digest.to_string(),
                 });
@@ -240,7 +364,7 @@ async fn verify_async(s: &Settings, store: &Store, root: &Path) -> Res<()> {
             changes.push(Change::Remove { digest: d.clone() });
         }
     }
-    let index = store.index.clone();
+    let index = index.clone();
     tokio::task::spawn_blocking(move || index.apply(&changes))
         .await
         .map_err(|e| e.to_string())?
@@ -317,20 +441,19 @@ pub fn ls(s: &Settings, json: bool) -> Res<()> {
 /// The tags of the local namespaces' repositories, as `local/<repo>` rows
 /// (pushed, so never "used": their last use is left at 0).
 async fn ls_local(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
-    use regmirror::cache::HostedStore;
     let mut rows = Vec::new();
     for ns in &s.locals {
         let repos = store
-            .disk
+            .hosted
             .repositories(&ns.namespace)
             .await
             .map_err(|e| e.to_string())?;
         for repo in repos {
-            for (tag, d) in store.disk.tags(&repo).await.map_err(|e| e.to_string())? {
+            for (tag, d) in store.hosted.tags(&repo).await.map_err(|e| e.to_string())? {
                 let mut size = 0;
                 let mut media_type = String::new();
-                for part in closure(store.disk.as_ref(), &d).await {
-                    if let Ok(Some(info)) = store.disk.stat(&part).await {
+                for part in closure(store.blobs.as_ref(), &d).await {
+                    if let Ok(Some(info)) = store.blobs.stat(&part).await {
                         size += info.size;
                         if part == d {
                             media_type = info.media_type.unwrap_or_default();
@@ -354,10 +477,14 @@ async fn ls_local(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
 
 async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
     let names: Vec<String> = s.upstreams.iter().map(|u| u.name.clone()).collect();
-    let local = store.disk.as_ref();
-    cached_tags(local, local, Some(&store.index), &names)
-        .await
-        .map_err(|e| e.to_string())
+    cached_tags(
+        store.blobs.as_ref(),
+        store.meta.as_ref(),
+        store.index.as_deref(),
+        &names,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------- rm
@@ -376,10 +503,10 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         let mut roots = Vec::new();
         match Tag::parse(&img.reference) {
             Ok(tag) if Digest::parse(&img.reference).is_err() => {
-                for rec in store.disk.get_tags(at, &tag).await.map_err(|e| e.to_string())? {
+                for rec in store.meta.get_tags(at, &tag).await.map_err(|e| e.to_string())? {
                     roots.extend(Digest::parse(&rec.digest).ok());
                 }
-                store.disk.delete_tag(at, &tag).await.map_err(|e| e.to_string())?;
+                store.meta.delete_tag(at, &tag).await.map_err(|e| e.to_string())?;
             }
             _ => roots.extend(Digest::parse(&img.reference).ok()),
         }
@@ -388,7 +515,7 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         }
         let mut doomed = Vec::new();
         for r in &roots {
-            for d in closure(store.disk.as_ref(), r).await {
+            for d in closure(store.blobs.as_ref(), r).await {
                 if !doomed.contains(&d) {
                     doomed.push(d);
                 }
@@ -401,7 +528,7 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         let others = ls_async(s, &store).await?;
         for row in others {
             if let Ok(d) = Digest::parse(&row.digest) {
-                for keep in closure(store.disk.as_ref(), &d).await {
+                for keep in closure(store.blobs.as_ref(), &d).await {
                     doomed.retain(|x| x != &keep);
                 }
             }
@@ -409,13 +536,15 @@ pub fn rm(s: &Settings, image: &str) -> Res<()> {
         let mut changes = Vec::new();
         let mut bytes = 0;
         for d in &doomed {
-            if let Ok(Some(info)) = store.disk.stat(d).await {
+            if let Ok(Some(info)) = store.blobs.stat(d).await {
                 bytes += info.size;
             }
-            store.disk.delete(d).await.map_err(|e| e.to_string())?;
+            store.blobs.delete(d).await.map_err(|e| e.to_string())?;
             changes.push(Change::Remove { digest: d.to_string() });
         }
-        store.index.apply(&changes).map_err(|e| e.to_string())?;
+        if let Some(index) = &store.index {
+            index.apply(&changes).map_err(|e| e.to_string())?;
+        }
         println!("removed {image}: {} blobs ({})", doomed.len(), human(bytes));
         Ok(())
     })

@@ -215,6 +215,10 @@ pub struct CacheConfig {
     /// `aws_secret_access_key`); without it the standard AWS environment
     /// variables are used.
     pub credentials_file: Option<PathBuf>,
+    /// The bucket's own bound (`backend = "s3"`): least recently used
+    /// content leaves the bucket above it, down to 90% of it. Unbounded
+    /// when left out.
+    pub bucket_max_size: Option<String>,
 }
 
 /// How upstream hostnames are resolved. regmirror never reads /etc/hosts for
@@ -331,6 +335,8 @@ pub struct BucketSettings {
     /// Empty, or ends with `/`.
     pub prefix: String,
     pub credentials_file: Option<PathBuf>,
+    /// `cache.bucket_max_size` in bytes; `None`: unbounded.
+    pub max_size: Option<u64>,
 }
 
 /// Events a `[[webhook]]` keeps when `queue` is left out: a few hours of
@@ -701,6 +707,7 @@ fn validate_backend(c: &CacheConfig) -> Result<Option<BucketSettings>, Invalid> 
         ("cache.region", c.region.is_some()),
         ("cache.prefix", c.prefix.is_some()),
         ("cache.credentials_file", c.credentials_file.is_some()),
+        ("cache.bucket_max_size", c.bucket_max_size.is_some()),
     ];
     match c.backend.as_deref().unwrap_or("disk") {
         "disk" => {
@@ -737,7 +744,12 @@ fn validate_backend(c: &CacheConfig) -> Result<Option<BucketSettings>, Invalid> 
             if !prefix.is_empty() {
                 prefix.push('/');
             }
+            let max_size = match c.bucket_max_size.as_deref() {
+                None => None,
+                Some(v) => Some(parse_size(v).map_err(|m| invalid("cache.bucket_max_size", m))?),
+            };
             Ok(Some(BucketSettings {
+                max_size,
                 bucket: bucket.to_string(),
                 endpoint,
                 region: c.region.clone(),

@@ -119,6 +119,16 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
             Some(c)
         }
     };
+    if let Some(max) = settings.bucket.as_ref().and_then(|b| b.max_size) {
+        let namespaces = settings.locals.iter().map(|l| l.namespace.clone()).collect();
+        let c = cluster.clone();
+        let key = cache::bucket_evict::evictor_key();
+        // One evictor: the owner of a well-known key among the members
+        // (this replica when it has no [cluster]).
+        cache.spawn_bucket_bound(max, namespaces, move || {
+            c.as_ref().is_none_or(|c| c.other_owner(&key).is_none())
+        });
+    }
     let app = Arc::new(registry::App {
         routes: route::RouteTable::from_settings(&settings),
         upstreams,

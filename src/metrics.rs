@@ -167,6 +167,11 @@ pub struct Metrics {
     pub evicted_bytes: Counter,
     /// Bytes of content in the store, as the recency index counts them.
     pub cache_bytes: Gauge,
+    /// Content deleted from the bucket to stay under `cache.bucket_max_size`.
+    pub bucket_evicted_blobs: Counter,
+    pub bucket_evicted_bytes: Counter,
+    /// Bytes of content in the bucket, as the evictor last listed them.
+    pub bucket_bytes: Gauge,
     /// Downloads served from upstream without being stored, for lack of disk space.
     pub disk_full: Counter,
     /// Connections closed at once because the client address is not in `[access] allow`.
@@ -241,6 +246,9 @@ impl Metrics {
             evicted_blobs: Counter::default(),
             evicted_bytes: Counter::default(),
             cache_bytes: Gauge::default(),
+            bucket_evicted_blobs: Counter::default(),
+            bucket_evicted_bytes: Counter::default(),
+            bucket_bytes: Gauge::default(),
             disk_full: Counter::default(),
             connections_refused: Counter::default(),
             listener_requests: Family::default(),
@@ -382,6 +390,23 @@ impl Metrics {
             "bytes of content in the store",
             Unit::Bytes,
             m.cache_bytes.clone(),
+        );
+        r.register(
+            "bucket_evicted_blobs",
+            "blobs deleted from the bucket to stay under cache.bucket_max_size",
+            m.bucket_evicted_blobs.clone(),
+        );
+        r.register_with_unit(
+            "bucket_evicted",
+            "bytes deleted from the bucket to stay under cache.bucket_max_size",
+            Unit::Bytes,
+            m.bucket_evicted_bytes.clone(),
+        );
+        r.register_with_unit(
+            "bucket",
+            "bytes of content in the bucket, as the evictor last listed them",
+            Unit::Bytes,
+            m.bucket_bytes.clone(),
         );
         r.register(
             "disk_full",

@@ -24,8 +24,18 @@ use std::net::IpAddr;
 const REPO: &str = "library/replicated";
 
 fn replica(env: &UpstreamEnv, garage: &GarageCluster, node: usize, ca_dir: &std::path::Path) -> Regmirror {
+    replica_on(env, garage, node, ca_dir, "e2e")
+}
+
+fn replica_on(
+    env: &UpstreamEnv,
+    garage: &GarageCluster,
+    node: usize,
+    ca_dir: &std::path::Path,
+    prefix: &str,
+) -> Regmirror {
     let mut cfg = Config::new(alloc_ip()).with_standard_upstreams(UPSTREAM_HOST, env.upstream.ip, &env.ca_file);
-    cfg.cache_extra = garage.cache_keys(node, "e2e");
+    cfg.cache_extra = garage.cache_keys(node, prefix);
     cfg.ca_dir = Some(ca_dir.to_path_buf());
     for (k, v) in garage.credentials_env() {
         cfg.env.push((k.into(), v.into()));
@@ -105,6 +115,19 @@ struct Cluster {
 fn cluster(env: &UpstreamEnv, garage: &GarageCluster, n: usize) -> Cluster {
     let dir = common::tempdir("cluster-");
     let ca = dir.path().join("ca");
+    cluster_on(env, garage, n, dir, &ca, "cluster", "")
+}
+
+/// [`cluster`] on keys under `prefix`, with `cache_extra` added to `[cache]`.
+fn cluster_on(
+    env: &UpstreamEnv,
+    garage: &GarageCluster,
+    n: usize,
+    dir: tempfile::TempDir,
+    ca: &std::path::Path,
+    prefix: &str,
+    cache_extra: &str,
+) -> Cluster {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "a cluster secret of some length\n").unwrap();
     let ips: Vec<IpAddr> = (0..n).map(|_| alloc_ip()).collect();
@@ -114,8 +137,8 @@ fn cluster(env: &UpstreamEnv, garage: &GarageCluster, n: usize) -> Cluster {
         .enumerate()
         .map(|(i, ip)| {
             let mut cfg = Config::new(*ip).with_standard_upstreams(UPSTREAM_HOST, env.upstream.ip, &env.ca_file);
-            cfg.cache_extra = garage.cache_keys(i % garage.len(), "cluster");
-            cfg.ca_dir = Some(ca.clone());
+            cfg.cache_extra = garage.cache_keys(i % garage.len(), prefix) + cache_extra;
+            cfg.ca_dir = Some(ca.to_path_buf());
             cfg.extra_toml += &format!(
                 "[cluster]\nself = \"http://{ip}:5000\"\npeers = [{}]\nsecret_file = {:?}\n",
                 peers.join(", "),
@@ -255,4 +278,163 @@ fn a_stopped_owner_costs_one_fetch_by_the_asker_and_forged_peers_are_refused() {
         "logged:\n{}",
         a.log()
     );
+}
+
+/// `regmirror cache ARGS` with a replica's config (the bucket's keys and
+/// credentials): its stdout, or a panic with what it said.
+fn cache_cmd(rm: &Regmirror, garage: &GarageCluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::regmirror::binary())
+        .arg("cache")
+        .args(args)
+        .arg("--config")
+        .arg(&rm.config_path)
+        .envs(garage.credentials_env())
+        .output()
+        .expect("run regmirror cache");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "regmirror cache {args:?}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn total_bytes(du: &str) -> u64 {
+    du.lines()
+        .find_map(|l| l.strip_prefix("total_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_bytes in: {du}"))
+}
+
+#[test]
+fn one_replica_keeps_the_bucket_under_its_bound_and_the_cache_commands_see_the_bucket() {
+    const MIB: usize = 1024 * 1024;
+    let garage = GarageCluster::start(3, "regmirror-bound");
+    let env = UpstreamEnv::start(UpstreamEnvOpts::default());
+    let old = common::images::build_image(Format::Oci, "amd64", &[3 * MIB]);
+    let new = common::images::build_image(Format::Oci, "amd64", &[3 * MIB]);
+    env.pusher.push_image(REPO, "old", &old);
+    env.pusher.push_image(REPO, "new", &new);
+    let (old_name, new_name) = (format!("docker.io/{REPO}:old"), format!("docker.io/{REPO}:new"));
+
+    // Filled by a replica without a bound, the older image first.
+    let dir = common::tempdir("bound-");
+    let ca = dir.path().join("ca");
+    let mut filler = replica_on(&env, &garage, 0, &ca, "bound");
+    assert_pulled(
+        "old",
+        &client(&filler).skopeo_copy(&old_name, None),
+        &old.manifest_digest,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_pulled(
+        "new",
+        &client(&filler).skopeo_copy(&new_name, None),
+        &new.manifest_digest,
+    );
+    let before = total_bytes(&cache_cmd(&filler, &garage, &["du"]));
+    assert!(before >= (6 * MIB) as u64, "the bucket holds both images: {before}");
+    let listed = cache_cmd(&filler, &garage, &["ls"]);
+    assert!(
+        listed.contains("library/replicated") && listed.contains("old") && listed.contains("new"),
+        "cache ls lists the bucket's tags:\n{listed}"
+    );
+    assert!(cache_cmd(&filler, &garage, &["verify"]).contains("0 mismatched"));
+    filler.stop();
+
+    // Three replicas with a 5 MiB bound: one of them evicts, the older
+    // image's layer first, down to 90%.
+    let c = cluster_on(&env, &garage, 3, dir, &ca, "bound", "bucket_max_size = \"5MiB\"\n");
+    let evicted = |r: &Regmirror| counter(r, "regmirror_bucket_evicted_blobs_total");
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(30), || c
+            .replicas
+            .iter()
+            .any(|r| evicted(r) > 0)),
+        "a replica evicted from the bucket within 30 s"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let evictors: Vec<usize> = (0..3).filter(|&i| evicted(&c.replicas[i]) > 0).collect();
+    assert_eq!(evictors.len(), 1, "exactly one replica evicts: {evictors:?}");
+    let after = total_bytes(&cache_cmd(&c.replicas[0], &garage, &["du"]));
+    assert!(after <= (5 * MIB) as u64 / 10 * 9, "under 90% of the bound: {after}");
+
+    // The newer image is still in the bucket; the older one's layer comes
+    // from upstream again.
+    let mark = env.upstream.mark();
+    assert_pulled(
+        "new, after eviction",
+        &client(&c.replicas[1]).skopeo_copy(&new_name, None),
+        &new.manifest_digest,
+    );
+    assert_warm(&env.upstream, mark, REPO, "the newer image survived eviction");
+    let mark = env.upstream.mark();
+    assert_pulled(
+        "old, after eviction",
+        &client(&c.replicas[2]).skopeo_copy(&old_name, None),
+        &old.manifest_digest,
+    );
+    let fetched = env.upstream.blob_fetches_since(mark);
+    assert_eq!(
+        fetched.get(&old.layers[0].digest),
+        Some(&1),
+        "the evicted layer is fetched again: {fetched:?}"
+    );
+
+    // gc --to 0 on the bucket empties it (nothing is pushed here).
+    cache_cmd(&c.replicas[0], &garage, &["gc", "--to", "0"]);
+    assert_eq!(total_bytes(&cache_cmd(&c.replicas[0], &garage, &["du"])), 0);
+}
+
+/// A refused pull: an authorization error, not a transport one.
+#[track_caller]
+fn assert_refused(out: &common::clients::Output) {
+    assert!(!out.success(), "`{}` must be refused:\n{}", out.cmd, out.stdout);
+    let all = format!("{}\n{}", out.stdout, out.stderr).to_lowercase();
+    assert!(
+        ["unauthorized", "authentication required", "pull access denied"]
+            .iter()
+            .any(|w| all.contains(w)),
+        "`{}`: expected an authorization error:\n{all}",
+        out.cmd
+    );
+}
+
+#[test]
+fn a_private_image_one_replica_cached_is_served_by_another_only_with_the_clients_own_login() {
+    let garage = GarageCluster::start(3, "regmirror-private");
+    let env = UpstreamEnv::start(UpstreamEnvOpts {
+        policy: common::token_server::TokenPolicy {
+            user: Some((common::PUSH_USER.into(), common::PUSH_PASSWORD.into())),
+            private_prefixes: vec!["private/".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let image = common::images::build_image(Format::Oci, "amd64", &[400 * 1024, 700 * 1024]);
+    env.pusher.push_image("private/app", "1", &image);
+    let c = cluster(&env, &garage, 3);
+    let name = "docker.io/private/app:1";
+    let creds = format!("{}:{}", common::PUSH_USER, common::PUSH_PASSWORD);
+    let with_login = ["--src-creds", creds.as_str()];
+
+    let mark = env.upstream.mark();
+    let pulled = client(&c.replicas[0]).skopeo_copy_opts(name, None, &with_login);
+    assert_pulled("with the login, through A", &pulled, &image.manifest_digest);
+    common::matrix::assert_cold(&env.upstream, mark, &image, "private, cold through A");
+
+    // Cached in the bucket, marked private: anonymous clients of the other
+    // replicas are refused, by tag and by digest.
+    assert_refused(&client(&c.replicas[1]).skopeo_copy_opts(name, None, &[]).0);
+    let by_digest = format!("docker.io/private/app@{}", image.manifest_digest);
+    assert_refused(&client(&c.replicas[2]).skopeo_copy_opts(&by_digest, None, &[]).0);
+
+    // With the login, another replica serves it from the bucket.
+    let mark = env.upstream.mark();
+    let pulled = client(&c.replicas[1]).skopeo_copy_opts(name, None, &with_login);
+    assert_pulled("with the login, through B", &pulled, &image.manifest_digest);
+    let blobs = env.upstream.blob_fetches_since(mark);
+    assert!(blobs.is_empty(), "B fetched no blob upstream: {blobs:?}");
 }

@@ -27,6 +27,7 @@ fn settings(g: &GarageCluster, node: usize, prefix: &str, creds: &std::path::Pat
         region: Some(REGION.into()),
         prefix: format!("{prefix}/"),
         credentials_file: Some(creds.to_path_buf()),
+        max_size: None,
     }
 }
 

@@ -12,6 +12,7 @@
 //! stores only through [`Cache`]'s methods, and never name a backend.
 
 pub mod blob_store;
+pub mod bucket_evict;
 pub mod disk;
 mod disk_hosted;
 pub mod error;
@@ -69,6 +70,11 @@ pub struct Cache {
     /// Recency notes and the evictor; `None` for a cache without a bound
     /// (unit tests of the fetch path).
     life: Option<Arc<Lifecycle>>,
+    /// The S3 backend's shared last-use markers, for the bucket's bound.
+    uses: Option<Arc<bucket_evict::UseMarks>>,
+    /// The bucket and the store that deletes from it and the local cache,
+    /// for the bucket's bound; `None` on the disk backend.
+    bucket: Option<(Arc<s3::S3Store>, Arc<tiered::TieredStore>)>,
     /// Pushed content is kept out of eviction: true where the store it is
     /// evicted from is its only copy (disk), false where that is a read
     /// cache in front of a bucket.
@@ -110,6 +116,8 @@ impl Cache {
             downloads: Arc::new(Semaphore::new(download_concurrency.max(1))),
             repositories: Mutex::new(HashMap::new()),
             life: None,
+            uses: None,
+            bucket: None,
             pin_pushed: true,
             hot: hot::HotManifests::default(),
             written_tags: Mutex::new(lru::LruCache::new(
@@ -164,8 +172,12 @@ impl Cache {
         let bucket = Arc::new(s3::S3Store::connect(settings)?);
         let tiered = Arc::new(tiered::TieredStore::new(local.clone(), bucket.clone()));
         let mut cache = Cache::new(tiered.clone(), bucket.clone(), download_concurrency);
-        cache.hosted = Some(bucket);
+        cache.hosted = Some(bucket.clone());
         cache.pin_pushed = false;
+        if settings.max_size.is_some() {
+            cache.uses = Some(Arc::new(bucket_evict::UseMarks::new(bucket.clone())));
+        }
+        cache.bucket = Some((bucket, tiered.clone()));
         let life = Lifecycle::new(limits);
         life.spawn(local, index_path);
         tiered.set_lifecycle(life.clone());
@@ -230,6 +242,42 @@ impl Cache {
         if let Some(life) = &self.life {
             life.touch(d);
         }
+        if let Some(uses) = &self.uses {
+            uses.used(d);
+        }
+    }
+
+    /// Keeps the bucket under `max_size` (`cache.bucket_max_size`) from
+    /// now on, evicting only while `is_evictor` says this replica is the
+    /// one (see [`bucket_evict`]); `namespaces` are the pushed ones, whose
+    /// content is never evicted. Nothing on the disk backend.
+    pub fn spawn_bucket_bound(
+        &self,
+        max_size: u64,
+        namespaces: Vec<String>,
+        is_evictor: impl Fn() -> bool + Send + Sync + 'static,
+    ) {
+        let Some((bucket, tiered)) = self.bucket.clone() else {
+            return;
+        };
+        let hosted = bucket.clone();
+        let namespaces = Arc::new(namespaces);
+        bucket_evict::spawn(
+            bucket_evict::BucketBound {
+                max_size,
+                low_water: max_size / 10 * 9,
+            },
+            bucket,
+            is_evictor,
+            move || {
+                let (hosted, namespaces) = (hosted.clone(), namespaces.clone());
+                Box::pin(async move { crate::local::gc::held(hosted.as_ref(), &namespaces).await })
+            },
+            move |d| {
+                let tiered = tiered.clone();
+                async move { tiered.delete(&d).await }
+            },
+        );
     }
 
     /// Content was committed: counted towards the bound from now on.

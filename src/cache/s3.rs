@@ -38,7 +38,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ClientOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
-use super::blob_store::{BlobInfo, ByteStream, ListedBlob, StoredBlob};
+use super::blob_store::{BlobInfo, BlobStore, ByteStream, ListedBlob, PendingBlob, StoredBlob};
 use super::meta_store::{MetaStore, RepoKey, TagRecord};
 use crate::config::BucketSettings;
 use crate::reference::{Digest, RepoName, Tag};
@@ -130,6 +130,11 @@ impl S3Store {
 
     fn public_key(d: &Digest) -> Path {
         Path::from_iter(["blobs", d.algorithm().name(), &format!("{}.public", d.hex())])
+    }
+
+    /// The marker of a digest's last use in the bucket (see `bucket_evict`).
+    pub(super) fn used_key(d: &Digest) -> Path {
+        Path::from_iter(["used", d.algorithm().name(), d.hex()])
     }
 
     fn upload_key(id: &str) -> Path {
@@ -271,7 +276,8 @@ impl S3Store {
         // Content first: a digest is gone once its content is.
         self.delete_key(&Self::blob_key(d)).await?;
         self.delete_key(&Self::type_key(d)).await?;
-        self.delete_key(&Self::public_key(d)).await
+        self.delete_key(&Self::public_key(d)).await?;
+        self.delete_key(&Self::used_key(d)).await
     }
 
     pub async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()> {
@@ -310,6 +316,18 @@ impl S3Store {
         Ok(out)
     }
 
+    /// Moves content that failed its digest out of `blobs/` (copied under
+    /// `quarantine/`, for a look, then deleted); the key it was copied to.
+    pub async fn quarantine(&self, d: &Digest, now_ms: u64) -> io::Result<String> {
+        let to = Path::from_iter(["quarantine", &format!("{}-{now_ms}", d.hex())]);
+        self.store
+            .copy(&Self::blob_key(d), &to)
+            .await
+            .map_err(|e| self.context("quarantine", &Self::blob_key(d), e.into()))?;
+        self.delete_blob(d).await?;
+        Ok(format!("{}{to}", self.label))
+    }
+
     /// Writes and removes a probe: the bucket answers and takes writes.
     pub async fn check_writable(&self) -> io::Result<()> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -317,6 +335,56 @@ impl S3Store {
         self.put_small(&key, Bytes::from_static(b"ready")).await?;
         self.delete_key(&key).await
     }
+}
+
+/// The bucket alone, for the operator's commands (listing, verifying,
+/// evicting, removing): reads and deletes. Writes go through a replica's
+/// local read cache ([`super::tiered::TieredStore`]), which its readers
+/// follow while a download runs, so they are refused here.
+#[async_trait]
+impl BlobStore for S3Store {
+    async fn stat(&self, d: &Digest) -> io::Result<Option<BlobInfo>> {
+        self.stat_blob(d).await
+    }
+
+    async fn open(&self, d: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
+        Ok(self.open_blob(d).await?.map(|b| Box::new(b) as Box<dyn StoredBlob>))
+    }
+
+    async fn begin(&self, _d: &Digest) -> io::Result<Box<dyn PendingBlob>> {
+        Err(writes_need_a_read_cache())
+    }
+
+    async fn begin_upload(&self, _id: &str) -> io::Result<Box<dyn PendingBlob>> {
+        Err(writes_need_a_read_cache())
+    }
+
+    async fn delete(&self, d: &Digest) -> io::Result<()> {
+        self.delete_blob(d).await
+    }
+
+    async fn set_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()> {
+        S3Store::set_media_type(self, d, media_type).await
+    }
+
+    async fn mark_public(&self, d: &Digest) -> io::Result<()> {
+        S3Store::mark_public(self, d).await
+    }
+
+    async fn list(&self) -> io::Result<Vec<ListedBlob>> {
+        self.list_blobs().await
+    }
+
+    async fn check_writable(&self) -> io::Result<()> {
+        S3Store::check_writable(self).await
+    }
+}
+
+fn writes_need_a_read_cache() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the S3 backend writes through a replica's local read cache",
+    )
 }
 
 /// Content opened in the bucket.
