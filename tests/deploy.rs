@@ -353,6 +353,11 @@ fn manifests_agree_with_the_config_they_mount() {
         "peer discovery needs a headless Service"
     );
     assert_eq!(sts["spec"]["serviceName"], "regmirror-peers");
+    assert_eq!(
+        find(&docs, "Service", "regmirror")["spec"]["sessionAffinity"],
+        "ClientIP",
+        "a push's upload session is one replica's: a client's requests must stay on it"
+    );
     for name in ["regmirror-peers", "regmirror", "regmirror-node"] {
         let svc = find(&docs, "Service", name);
         for (k, v) in svc["spec"]["selector"].as_object().unwrap() {

@@ -386,6 +386,51 @@ fn one_replica_keeps_the_bucket_under_its_bound_and_the_cache_commands_see_the_b
     // gc --to 0 on the bucket empties it (nothing is pushed here).
     cache_cmd(&c.replicas[0], &garage, &["gc", "--to", "0"]);
     assert_eq!(total_bytes(&cache_cmd(&c.replicas[0], &garage, &["du"])), 0);
+
+    // An object whose bytes are not its key's digest (written behind
+    // regmirror's back): verify names it, fails, and takes it out of blobs/.
+    let claimed = common::sha256_digest(b"what the key claims");
+    let url = format!(
+        "{}/{}/bound/blobs/sha256/{}",
+        garage.endpoint(0),
+        garage.bucket,
+        &claimed["sha256:".len()..]
+    );
+    let put = std::process::Command::new("curl")
+        .args(["-sS", "-f", "-X", "PUT", "--aws-sigv4", "aws:amz:garage:s3", "--user"])
+        .arg(format!("{}:{}", common::garage::KEY_ID, common::garage::SECRET_KEY))
+        .args([
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            "--data-binary",
+            "other bytes",
+            &url,
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        put.status.success(),
+        "PUT the corrupt object: {}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    assert!(total_bytes(&cache_cmd(&c.replicas[0], &garage, &["du"])) > 0);
+    let verify = std::process::Command::new(common::regmirror::binary())
+        .args(["cache", "verify", "--config"])
+        .arg(&c.replicas[0].config_path)
+        .envs(garage.credentials_env())
+        .output()
+        .expect("regmirror cache verify");
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(!verify.status.success(), "verify fails on a mismatch: {said}");
+    assert!(
+        said.contains(&format!("MISMATCH {claimed}")) && said.contains("quarantine/"),
+        "{said}"
+    );
+    assert_eq!(
+        total_bytes(&cache_cmd(&c.replicas[0], &garage, &["du"])),
+        0,
+        "out of blobs/"
+    );
 }
 
 /// A refused pull: an authorization error, not a transport one.
@@ -437,4 +482,66 @@ fn a_private_image_one_replica_cached_is_served_by_another_only_with_the_clients
     assert_pulled("with the login, through B", &pulled, &image.manifest_digest);
     let blobs = env.upstream.blob_fetches_since(mark);
     assert!(blobs.is_empty(), "B fetched no blob upstream: {blobs:?}");
+}
+
+#[test]
+fn a_push_through_one_replica_is_pulled_through_another() {
+    use common::push::{dead_upstream_config, Auth, Local, Namespace, ACCEPT_MANIFESTS, ADMIN, CI, ROLES};
+    let garage = GarageCluster::start(3, "regmirror-push");
+    let namespaces = [Namespace {
+        namespace: "private",
+        users: &[ADMIN, CI],
+        keys: ROLES,
+    }];
+    let start = |node: usize| {
+        let mut cfg = dead_upstream_config();
+        cfg.cache_extra = garage.cache_keys(node, "push");
+        for (k, v) in garage.credentials_env() {
+            cfg.env.push((k.into(), v.into()));
+        }
+        Local::start_with(cfg, &namespaces)
+    };
+    let (a, b) = (start(0), start(1));
+    let rt = common::runtime();
+    let pushed = rt.block_on(a.push_image("private/app", "1.0", 2, &Auth::user(ADMIN)));
+
+    rt.block_on(async {
+        let got = b
+            .request("GET", "/v2/private/app/manifests/1.0", &Auth::user(CI))
+            .header("accept", ACCEPT_MANIFESTS)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), 200, "B serves A's push by tag");
+        assert_eq!(
+            got.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()),
+            Some(pushed.digest.as_str())
+        );
+        assert_eq!(got.bytes().await.unwrap(), pushed.manifest);
+        for layer in &pushed.layers {
+            let d = common::sha256_digest(layer);
+            let got = b
+                .request("GET", &format!("/v2/private/app/blobs/{d}"), &Auth::user(CI))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(got.status(), 200, "B serves A's pushed layer {d}");
+            assert_eq!(&got.bytes().await.unwrap()[..], &layer[..]);
+        }
+        let tags = b
+            .request("GET", "/v2/private/app/tags/list", &Auth::user(CI))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(tags.contains("\"1.0\""), "B lists A's tag: {tags}");
+        let anonymous = b
+            .request("GET", "/v2/private/app/manifests/1.0", &Auth::None)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(anonymous.status(), 401, "B refuses an anonymous pull of the push");
+    });
 }

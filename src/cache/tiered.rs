@@ -25,9 +25,13 @@ use super::s3::{BucketBlob, BucketUpload, S3Store};
 use crate::reference::Digest;
 
 /// Chunks a copy into the local cache may lag behind the client it is
-/// served to; beyond that (a slow disk) the copy is given up, never the
-/// client's stream.
-const COPY_BACKLOG: usize = 64;
+/// served to (each up to [`CHUNK`]); beyond that the client waits for the
+/// local disk, as a download's clients wait for it on the disk backend.
+const COPY_BACKLOG: usize = 16;
+/// Bytes handed on at once when reading from the bucket: the bucket's body
+/// arrives in pieces of a few KiB, each of which would otherwise cost a
+/// write to the client and one to the local copy.
+const CHUNK: usize = 256 * 1024;
 
 pub struct TieredStore {
     local: Arc<DiskStore>,
@@ -202,26 +206,68 @@ impl StoredBlob for CopiedBlob {
     fn read(self: Box<Self>, start: u64, end: u64) -> ByteStream {
         let info = self.blob.info().clone();
         let whole = start == 0 && end == info.size;
-        let stream = Box::new(self.blob).read(start, end);
+        let stream = coalesce(Box::new(self.blob).read(start, end), CHUNK);
         if !whole {
-            return stream;
+            return Box::pin(stream);
         }
         let (tx, rx) = mpsc::channel::<Bytes>(COPY_BACKLOG);
         tokio::spawn(copy_to_local(rx, self.local, self.digest, info, self.life));
-        let mut tx = Some(tx);
-        Box::pin(stream.map(move |chunk| {
-            if let (Ok(c), Some(sender)) = (&chunk, &tx) {
-                if sender.try_send(c.clone()).is_err() {
-                    // The disk is behind (or failed): no copy this time.
-                    tx = None;
+        // Each chunk goes to the copy before the client: a failed copy (its
+        // receiver gone) stops copying, never the client's stream.
+        Box::pin(futures_util::stream::unfold(
+            (Box::pin(stream), Some(tx)),
+            |(mut s, mut tx)| async move {
+                let item = s.next().await?;
+                match &item {
+                    Ok(chunk) => {
+                        if let Some(t) = &tx {
+                            if t.send(chunk.clone()).await.is_err() {
+                                tx = None;
+                            }
+                        }
+                    }
+                    Err(_) => tx = None,
                 }
-            }
-            if chunk.is_err() {
-                tx = None;
-            }
-            chunk
-        }))
+                Some((item, (s, tx)))
+            },
+        ))
     }
+}
+
+/// `s` in pieces of at least `size` bytes (the last may be shorter).
+fn coalesce(s: ByteStream, size: usize) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send {
+    futures_util::stream::unfold((s, false), move |(mut s, done)| async move {
+        if done {
+            return None;
+        }
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match s.next().await {
+                Some(Ok(chunk)) => {
+                    if buf.is_empty() && chunk.len() >= size {
+                        return Some((Ok(chunk), (s, false)));
+                    }
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= size {
+                        return Some((Ok(buf.freeze()), (s, false)));
+                    }
+                }
+                Some(Err(e)) => {
+                    if buf.is_empty() {
+                        return Some((Err(e), (s, true)));
+                    }
+                    // What arrived is handed on; the error ends the stream
+                    // on the next poll, as it would have.
+                    return Some((
+                        Ok(buf.freeze()),
+                        (futures_util::stream::once(async { Err(e) }).boxed(), false),
+                    ));
+                }
+                None if buf.is_empty() => return None,
+                None => return Some((Ok(buf.freeze()), (s, true))),
+            }
+        }
+    })
 }
 
 /// Writes what `rx` brings to the local cache and commits it once it is
