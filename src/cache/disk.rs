@@ -45,7 +45,15 @@ pub const READ_CHUNK: usize = 256 * 1024;
 pub struct DiskStore {
     root: PathBuf,
     counter: AtomicU64,
+    /// Content is synced to disk before it becomes visible. False for a
+    /// read cache in front of a bucket, which is emptied after a crash
+    /// instead (see [`DiskStore::open_read_cache`]).
+    durable: bool,
 }
+
+/// Written when a read cache is closed cleanly; absent at start, the
+/// process before died and the read cache is emptied.
+const CLEAN_MARK: &str = "read-cache.clean";
 
 impl DiskStore {
     /// Opens the store, creating its directories and clearing `tmp/` (left
@@ -71,6 +79,7 @@ impl DiskStore {
         Ok(DiskStore {
             root: root.to_path_buf(),
             counter: AtomicU64::new(0),
+            durable: true,
         })
     }
 
@@ -91,7 +100,58 @@ impl DiskStore {
         Ok(DiskStore {
             root: root.to_path_buf(),
             counter: AtomicU64::new(0),
+            durable: true,
         })
+    }
+
+    /// Opens `root` as a read cache in front of a bucket that holds all of
+    /// it: commits skip the disk sync a store of record needs, and what a
+    /// crash may have left torn is never served, because a read cache not
+    /// closed cleanly ([`DiskStore::mark_clean`]) is emptied here (with its
+    /// recency index, `index_file`). A crash costs reads from the bucket.
+    pub fn open_read_cache(root: &Path, index_file: &str) -> io::Result<Self> {
+        let mut store = DiskStore::open_dir(root)?;
+        store.durable = false;
+        let mark = root.join(CLEAN_MARK);
+        let clean = mark.is_file();
+        let blobs = root.join("blobs");
+        let has_content = std::fs::read_dir(blobs.join("sha256"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if !clean && has_content {
+            tracing::warn!(dir = %root.display(), "the local read cache was not closed cleanly: emptied (the bucket holds everything in it)");
+            std::fs::remove_dir_all(&blobs).map_err(|e| with_path(&blobs, e))?;
+            std::fs::create_dir_all(blobs.join("sha256")).map_err(|e| with_path(&blobs, e))?;
+            let index = root.join(index_file);
+            match std::fs::remove_file(&index) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(with_path(&index, e)),
+            }
+        }
+        match std::fs::remove_file(&mark) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(&mark, e)),
+        }
+        Ok(store)
+    }
+
+    /// A read cache closes cleanly: it is kept at the next start.
+    pub fn mark_clean(&self) -> io::Result<()> {
+        if self.durable {
+            return Ok(());
+        }
+        // Everything written so far reaches the disk before the mark says
+        // so: a power loss after a clean stop must not leave torn content
+        // the mark vouches for.
+        let dir = std::fs::File::open(&self.root).map_err(|e| with_path(&self.root, e))?;
+        rustix::fs::syncfs(&dir).map_err(|e| with_path(&self.root, e.into()))?;
+        let mark = self.root.join(CLEAN_MARK);
+        std::fs::write(&mark, b"closed cleanly\n").map_err(|e| with_path(&mark, e))?;
+        std::fs::File::open(&mark)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| with_path(&mark, e))
     }
 
     pub fn root(&self) -> &Path {
@@ -226,6 +286,7 @@ impl DiskStore {
             finished: false,
             unsynced: 0,
             syncing: None,
+            durable: self.durable,
         })
     }
 
@@ -534,6 +595,8 @@ struct DiskPending {
     unsynced: u64,
     /// A background `fdatasync` started while the download goes on.
     syncing: Option<tokio::task::JoinHandle<io::Result<()>>>,
+    /// Synced before it becomes visible (see [`DiskStore::durable`]).
+    durable: bool,
 }
 
 /// Written bytes after which a background `fdatasync` starts. The commit
@@ -572,9 +635,11 @@ impl DiskPending {
         if let Some(h) = self.syncing.take() {
             h.await.map_err(io::Error::other)??;
         }
-        tokio::task::spawn_blocking(move || w.sync_data())
-            .await
-            .map_err(io::Error::other)??;
+        if self.durable {
+            tokio::task::spawn_blocking(move || w.sync_data())
+                .await
+                .map_err(io::Error::other)??;
+        }
         let (dest, type_path) = self
             .dest
             .clone()
@@ -605,7 +670,7 @@ impl PendingBlob for DiskPending {
             .map_err(io::Error::other)??;
         self.len += n;
         self.unsynced += n;
-        if self.unsynced >= SYNC_EVERY {
+        if self.durable && self.unsynced >= SYNC_EVERY {
             self.sync_in_background()?;
         }
         Ok(())
@@ -789,6 +854,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open_dir(dir.path()).unwrap();
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_read_cache_not_closed_cleanly_is_emptied_and_one_closed_cleanly_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        async fn put(s: &DiskStore, data: &'static [u8]) -> Digest {
+            let d = Digest::of(data);
+            let mut p = s.begin(&d).await.unwrap();
+            p.write(Bytes::from_static(data)).await.unwrap();
+            p.commit(None).await.unwrap();
+            d
+        }
+        let s = DiskStore::open_read_cache(dir.path(), "index.redb").unwrap();
+        let kept = put(&s, b"kept").await;
+        s.mark_clean().unwrap();
+        drop(s);
+        std::fs::write(dir.path().join("index.redb"), b"an index").unwrap();
+        let s = DiskStore::open_read_cache(dir.path(), "index.redb").unwrap();
+        assert!(s.stat(&kept).await.unwrap().is_some(), "closed cleanly: kept");
+        assert!(dir.path().join("index.redb").exists());
+        let lost = put(&s, b"written, then a crash").await;
+        drop(s); // no mark_clean: the process died
+        let s = DiskStore::open_read_cache(dir.path(), "index.redb").unwrap();
+        assert!(s.stat(&lost).await.unwrap().is_none(), "a crash empties the read cache");
+        assert!(s.stat(&kept).await.unwrap().is_none());
+        assert!(!dir.path().join("index.redb").exists(), "and its index");
+        // A store of record is never emptied.
+        let durable = tempfile::tempdir().unwrap();
+        let s = DiskStore::open_dir(durable.path()).unwrap();
+        let d = put(&s, b"of record").await;
+        drop(s);
+        let s = DiskStore::open_dir(durable.path()).unwrap();
+        assert!(s.stat(&d).await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -165,7 +165,7 @@ impl Cache {
     ) -> io::Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         let local_dir = dir.to_path_buf();
-        let local = tokio::task::spawn_blocking(move || DiskStore::open_dir(&local_dir))
+        let local = tokio::task::spawn_blocking(move || DiskStore::open_read_cache(&local_dir, INDEX_FILE))
             .await
             .map_err(io::Error::other)??;
         let local = Arc::new(local);
@@ -229,11 +229,18 @@ impl Cache {
         Ok(())
     }
 
-    /// Writes pending recency notes to the index (at shutdown).
+    /// Writes pending recency notes to the index (at shutdown), and marks
+    /// a read cache in front of a bucket closed cleanly.
     pub async fn flush(&self) {
         if let Some(life) = &self.life {
             if let Err(e) = life.flush().await {
                 tracing::warn!(error = %e, "could not write the cache index at shutdown");
+                return;
+            }
+        }
+        if let Some((_, tiered)) = &self.bucket {
+            if let Err(e) = tiered.close() {
+                tracing::warn!(error = %e, "could not mark the local read cache closed cleanly; it is emptied at the next start");
             }
         }
     }
