@@ -728,29 +728,36 @@ garage_blob() { # garage_blob → MiB/s of one GET of the big blob's object stra
   [[ ${r#* } == "$BIG_SIZE" ]] || fail "garage: short object ($r)"
   awk -v t="${r% *}" -v n="$BIG_SIZE" 'BEGIN {printf "%.1f", n / 1048576 / t}'
 }
-s3_cold_local() { # s3_cold_local: appends to S3_RATES the MiB/s of one GET through regmirror-s3
-  # started with an empty local read cache. Not in a $(…) subshell: the
-  # restarted process must stay in PID, or it would outlive the run.
+s3_cold_local() { # s3_cold_local tls|plain: appends to S3_RATES the MiB/s of one GET through
+  # regmirror-s3 started with an empty local read cache, over TLS (transparent mode) or its
+  # plain listener (mirror mode, as the Kubernetes example's nodes pull). Not in a $(…)
+  # subshell: the restarted process must stay in PID, or it would outlive the run.
   local r
   stop regmirror-s3
   rm -rf "$W/rm-s3/data"
   start_regmirror_s3
-  r=$(c regmirror-s3 --http1.1 -f -o /dev/null -w '%{time_total} %{size_download}' "$REPO_URL/blobs/$BIG")
+  if [[ $1 == tls ]]; then
+    r=$(c regmirror-s3 --http1.1 -f -o /dev/null -w '%{time_total} %{size_download}' "$REPO_URL/blobs/$BIG")
+  else
+    r=$(curl -sS -f -o /dev/null -w '%{time_total} %{size_download}' "http://$RS:5000/v2/dockerhub/library/bench/blobs/$BIG")
+  fi
   [[ ${r#* } == "$BIG_SIZE" ]] || fail "regmirror-s3: short blob ($r)"
   S3_RATES+=("$(awk -v t="${r% *}" -v n="$BIG_SIZE" 'BEGIN {printf "%.1f", n / 1048576 / t}')")
 }
 replica_figures() { # replica_figures REP: cold-local replica vs Garage, then local hits vs the disk backend
-  local round g=() l=() d=()
-  S3_RATES=()
-  for round in 0 1 2; do
-    if ((($1 + round) % 2 == 0)); then
-      g+=("$(garage_blob)"); s3_cold_local
-    else
-      s3_cold_local; g+=("$(garage_blob)")
-    fi
+  local round proto g=() l=() d=()
+  for proto in plain tls; do
+    g=() S3_RATES=()
+    for round in 0 1 2; do
+      if ((($1 + round) % 2 == 0)); then
+        g+=("$(garage_blob)"); s3_cold_local "$proto"
+      else
+        s3_cold_local "$proto"; g+=("$(garage_blob)")
+      fi
+    done
+    record "s3_cold_local_${proto}_mibs" garage "$(median "${g[@]}")"
+    record "s3_cold_local_${proto}_mibs" regmirror "$(median "${S3_RATES[@]}")"
   done
-  record s3_cold_local_mibs garage "$(median "${g[@]}")"
-  record s3_cold_local_mibs regmirror "$(median "${S3_RATES[@]}")"
   # The whole read above was copied into the local read cache as it was
   # served; let the copy commit, then the hits are local.
   for _ in $(seq 50); do find "$W/rm-s3/data/blobs" -name "${BIG#sha256:}" | grep -q . && break; sleep 0.1; done
