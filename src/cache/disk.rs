@@ -364,11 +364,11 @@ fn with_path(p: &Path, e: io::Error) -> io::Error {
 
 /// Names of tag records keyed by media type start with this; others are
 /// per-Accept records of older stores.
-const TYPE_KEYED: &str = "mt-";
+pub(super) const TYPE_KEYED: &str = "mt-";
 
 /// A media type as a short file name: canonical (no parameters, lower case)
 /// and hashed, so no client-chosen text becomes a path.
-fn type_key(media_type: &str) -> String {
+pub(super) fn type_key(media_type: &str) -> String {
     Digest::of(media_type.trim().to_ascii_lowercase().as_bytes()).hex()[..16].to_string()
 }
 
@@ -380,12 +380,12 @@ fn epoch_ms(t: io::Result<std::time::SystemTime>) -> u64 {
 }
 
 /// Keys are hex already; this only guards against a caller passing a path.
-fn safe_key(k: &str) -> String {
+pub(super) fn safe_key(k: &str) -> String {
     k.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect()
 }
 
 /// An upstream name or namespace as one directory name (`docker.io`).
-fn safe_component(s: &str) -> String {
+pub(super) fn safe_component(s: &str) -> String {
     let c: String = s
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))

@@ -19,27 +19,8 @@ use async_trait::async_trait;
 use tokio::fs;
 
 use super::disk::{not_found_is_none, DiskStore};
-use super::hosted_store::{HostedStore, Link};
+use super::hosted_store::{digest_name, link_dir, parse_digest_name, HostedStore, Link, RECORDS};
 use crate::reference::{Digest, RepoName, Tag};
-
-const RECORDS: [&str; 5] = ["_blobs", "_manifests", "_tags", "_referrers", "_deleted"];
-
-fn link_dir(link: Link) -> &'static str {
-    match link {
-        Link::Blob => "_blobs",
-        Link::Manifest => "_manifests",
-        Link::Deleted => "_deleted",
-    }
-}
-
-fn file_name(d: &Digest) -> String {
-    format!("{}-{}", d.algorithm().name(), d.hex())
-}
-
-fn parse_file_name(name: &str) -> Option<Digest> {
-    let (alg, hex) = name.split_once('-')?;
-    Digest::parse(&format!("{alg}:{hex}")).ok()
-}
 
 impl DiskStore {
     fn hosted_dir(&self, repo: &RepoName) -> PathBuf {
@@ -51,11 +32,11 @@ impl DiskStore {
     }
 
     fn link_path(&self, repo: &RepoName, link: Link, d: &Digest) -> PathBuf {
-        self.hosted_dir(repo).join(link_dir(link)).join(file_name(d))
+        self.hosted_dir(repo).join(link_dir(link)).join(digest_name(d))
     }
 
     fn referrer_dir(&self, repo: &RepoName, subject: &Digest) -> PathBuf {
-        self.hosted_dir(repo).join("_referrers").join(file_name(subject))
+        self.hosted_dir(repo).join("_referrers").join(digest_name(subject))
     }
 }
 
@@ -96,7 +77,7 @@ impl HostedStore for DiskStore {
 
     async fn links(&self, repo: &RepoName, link: Link) -> io::Result<Vec<Digest>> {
         let dir = self.hosted_dir(repo).join(link_dir(link));
-        Ok(names(&dir).await?.iter().filter_map(|n| parse_file_name(n)).collect())
+        Ok(names(&dir).await?.iter().filter_map(|n| parse_digest_name(n)).collect())
     }
 
     async fn set_tag(&self, repo: &RepoName, tag: &Tag, d: &Digest) -> io::Result<()> {
@@ -139,14 +120,14 @@ impl HostedStore for DiskStore {
     ) -> io::Result<()> {
         let path = self
             .referrer_dir(repo, subject)
-            .join(format!("{}.json", file_name(referrer)));
+            .join(format!("{}.json", digest_name(referrer)));
         self.write_atomically(&path, descriptor).await
     }
 
     async fn remove_referrer(&self, repo: &RepoName, subject: &Digest, referrer: &Digest) -> io::Result<()> {
         let path = self
             .referrer_dir(repo, subject)
-            .join(format!("{}.json", file_name(referrer)));
+            .join(format!("{}.json", digest_name(referrer)));
         not_found_is_none(fs::remove_file(&path).await)?;
         Ok(())
     }

@@ -56,3 +56,28 @@ pub trait HostedStore: Send + Sync + 'static {
     /// Repositories under `namespace` that hold anything, sorted.
     async fn repositories(&self, namespace: &str) -> io::Result<Vec<RepoName>>;
 }
+
+/// The records a pushed repository holds, by name: the same in every
+/// backend's layout (`<repo>/_blobs/<alg>-<hex>`, ...). Repository
+/// components never start with `_` (the OCI name grammar), so these cannot
+/// collide with a nested repository.
+pub(super) const RECORDS: [&str; 5] = ["_blobs", "_manifests", "_tags", "_referrers", "_deleted"];
+
+/// Where a backend keeps the links of one kind.
+pub(super) fn link_dir(link: Link) -> &'static str {
+    match link {
+        Link::Blob => "_blobs",
+        Link::Manifest => "_manifests",
+        Link::Deleted => "_deleted",
+    }
+}
+
+/// A digest as one path or key component (`sha256-<hex>`).
+pub(super) fn digest_name(d: &Digest) -> String {
+    format!("{}-{}", d.algorithm().name(), d.hex())
+}
+
+pub(super) fn parse_digest_name(name: &str) -> Option<Digest> {
+    let (alg, hex) = name.split_once('-')?;
+    Digest::parse(&format!("{alg}:{hex}")).ok()
+}

@@ -39,6 +39,7 @@ use object_store::path::Path;
 use object_store::{ClientOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use super::blob_store::{BlobInfo, BlobStore, ByteStream, ListedBlob, PendingBlob, StoredBlob};
+use super::disk::{safe_component, safe_key, type_key, TYPE_KEYED};
 use super::meta_store::{MetaStore, RepoKey, TagRecord};
 use crate::config::BucketSettings;
 use crate::reference::{Digest, RepoName, Tag};
@@ -663,19 +664,6 @@ fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
     }
 }
 
-/// An upstream name or id as one key component.
-fn safe_component(s: &str) -> String {
-    let c: String = s
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-        .collect();
-    if c.is_empty() || c.chars().all(|c| c == '.') {
-        "_".into()
-    } else {
-        c
-    }
-}
-
 /// Reads `aws_access_key_id`, `aws_secret_access_key` and
 /// `aws_session_token` from the `[default]` profile (or `AWS_PROFILE`'s)
 /// of an AWS shared-credentials file.
@@ -718,18 +706,6 @@ fn read_credentials(path: &FsPath) -> io::Result<(String, String, Option<String>
             ),
         )),
     }
-}
-
-/// Names of tag records keyed by media type start with this.
-const TYPE_KEYED: &str = "mt-";
-
-/// A media type as a short key: canonical and hashed, as on disk.
-fn type_key(media_type: &str) -> String {
-    Digest::of(media_type.trim().to_ascii_lowercase().as_bytes()).hex()[..16].to_string()
-}
-
-fn safe_key(k: &str) -> String {
-    k.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect()
 }
 
 #[async_trait]

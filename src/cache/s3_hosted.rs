@@ -16,28 +16,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::path::Path;
 
-use super::hosted_store::{HostedStore, Link};
+use super::hosted_store::{digest_name, link_dir, parse_digest_name, HostedStore, Link, RECORDS};
 use super::s3::S3Store;
 use crate::reference::{Digest, RepoName, Tag};
-
-const RECORDS: [&str; 5] = ["_blobs", "_manifests", "_tags", "_referrers", "_deleted"];
-
-fn link_dir(link: Link) -> &'static str {
-    match link {
-        Link::Blob => "_blobs",
-        Link::Manifest => "_manifests",
-        Link::Deleted => "_deleted",
-    }
-}
-
-fn key_name(d: &Digest) -> String {
-    format!("{}-{}", d.algorithm().name(), d.hex())
-}
-
-fn parse_key_name(name: &str) -> Option<Digest> {
-    let (alg, hex) = name.split_once('-')?;
-    Digest::parse(&format!("{alg}:{hex}")).ok()
-}
 
 fn hosted_key(repo: &RepoName) -> Path {
     let mut p = Path::from("local");
@@ -48,7 +29,7 @@ fn hosted_key(repo: &RepoName) -> Path {
 }
 
 fn link_key(repo: &RepoName, link: Link, d: &Digest) -> Path {
-    hosted_key(repo).join(link_dir(link)).join(key_name(d))
+    hosted_key(repo).join(link_dir(link)).join(digest_name(d))
 }
 
 fn tag_key(repo: &RepoName, tag: &Tag) -> Path {
@@ -58,8 +39,8 @@ fn tag_key(repo: &RepoName, tag: &Tag) -> Path {
 fn referrer_key(repo: &RepoName, subject: &Digest, referrer: &Digest) -> Path {
     hosted_key(repo)
         .join("_referrers")
-        .join(key_name(subject))
-        .join(format!("{}.json", key_name(referrer)))
+        .join(digest_name(subject))
+        .join(format!("{}.json", digest_name(referrer)))
 }
 
 #[async_trait]
@@ -78,7 +59,7 @@ impl HostedStore for S3Store {
 
     async fn links(&self, repo: &RepoName, link: Link) -> io::Result<Vec<Digest>> {
         let (names, _) = self.list_names(&hosted_key(repo).join(link_dir(link))).await?;
-        Ok(names.iter().filter_map(|n| parse_key_name(n)).collect())
+        Ok(names.iter().filter_map(|n| parse_digest_name(n)).collect())
     }
 
     async fn link_age(&self, repo: &RepoName, link: Link, d: &Digest) -> io::Result<Option<std::time::Duration>> {
@@ -137,7 +118,7 @@ impl HostedStore for S3Store {
     }
 
     async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<Vec<u8>>> {
-        let dir = hosted_key(repo).join("_referrers").join(key_name(subject));
+        let dir = hosted_key(repo).join("_referrers").join(digest_name(subject));
         let (names, _) = self.list_names(&dir).await?;
         let reads = names.iter().filter(|n| n.ends_with(".json")).map(|n| {
             let key = dir.clone().join(n.as_str());
