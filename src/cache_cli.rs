@@ -175,7 +175,13 @@ pub fn gc(s: &Settings, to: Option<&str>) -> Res<()> {
             let target = target.unwrap_or(s.low_water);
             let keep: std::collections::HashSet<String> = keep.iter().map(|d| d.to_string()).collect();
             runtime
-                .block_on(evict_to(index, store.blobs.as_ref(), target, &|d| keep.contains(d)))
+                .block_on(evict_to(
+                    index,
+                    store.blobs.as_ref(),
+                    target,
+                    &|d| keep.contains(d),
+                    true,
+                ))
                 .map(|e| (e.blobs, e.bytes, e.before, e.after))
                 .map_err(|e| e.to_string())?
         }

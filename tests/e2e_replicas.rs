@@ -545,3 +545,98 @@ fn a_push_through_one_replica_is_pulled_through_another() {
         assert_eq!(anonymous.status(), 401, "B refuses an anonymous pull of the push");
     });
 }
+
+/// A webhook receiver that keeps every request body and answers 200.
+fn receiver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind((alloc_ip(), 0)).expect("bind receiver");
+    let addr = listener.local_addr().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let keep = keep.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().expect("clone socket");
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        keep.lock().unwrap().push(v);
+                    }
+                    if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[test]
+fn content_leaving_the_bucket_is_an_evict_event_and_a_local_copy_leaving_the_read_cache_is_not() {
+    const KIB: usize = 1024;
+    let garage = GarageCluster::start(3, "regmirror-events");
+    let env = UpstreamEnv::start(UpstreamEnvOpts::default());
+    let (addr, got) = receiver();
+    let image = common::images::build_image(Format::Oci, "amd64", &[700 * KIB, 700 * KIB, 700 * KIB]);
+    env.pusher.push_image(REPO, "ev", &image);
+    let mut cfg = Config::new(alloc_ip()).with_standard_upstreams(UPSTREAM_HOST, env.upstream.ip, &env.ca_file);
+    // A local read cache too small for the image, a bucket bound that
+    // holds less than it: both evict.
+    cfg.max_size = "1MiB".into();
+    cfg.cache_extra = garage.cache_keys(0, "events") + "bucket_max_size = \"1MiB\"\n";
+    cfg.extra_toml += &format!("[[webhook]]\nurl = \"http://{addr}/hook\"\nevents = [\"evict\", \"pull\"]\n");
+    for (k, v) in garage.credentials_env() {
+        cfg.env.push((k.into(), v.into()));
+    }
+    let rm = Regmirror::start(cfg);
+    let name = format!("docker.io/{REPO}:ev");
+    assert_pulled("pull", &client(&rm).skopeo_copy(&name, None), &image.manifest_digest);
+    let of_type = |t: &str| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == format!("io.regmirror.{t}"))
+            .count() as u64
+    };
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(30), || {
+            counter(&rm, "regmirror_bucket_evicted_blobs_total") > 0
+                && counter(&rm, "regmirror_evicted_blobs_total") > 0
+                && of_type("pull") > 0
+        }),
+        "both the read cache and the bucket evicted, and the pull was delivered: {:?}",
+        got.lock().unwrap()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let bucket = counter(&rm, "regmirror_bucket_evicted_blobs_total");
+    assert_eq!(
+        of_type("evict"),
+        bucket,
+        "one evict event per blob that left the bucket, none for local copies ({} evicted locally)",
+        counter(&rm, "regmirror_evicted_blobs_total")
+    );
+}

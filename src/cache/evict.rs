@@ -60,6 +60,9 @@ pub struct Lifecycle {
     wake: Arc<Notify>,
     /// Bytes a write could not get (ENOSPC) since the evictor last looked.
     pressure: AtomicU64,
+    /// Evictions are `evict` events: false for a read cache in front of a
+    /// bucket, whose evictions leave the content cached (in the bucket).
+    announce: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -93,7 +96,14 @@ impl Lifecycle {
             pinned: Mutex::new(Default::default()),
             wake: Arc::new(Notify::new()),
             pressure: AtomicU64::new(0),
+            announce: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// What this evicts is a local copy of content kept elsewhere: no
+    /// `evict` event for it.
+    pub fn evicts_copies_only(&self) {
+        self.announce.store(false, Ordering::Relaxed);
     }
 
     /// The recency index, once the evictor has opened it.
@@ -234,7 +244,8 @@ async fn run(weak: Weak<Lifecycle>, blobs: Arc<dyn BlobStore>, path: PathBuf) ->
             };
             let keep =
                 |d: &str| super::lock(&life.pinned).contains(d) || super::lock(&life.pending).touches.contains_key(d);
-            match evict_to(&index, blobs.as_ref(), target, &keep).await {
+            let announce = life.announce.load(Ordering::Relaxed);
+            match evict_to(&index, blobs.as_ref(), target, &keep, announce).await {
                 Ok(done) if done.blobs > 0 => {
                     tracing::info!(
                         why,
@@ -303,12 +314,14 @@ async fn import(index: &Arc<Index>, blobs: &dyn BlobStore) -> io::Result<()> {
 
 /// Deletes least-recently-used content, layers first, until the index
 /// total is at most `target`; `keep` spares digests used since the index
-/// last heard of them. Shared by the evictor and `regmirror cache gc`.
+/// last heard of them; `announce`: each is an `evict` event. Shared by the
+/// evictor and `regmirror cache gc`.
 pub async fn evict_to(
     index: &Arc<Index>,
     blobs: &dyn BlobStore,
     target: u64,
     keep: &(dyn Fn(&str) -> bool + Sync),
+    announce: bool,
 ) -> io::Result<Evicted> {
     let before = {
         let index = index.clone();
@@ -344,7 +357,7 @@ pub async fn evict_to(
         }
         done.blobs += 1;
         done.bytes += v.size;
-        if crate::events::wanted(crate::events::Kind::Evict) {
+        if announce && crate::events::wanted(crate::events::Kind::Evict) {
             let mut event = crate::events::Event::new(crate::events::Kind::Evict);
             event.digest = Some(v.digest.clone());
             event.size = Some(v.size);

@@ -179,6 +179,7 @@ impl Cache {
         }
         cache.bucket = Some((bucket, tiered.clone()));
         let life = Lifecycle::new(limits);
+        life.evicts_copies_only();
         life.spawn(local, index_path);
         tiered.set_lifecycle(life.clone());
         cache.life = Some(life);
