@@ -39,7 +39,7 @@ use object_store::path::Path;
 use object_store::{ClientOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use super::blob_store::{BlobInfo, BlobStore, ByteStream, ListedBlob, PendingBlob, StoredBlob};
-use super::disk::{safe_component, safe_key, type_key, TYPE_KEYED};
+use super::disk::{not_found_is_none, safe_component, safe_key, type_key, TYPE_KEYED};
 use super::meta_store::{MetaStore, RepoKey, TagRecord};
 use crate::config::BucketSettings;
 use crate::reference::{Digest, RepoName, Tag};
@@ -210,6 +210,34 @@ impl S3Store {
             listed.objects.iter().filter_map(|o| name(&o.location)).collect(),
             listed.common_prefixes.iter().filter_map(name).collect(),
         ))
+    }
+
+    /// Repository names found under `list`, read from keys relative to
+    /// `base` up to the first component `is_record` accepts
+    /// (`<base>/library/alpine/_tags/...` → `library/alpine`): valid names
+    /// only, sorted, each once.
+    pub(super) async fn repositories_in(
+        &self,
+        base: &Path,
+        list: &Path,
+        is_record: impl Fn(&str) -> bool,
+    ) -> io::Result<Vec<RepoName>> {
+        let mut out = std::collections::BTreeMap::new();
+        for o in self.list_all(list).await? {
+            let parts: Vec<String> = o
+                .location
+                .prefix_match(base)
+                .into_iter()
+                .flatten()
+                .map(|p| p.as_ref().to_string())
+                .collect();
+            if let Some(i) = parts.iter().position(|p| is_record(p)) {
+                if let Ok(r) = RepoName::parse(&parts[..i].join("/")) {
+                    out.insert(r.as_str().to_string(), r);
+                }
+            }
+        }
+        Ok(out.into_values().collect())
     }
 
     fn context(&self, what: &str, key: &Path, e: io::Error) -> io::Error {
@@ -541,16 +569,19 @@ impl BucketUpload {
         Ok(())
     }
 
+    async fn put_type(store: &Arc<dyn ObjectStore>, k: &Path, media_type: &str) -> io::Result<()> {
+        let body = PutPayload::from(Bytes::copy_from_slice(media_type.as_bytes()));
+        small(store.put(k, body))
+            .await
+            .map(|_| ())
+            .map_err(|e| io::Error::other(format!("write {k}: {e}")))
+    }
+
     /// Makes what was written the object at its key; `media_type` is
     /// written first, so content seen is content whose type is known.
     pub async fn commit(&mut self, media_type: Option<&str>, type_key: Option<Path>) -> io::Result<()> {
         if let (Some(t), Some(k)) = (media_type, type_key) {
-            small(
-                self.store
-                    .put(&k, PutPayload::from(Bytes::copy_from_slice(t.as_bytes()))),
-            )
-            .await
-            .map_err(|e| io::Error::other(format!("write {k}: {e}")))?;
+            Self::put_type(&self.store, &k, t).await?;
         }
         let rest = self.buf.split().freeze();
         if self.upload.is_none() {
@@ -581,13 +612,7 @@ impl BucketUpload {
     pub async fn commit_to(&mut self, d: &Digest, media_type: Option<&str>) -> io::Result<()> {
         self.commit(None, None).await?;
         if let Some(t) = media_type {
-            let k = S3Store::type_key(d);
-            small(
-                self.store
-                    .put(&k, PutPayload::from(Bytes::copy_from_slice(t.as_bytes()))),
-            )
-            .await
-            .map_err(|e| io::Error::other(format!("write {k}: {e}")))?;
+            Self::put_type(&self.store, &S3Store::type_key(d), t).await?;
         }
         let dest = S3Store::blob_key(d);
         self.store
@@ -653,14 +678,6 @@ async fn small<T>(f: impl std::future::Future<Output = object_store::Result<T>>)
             io::ErrorKind::TimedOut,
             format!("the bucket did not answer within {SMALL_REQUEST_TIMEOUT:?}"),
         )),
-    }
-}
-
-fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
     }
 }
 
@@ -768,22 +785,7 @@ impl MetaStore for S3Store {
 
     async fn list_repositories(&self, upstream: &str) -> io::Result<Vec<String>> {
         let base = Path::from_iter(["meta", &safe_component(upstream)]);
-        let mut out = std::collections::BTreeSet::new();
-        for o in self.list_all(&base).await? {
-            let parts: Vec<String> = o
-                .location
-                .prefix_match(&base)
-                .into_iter()
-                .flatten()
-                .map(|p| p.as_ref().to_string())
-                .collect();
-            if let Some(i) = parts.iter().position(|p| p == "_tags") {
-                let name = parts[..i].join("/");
-                if RepoName::parse(&name).is_ok() {
-                    out.insert(name);
-                }
-            }
-        }
-        Ok(out.into_iter().collect())
+        let repos = self.repositories_in(&base, &base, |p| p == "_tags").await?;
+        Ok(repos.iter().map(|r| r.as_str().to_string()).collect())
     }
 }

@@ -66,8 +66,9 @@ impl HostedStore for S3Store {
         let Some(meta) = self.head(&link_key(repo, link, d)).await? else {
             return Ok(None);
         };
-        let age = chrono_age(meta.last_modified.timestamp_millis());
-        Ok(Some(age))
+        let modified_ms = meta.last_modified.timestamp_millis().max(0) as u64;
+        let age = super::evict::now_ms().saturating_sub(modified_ms);
+        Ok(Some(std::time::Duration::from_millis(age)))
     }
 
     async fn set_tag(&self, repo: &RepoName, tag: &Tag, d: &Digest) -> io::Result<()> {
@@ -136,33 +137,10 @@ impl HostedStore for S3Store {
         let Ok(ns) = RepoName::parse(namespace) else {
             return Ok(Vec::new());
         };
-        let base = Path::from("local");
-        let mut out = std::collections::BTreeSet::new();
-        for o in self.list_all(&hosted_key(&ns)).await? {
-            let parts: Vec<String> = o
-                .location
-                .prefix_match(&base)
-                .into_iter()
-                .flatten()
-                .map(|p| p.as_ref().to_string())
-                .collect();
-            if let Some(i) = parts.iter().position(|p| RECORDS.contains(&p.as_str())) {
-                let name = parts[..i].join("/");
-                if name != namespace {
-                    if let Ok(r) = RepoName::parse(&name) {
-                        out.insert(r.as_str().to_string());
-                    }
-                }
-            }
-        }
-        Ok(out.into_iter().filter_map(|n| RepoName::parse(&n).ok()).collect())
+        let mut repos = self
+            .repositories_in(&Path::from("local"), &hosted_key(&ns), |p| RECORDS.contains(&p))
+            .await?;
+        repos.retain(|r| r.as_str() != namespace);
+        Ok(repos)
     }
-}
-
-/// How long ago a time in ms since the Unix epoch was (zero if ahead).
-fn chrono_age(ms: i64) -> std::time::Duration {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    std::time::Duration::from_millis(now.saturating_sub(ms).max(0) as u64)
 }

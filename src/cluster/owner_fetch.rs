@@ -61,9 +61,7 @@ pub async fn open(
                 .headers()
                 .get(header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.trim().parse::<u64>().ok());
+                .and_then(crate::upstream::client::content_range_start);
             if start != Some(offset) {
                 return Err(fail(format!("asked from byte {offset}, got {start:?}")));
             }

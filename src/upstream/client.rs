@@ -140,6 +140,11 @@ pub enum Credential {
     Client(HeaderValue),
 }
 
+/// Where a 206's body starts, from its `Content-Range` (`bytes N-M/T`).
+pub fn content_range_start(v: &str) -> Option<u64> {
+    v.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
+}
+
 /// A request for upstream, already in upstream's names.
 #[derive(Clone)]
 pub struct UpstreamRequest {
@@ -465,11 +470,7 @@ impl UpstreamClient {
         match resp.status() {
             StatusCode::OK => Ok((resp, 0)),
             StatusCode::PARTIAL_CONTENT => {
-                let start = resp
-                    .header(header::CONTENT_RANGE)
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
+                let start = resp.header(header::CONTENT_RANGE).and_then(content_range_start);
                 if start == Some(offset) {
                     Ok((resp, offset))
                 } else {
