@@ -6,9 +6,9 @@
 //! while parts stream to the bucket, and the bucket's copy is completed
 //! (made visible to every replica) before the local one. Content read from
 //! the bucket is copied into the local cache as it is served, and committed
-//! there once all of it arrived, so the next read is a local one (it is not
-//! hashed again: nothing enters the bucket unverified, and `cache verify`
-//! re-hashes the bucket). The local cache is not synced to disk: after a
+//! there once all of it arrived and its digest checks (every byte
+//! committed to a store is verified, whatever it came from), so the next
+//! read is a local one. The local cache is not synced to disk: after a
 //! crash it is emptied instead ([`DiskStore::open_read_cache`]).
 //! Evicting from the local cache never touches the bucket; deleting does.
 
@@ -279,7 +279,7 @@ fn coalesce(s: ByteStream, size: usize) -> impl futures_util::Stream<Item = io::
 }
 
 /// Writes what `rx` brings to the local cache and commits it once it is
-/// all there; anything less leaves nothing behind.
+/// all there and its digest checks; anything less leaves nothing behind.
 async fn copy_to_local(
     mut rx: mpsc::Receiver<Bytes>,
     local: Arc<DiskStore>,
@@ -294,7 +294,9 @@ async fn copy_to_local(
             return;
         }
     };
+    let mut hasher = d.hasher();
     while let Some(chunk) = rx.recv().await {
+        hasher.update(&chunk);
         if let Err(e) = pending.write(chunk).await {
             tracing::debug!(digest = %d, error = %e, "no local copy of bucket content");
             pending.abort().await;
@@ -304,6 +306,13 @@ async fn copy_to_local(
     // The sender is dropped both at the end and when the client went away
     // or the bucket's stream broke: only the length tells them apart.
     if pending.written() != info.size {
+        pending.abort().await;
+        return;
+    }
+    let got = hasher.finish();
+    if got != d {
+        crate::metrics::METRICS.digest_mismatches.inc();
+        tracing::warn!(digest = %d, %got, "bucket content does not match its digest; not copied (regmirror cache verify checks the bucket)");
         pending.abort().await;
         return;
     }
