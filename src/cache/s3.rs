@@ -53,6 +53,10 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// A request that moves no content (a record, a HEAD) that has not
 /// answered by then has failed: a hung bucket must not hold a client.
 const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest gap between two pieces of a body from the bucket, or the
+/// longest a part upload may take: a bucket that stalls mid-transfer fails
+/// the transfer (DESIGN rule 16), where a total deadline would cap a layer.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct S3Store {
     store: Arc<dyn ObjectStore>,
@@ -457,8 +461,29 @@ impl StoredBlob for BucketBlob {
                 .boxed()
             }
         };
-        Box::pin(checked_length(stream, end - start))
+        Box::pin(checked_length(no_stall(stream), end - start))
     }
+}
+
+/// `s`, failing when the next piece takes longer than [`STALL_TIMEOUT`].
+fn no_stall(
+    s: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
+) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
+    futures_util::stream::unfold(Some(s), |s| async move {
+        let mut s = s?;
+        match tokio::time::timeout(STALL_TIMEOUT, s.next()).await {
+            Ok(None) => None,
+            Ok(Some(item)) => Some((item, Some(s))),
+            Err(_) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the bucket sent nothing for {STALL_TIMEOUT:?}"),
+                )),
+                None,
+            )),
+        }
+    })
+    .boxed()
 }
 
 /// The first `n` bytes of `s`.
@@ -562,7 +587,14 @@ impl BucketUpload {
 
     async fn wait_oldest(&mut self) -> io::Result<()> {
         if let Some(h) = self.parts.pop_front() {
-            h.await
+            tokio::time::timeout(STALL_TIMEOUT, h)
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("a part of {} took over {STALL_TIMEOUT:?}", self.key),
+                    )
+                })?
                 .map_err(io::Error::other)?
                 .map_err(|e| io::Error::other(format!("upload a part of {}: {e}", self.key)))?;
         }
