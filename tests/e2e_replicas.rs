@@ -213,7 +213,22 @@ fn concurrent_cold_pulls_over_a_cluster_fetch_each_blob_upstream_once() {
             &image.manifest_digest,
         );
     }
-    common::matrix::assert_cold(&env.upstream, mark, &image, "8 concurrent pulls over 3 replicas");
+    let entries = common::matrix::assert_cold(&env.upstream, mark, &image, "8 concurrent pulls over 3 replicas");
+    // The tag is asked by every replica (a HEAD); the manifest it names is
+    // content, fetched once for the cluster like the blobs.
+    let manifest_gets = entries
+        .iter()
+        .filter(|e| e.method == "GET" && e.manifest_ref() == Some(image.manifest_digest.as_str()))
+        .count();
+    assert_eq!(
+        manifest_gets,
+        1,
+        "upstream GETs of the manifest by digest: {:#?}",
+        entries
+            .iter()
+            .filter(|e| e.manifest_ref().is_some())
+            .collect::<Vec<_>>()
+    );
     let served_by_owners: u64 = c
         .replicas
         .iter()
@@ -236,13 +251,17 @@ fn a_stopped_owner_costs_one_fetch_by_the_asker_and_forged_peers_are_refused() {
     let env = UpstreamEnv::start(UpstreamEnvOpts::default());
     let mut c = cluster(&env, &garage, 3);
     let members = member_urls(&c);
-    // An image with a blob the third replica owns (random content: a few
-    // tries find one).
-    let image = (0..30)
+    // An image whose manifest and some blob the third replica owns
+    // (random content: a few tries find one).
+    let image = (0..60)
         .map(|_| common::images::build_image(Format::Oci, "amd64", &[200 * 1024, 300 * 1024]))
-        .find(|img| img.blob_digests().iter().any(|d| owner(&members, d) == 2))
-        .expect("an image with a blob the third replica owns");
-    let owned_by_stopped = image.blob_digests().iter().filter(|d| owner(&members, d) == 2).count() as u64;
+        .find(|img| {
+            owner(&members, &img.manifest_digest) == 2 && img.blob_digests().iter().any(|d| owner(&members, d) == 2)
+        })
+        .expect("an image with a manifest and a blob the third replica owns");
+    // Blobs and the manifest alike are asked of their owner.
+    let content = image.blob_digests().into_iter().chain([image.manifest_digest.clone()]);
+    let owned_by_stopped = content.filter(|d| owner(&members, d) == 2).count() as u64;
     env.pusher.push_image(REPO, "down", &image);
     c.replicas[2].stop();
 
@@ -253,11 +272,19 @@ fn a_stopped_owner_costs_one_fetch_by_the_asker_and_forged_peers_are_refused() {
         &client(&c.replicas[0]).skopeo_copy(&name, None),
         &image.manifest_digest,
     );
-    common::matrix::assert_cold(&env.upstream, mark, &image, "with the owner of some blobs stopped");
+    let entries = common::matrix::assert_cold(&env.upstream, mark, &image, "with the owner of some blobs stopped");
+    let manifest_gets = entries
+        .iter()
+        .filter(|e| e.method == "GET" && e.manifest_ref() == Some(image.manifest_digest.as_str()))
+        .count();
+    assert_eq!(
+        manifest_gets, 1,
+        "A fetched the manifest the stopped replica owns itself"
+    );
     assert_eq!(
         counter(&c.replicas[0], "regmirror_peer_fetches_total{result=\"fallback\"}"),
         owned_by_stopped,
-        "each blob the stopped replica owns was fetched by A itself"
+        "each digest the stopped replica owns was fetched by A itself"
     );
 
     // A client posing as a replica is refused, logged and counted.

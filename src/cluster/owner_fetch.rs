@@ -27,16 +27,18 @@ pub struct OwnerError {
     pub reason: String,
 }
 
-/// GETs `path` (a `/v2/…/blobs/<digest>` path on the owner's plain
-/// listener) from byte `offset` on, signed, with the client's
-/// `authorization` (the owner decides access and provenance as for the
-/// client itself).
+/// GETs `path` (a `/v2/…/blobs/<digest>` or `…/manifests/<digest>` path
+/// on the owner's plain listener) from byte `offset` on, signed, with the
+/// client's `authorization` (the owner decides access and provenance as for
+/// the client itself) and, for a manifest, its `accept`. The source's media
+/// type is the owner's `Content-Type`.
 pub async fn open(
     cluster: &Cluster,
     owner: &Url,
     path: &str,
     offset: u64,
     authorization: Option<&HeaderValue>,
+    accept: Option<&str>,
 ) -> Result<Source, OwnerError> {
     let fail = |reason: String| OwnerError {
         owner: owner.to_string(),
@@ -49,6 +51,9 @@ pub async fn open(
     }
     if let Some(a) = authorization {
         req = req.header(header::AUTHORIZATION, a.clone());
+    }
+    if let Some(a) = accept.and_then(|a| HeaderValue::from_str(a).ok()) {
+        req = req.header(header::ACCEPT, a);
     }
     let resp = tokio::time::timeout(ANSWER_WAIT, req.send())
         .await
@@ -69,9 +74,14 @@ pub async fn open(
         }
         s => return Err(fail(format!("answered {s}"))),
     };
+    let media_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     Ok(Source {
         stored_by_sender: true,
-        media_type: None,
+        media_type,
         length: resp.content_length(),
         max_len: None,
         public: false,

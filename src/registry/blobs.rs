@@ -16,11 +16,11 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use super::body::{empty, stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::outcome::RequestOutcome;
+use super::owner::{Content, Forward};
 use super::range::{parse_range, ByteRange};
 use super::{copy_header, header_value, App};
 use crate::auth::{Access, ContentKind, FetchPlan};
 use crate::cache::{Served, Source};
-use crate::metrics::METRICS;
 use crate::reference::Digest;
 use crate::route::RepoRequest;
 use crate::upstream::{Credential, UpstreamRequest};
@@ -37,14 +37,11 @@ pub async fn serve(
         .content(&app.cache, d, ContentKind::Blob, false)
         .await
         .map_err(|e| blob_error(e, d))?;
-    // Verified in dispatch: a replica asking us, its owner. Never passed
-    // on to another owner, whatever our view of the members.
-    let from_peer = headers.contains_key(crate::cluster::PEER_HEADER);
-    let via_owner = (!from_peer).then(|| headers.get(header::AUTHORIZATION).cloned());
+    let forward = Forward::of(headers);
     if head {
-        return head_blob(app, r, d, &plan, via_owner).await;
+        return head_blob(app, r, d, &plan, &forward).await;
     }
-    let served = fetch(app, r, d, &plan, via_owner).await?;
+    let served = fetch(app, r, d, &plan, &forward).await?;
     Ok(respond(served, headers, d))
 }
 
@@ -90,31 +87,25 @@ fn full_response(served: Served, size: Option<u64>) -> Response<Body> {
 }
 
 /// The blob from the store, or the one download of it (started or joined):
-/// from its owner when another replica owns it (`via_owner`: the client's
-/// `Authorization`, for the owner to decide on as for the client), else (or
+/// from its owner when another replica owns it (see [`Forward`]), else (or
 /// when the owner does not serve it) from upstream.
 async fn fetch(
     app: &Arc<App>,
     r: &RepoRequest,
     d: &Digest,
     plan: &FetchPlan,
-    via_owner: Option<Option<HeaderValue>>,
+    forward: &Forward,
 ) -> Result<Served, RegistryError> {
     let (app2, r2, d2) = (app.clone(), r.clone(), d.clone());
     let (credential, public) = (plan.credential.clone(), plan.public);
-    let owner = match (&app.cluster, via_owner) {
-        (Some(c), Some(authorization)) => c.other_owner(d).map(|o| (c.clone(), o, authorization)),
-        _ => None,
-    };
+    let owner = forward.owner(app, d);
     app.cache
         .get_or_fetch(d, move |offset| {
             let (app2, r2, d2, owner) = (app2.clone(), r2.clone(), d2.clone(), owner.clone());
             let req = blob_request(&r2, &d2, Method::GET, credential.clone());
             Box::pin(async move {
-                if let Some((cluster, owner, authorization)) = owner {
-                    if let Some(source) =
-                        from_owner(&app2, &r2, &d2, &cluster, &owner, offset, authorization.as_ref()).await
-                    {
+                if let Some(owner) = owner {
+                    if let Some(source) = owner.open(&app2, &r2, &d2, Content::Blob, offset).await {
                         return Ok(Source { public, ..source });
                     }
                 }
@@ -128,41 +119,12 @@ async fn fetch(
         .map_err(|e| blob_error(e.into(), d))
 }
 
-/// The owner's answer for `d`, or `None` (logged, counted) when it gave
-/// none: the caller fetches from upstream itself, so a dead or refusing
-/// owner costs one duplicate fetch, never a failed pull.
-async fn from_owner(
-    app: &App,
-    r: &RepoRequest,
-    d: &Digest,
-    cluster: &crate::cluster::Cluster,
-    owner: &url::Url,
-    offset: u64,
-    authorization: Option<&HeaderValue>,
-) -> Option<Source> {
-    let up = app.upstream(r);
-    let path = format!("/v2/{}/{}/blobs/{d}", up.config.namespace, r.repo);
-    let label = |result| crate::metrics::PeerFetchLabels { result };
-    match crate::cluster::owner_fetch::open(cluster, owner, &path, offset, authorization).await {
-        Ok(source) => {
-            METRICS.peer_fetches.get_or_create(&label("owner")).inc();
-            app.auth.note_in_repository(up.name(), &r.repo.to_string(), d);
-            Some(source)
-        }
-        Err(e) => {
-            METRICS.peer_fetches.get_or_create(&label("fallback")).inc();
-            tracing::info!(digest = %d, error = %e, "the digest's owner did not serve it; fetching from upstream");
-            None
-        }
-    }
-}
-
 async fn head_blob(
     app: &Arc<App>,
     r: &RepoRequest,
     d: &Digest,
     plan: &FetchPlan,
-    via_owner: Option<Option<HeaderValue>>,
+    forward: &Forward,
 ) -> Result<Response<Body>, RegistryError> {
     let mut resp = Response::new(empty());
     if let Some(size) = app.cache.stat(d).await?.map(|i| i.size).or(plan.upstream_length) {
@@ -180,7 +142,7 @@ async fn head_blob(
                 // Confirmed only by a GET: the download the client's next
                 // request joins. Still a 404 when that says so too.
                 tracing::debug!(digest = %d, "upstream HEAD said 404; confirming with a GET");
-                let served = fetch(app, r, d, plan, via_owner).await?;
+                let served = fetch(app, r, d, plan, forward).await?;
                 if let Some(size) = served.info.size {
                     resp.headers_mut()
                         .insert(header::CONTENT_LENGTH, HeaderValue::from(size));

@@ -20,6 +20,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response};
 use super::body::{stream, Body};
 use super::errors::{OciCode, RegistryError};
 use super::outcome::RequestOutcome;
+use super::owner::{Content, Forward};
 use super::tag_asks::{Asking, TagAnswer, TagAsks, Turn};
 use super::{copy_header, header_value, App};
 use crate::auth::{Access, ContentKind, FetchPlan};
@@ -44,15 +45,16 @@ pub async fn serve(
     access: &Access<'_>,
 ) -> Result<Response<Body>, RegistryError> {
     let accept = accept_of(headers);
+    let forward = Forward::of(headers);
     match reference {
-        Reference::Digest(d) => by_digest(app, r, d, &accept, head, access).await,
+        Reference::Digest(d) => by_digest(app, r, d, &accept, head, access, &forward).await,
         Reference::Tag(t) => {
             if !crate::tag_policy::forces_check(headers) {
-                if let Some(resp) = unasked(app, r, t, &accept, head, access).await? {
+                if let Some(resp) = unasked(app, r, t, &accept, head, access, &forward).await? {
                     return Ok(resp);
                 }
             }
-            by_tag(app, r, t, &accept, head, access).await
+            by_tag(app, r, t, &accept, head, access, &forward).await
         }
     }
 }
@@ -191,8 +193,9 @@ async fn by_digest(
     accept: &str,
     head: bool,
     access: &Access<'_>,
+    forward: &Forward,
 ) -> Result<Response<Body>, RegistryError> {
-    let manifest = fetch_by_digest(app, r, d, accept, access, false).await?;
+    let manifest = fetch_by_digest(app, r, d, accept, access, forward, false).await?;
     Ok(respond(d, manifest, head, None))
 }
 
@@ -227,13 +230,14 @@ async fn fetch_by_digest(
     d: &Digest,
     accept: &str,
     access: &Access<'_>,
+    forward: &Forward,
     proven_public: bool,
 ) -> Result<Manifest, RegistryError> {
     let plan = access
         .content(&app.cache, d, ContentKind::Manifest, proven_public)
         .await
         .map_err(|e| manifest_unknown(e, d))?;
-    let served = fetch_served(app, r, d, accept, &plan).await?;
+    let served = fetch_served(app, r, d, accept, &plan, forward).await?;
     match Manifest::from_served(served) {
         Some(m) => Ok(m),
         None => fetch_media_type(app, r, d, accept, plan.credential).await,
@@ -291,20 +295,34 @@ fn manifest_unknown(e: RegistryError, d: &Digest) -> RegistryError {
         .with_detail(serde_json::json!({ "digest": d.to_string() }))
 }
 
+/// The manifest from the store, or the one download of it: from its owner
+/// when another replica owns it (see [`Forward`]), else (or when the owner
+/// does not serve it) from upstream.
 async fn fetch_served(
     app: &Arc<App>,
     r: &RepoRequest,
     d: &Digest,
     accept: &str,
     plan: &FetchPlan,
+    forward: &Forward,
 ) -> Result<Served, RegistryError> {
     let (app2, r2, d2, accept) = (app.clone(), r.clone(), d.clone(), accept.to_string());
     let (credential, public) = (plan.credential.clone(), plan.public);
+    let owner = forward.owner(app, d);
     app.cache
         .get_or_fetch(d, move |offset| {
-            let (app2, r2, d2) = (app2.clone(), r2.clone(), d2.clone());
+            let (app2, r2, d2, owner, accept) = (app2.clone(), r2.clone(), d2.clone(), owner.clone(), accept.clone());
             let req = manifest_request(&r2, &d2.to_string(), Method::GET, &accept, credential.clone());
             Box::pin(async move {
+                if let Some(owner) = owner {
+                    let what = Content::Manifest {
+                        accept: &accept,
+                        max_len: MAX_MANIFEST as u64,
+                    };
+                    if let Some(source) = owner.open(&app2, &r2, &d2, what, offset).await {
+                        return Ok(Source { public, ..source });
+                    }
+                }
                 super::open_source(&app2, &r2, &req, offset, &d2, Some(MAX_MANIFEST as u64), public).await
             })
         })
@@ -324,6 +342,7 @@ async fn unasked(
     accept: &str,
     head: bool,
     access: &Access<'_>,
+    forward: &Forward,
 ) -> Result<Option<Response<Body>>, RegistryError> {
     let upstream = app.upstream(r);
     let rules = upstream.config.tag_policy.rules(r.repo.as_str());
@@ -352,7 +371,7 @@ async fn unasked(
         if app.cache.stat(&digest).await.ok().flatten().is_none() {
             continue;
         }
-        let manifest = fetch_by_digest(app, r, &digest, accept, access, false).await?;
+        let manifest = fetch_by_digest(app, r, &digest, accept, access, forward, false).await?;
         METRICS
             .tag_checks_skipped
             .get_or_create(&TagSkipLabels {
@@ -373,6 +392,7 @@ async fn serve_answer(
     accept: &str,
     head: bool,
     access: &Access<'_>,
+    forward: &Forward,
     answer: TagAnswer,
 ) -> Result<Response<Body>, RegistryError> {
     let TagAnswer { digest, record } = answer;
@@ -386,7 +406,7 @@ async fn serve_answer(
         h.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
         return Ok(out);
     }
-    let manifest = fetch_by_digest(app, r, &digest, accept, access, true).await?;
+    let manifest = fetch_by_digest(app, r, &digest, accept, access, forward, true).await?;
     Ok(respond(&digest, manifest, head, None))
 }
 
@@ -404,6 +424,7 @@ async fn by_tag(
     accept: &str,
     head: bool,
     access: &Access<'_>,
+    forward: &Forward,
 ) -> Result<Response<Body>, RegistryError> {
     // Anonymous requests for one tag at once: one asks, the others serve
     // its answer (see `tag_asks`).
@@ -420,7 +441,7 @@ async fn by_tag(
             Turn::Wait(rx) => {
                 if let Some(answer) = TagAsks::wait(rx).await {
                     access.note_public();
-                    return serve_answer(app, r, accept, head, access, answer).await;
+                    return serve_answer(app, r, accept, head, access, forward, answer).await;
                 }
             }
         }
@@ -467,7 +488,8 @@ async fn by_tag(
             };
             app.cache.record_tag(app.repo_key(r), tag, &record).await;
             share(asking, &digest, &record);
-            let manifest = fetch_by_digest(app, r, &digest, accept, access, access.answers_are_public()).await?;
+            let manifest =
+                fetch_by_digest(app, r, &digest, accept, access, forward, access.answers_are_public()).await?;
             return Ok(respond(&digest, manifest, head, None));
         }
         Err(e) => return stale_or(app, r, tag, accept, head, e, access).await,
@@ -506,7 +528,7 @@ async fn by_tag(
             .insert("docker-content-digest", header_value(&digest.to_string()));
         return Ok(out);
     }
-    let manifest = fetch_by_digest(app, r, &digest, accept, access, access.answers_are_public()).await?;
+    let manifest = fetch_by_digest(app, r, &digest, accept, access, forward, access.answers_are_public()).await?;
     Ok(respond(&digest, manifest, head, None))
 }
 

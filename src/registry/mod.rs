@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod errors;
 pub mod manifests;
 pub mod outcome;
+pub mod owner;
 pub mod range;
 pub mod tag_asks;
 pub mod tags;
