@@ -249,3 +249,52 @@ fn a_bucket_that_refuses_the_key_fails_readiness_with_its_reason() {
         "names the bucket: {msg}"
     );
 }
+
+/// A local disk slower than the client never holds the client back: with
+/// the disk stalled (every blocking thread busy), a whole read from the
+/// bucket is served in full, its copy given up, and the copy made again
+/// from the bucket once the disk answers.
+#[test]
+fn a_stalled_local_disk_never_holds_a_bucket_read_back() {
+    let garage = GarageCluster::start(3, "regmirror-stalled-disk");
+    let creds_dir = common::tempdir("s3-creds-");
+    let creds = credentials_file(creds_dir.path());
+    // One blocking thread: the local cache's file work queues behind it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = replica(&settings(&garage, 0, "stall", &creds));
+    let b = replica(&settings(&garage, 1, "stall", &creds));
+    rt.block_on(async {
+        let big: Vec<u8> = (0..(3 * PART_SIZE) as u32).map(|i| (i % 251) as u8).collect();
+        let d = Digest::of(&big);
+        let mut p = a.blobs.begin(&d).await.unwrap();
+        p.write(Bytes::from(big.clone())).await.unwrap();
+        p.commit(None).await.unwrap();
+
+        let blob = b.blobs.open(&d).await.unwrap().expect("in the bucket");
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (flag, (started_tx, started_rx)) = (stalled.clone(), std::sync::mpsc::channel());
+        let stall = tokio::task::spawn_blocking(move || {
+            started_tx.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+        started_rx.recv().unwrap();
+        let chunks: Vec<Bytes> = blob.read(0, big.len() as u64).try_collect().await.unwrap();
+        assert!(
+            stalled.load(std::sync::atomic::Ordering::SeqCst),
+            "the client had all of it while the local disk was stalled"
+        );
+        assert_eq!(chunks.concat(), big, "served whole from the bucket");
+        stall.await.unwrap();
+        assert!(
+            wait_local(&b.local, &d).await,
+            "copied into the local cache once the disk answered"
+        );
+        assert_eq!(read_all(b.local.as_ref(), &d).await, big, "the copy is whole");
+    });
+}

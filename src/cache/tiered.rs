@@ -8,7 +8,9 @@
 //! the bucket is copied into the local cache as it is served, and committed
 //! there once all of it arrived and its digest checks (every byte
 //! committed to a store is verified, whatever it came from), so the next
-//! read is a local one. The local cache is not synced to disk: after a
+//! read is a local one. The client never waits for that copy: when the
+//! local disk falls behind, the copy is given up and made again from the
+//! bucket after the client has all of it. The local cache is not synced to disk: after a
 //! crash it is emptied instead ([`DiskStore::open_read_cache`]).
 //! Evicting from the local cache never touches the bucket; deleting does.
 
@@ -28,8 +30,9 @@ use super::s3::{BucketBlob, BucketUpload, S3Store};
 use crate::reference::Digest;
 
 /// Chunks a copy into the local cache may lag behind the client it is
-/// served to (each up to [`CHUNK`]); beyond that the client waits for the
-/// local disk, as a download's clients wait for it on the disk backend.
+/// served to (each up to [`CHUNK`]); beyond that the copy is given up and
+/// made after the client was served (the bucket holds the content: unlike
+/// a download, nothing is lost by not waiting for the local disk).
 const COPY_BACKLOG: usize = 16;
 /// Bytes handed on at once when reading from the bucket: the bucket's body
 /// arrives in pieces of a few KiB, each of which would otherwise cost a
@@ -39,22 +42,23 @@ const CHUNK: usize = 256 * 1024;
 pub struct TieredStore {
     local: Arc<DiskStore>,
     bucket: Arc<S3Store>,
-    /// The local cache's bound keeper, told of each copy made from the
-    /// bucket (the fetch path tells it of downloads itself).
-    life: OnceLock<Arc<Lifecycle>>,
+    copies: Arc<Copies>,
 }
 
 impl TieredStore {
     pub fn new(local: Arc<DiskStore>, bucket: Arc<S3Store>) -> Self {
-        TieredStore {
-            local,
-            bucket,
+        let copies = Arc::new(Copies {
+            local: local.clone(),
+            bucket: bucket.clone(),
             life: OnceLock::new(),
-        }
+            slots: tokio::sync::Semaphore::new(LATER_COPIES),
+            pending: Default::default(),
+        });
+        TieredStore { local, bucket, copies }
     }
 
     pub fn set_lifecycle(&self, life: Arc<Lifecycle>) {
-        let _ = self.life.set(life);
+        let _ = self.copies.life.set(life);
     }
 
     /// At shutdown: the local read cache is kept for the next start.
@@ -82,8 +86,7 @@ impl BlobStore for TieredStore {
         Ok(Some(Box::new(CopiedBlob {
             blob,
             digest: d.clone(),
-            local: self.local.clone(),
-            life: self.life.get().cloned(),
+            copies: self.copies.clone(),
         })))
     }
 
@@ -202,8 +205,7 @@ impl PendingBlob for TieredPending {
 struct CopiedBlob {
     blob: BucketBlob,
     digest: Digest,
-    local: Arc<DiskStore>,
-    life: Option<Arc<Lifecycle>>,
+    copies: Arc<Copies>,
 }
 
 impl StoredBlob for CopiedBlob {
@@ -213,33 +215,143 @@ impl StoredBlob for CopiedBlob {
 
     fn read(self: Box<Self>, start: u64, end: u64) -> ByteStream {
         let info = self.blob.info().clone();
-        let whole = start == 0 && end == info.size;
+        let size = info.size;
+        let whole = start == 0 && end == size;
         let stream = coalesce(Box::new(self.blob).read(start, end), CHUNK);
         if !whole {
             return Box::pin(stream);
         }
         let (tx, rx) = mpsc::channel::<Bytes>(COPY_BACKLOG);
-        tokio::spawn(copy_to_local(rx, self.local, self.digest, info, self.life));
-        // Each chunk goes to the copy before the client: a failed copy (its
-        // receiver gone) stops copying, never the client's stream.
+        let copies = self.copies.clone();
+        tokio::spawn(copy_to_local(
+            rx,
+            copies.local.clone(),
+            self.digest.clone(),
+            info,
+            copies.life.get().cloned(),
+        ));
+        // Each chunk goes to the copy before the client, unless the copy
+        // fell [`COPY_BACKLOG`] chunks behind: then it is given up, never
+        // waited for, and made again from the bucket once this client has
+        // all of it (`Later`).
+        let later = Later {
+            copies,
+            digest: self.digest,
+            wanted: false,
+            left: size,
+        };
         Box::pin(futures_util::stream::unfold(
-            (Box::pin(stream), Some(tx)),
-            |(mut s, mut tx)| async move {
+            (Box::pin(stream), Some(tx), later),
+            |(mut s, mut tx, mut later)| async move {
                 let item = s.next().await?;
                 match &item {
                     Ok(chunk) => {
+                        later.left = later.left.saturating_sub(chunk.len() as u64);
                         if let Some(t) = &tx {
-                            if t.send(chunk.clone()).await.is_err() {
-                                tx = None;
+                            match t.try_send(chunk.clone()) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(_)) => {
+                                    tx = None;
+                                    later.wanted = true;
+                                }
+                                Err(mpsc::error::TrySendError::Closed(_)) => tx = None,
                             }
                         }
                     }
                     Err(_) => tx = None,
                 }
-                Some((item, (s, tx)))
+                Some((item, (s, tx, later)))
             },
         ))
     }
+}
+
+/// What copies from the bucket into the local cache need: the two stores,
+/// the local cache's bound keeper, and the copies made after a client was
+/// served (one digest once, [`LATER_COPIES`] at a time).
+struct Copies {
+    local: Arc<DiskStore>,
+    bucket: Arc<S3Store>,
+    /// The local cache's bound keeper, told of each copy made from the
+    /// bucket (the fetch path tells it of downloads itself).
+    life: OnceLock<Arc<Lifecycle>>,
+    slots: tokio::sync::Semaphore,
+    pending: std::sync::Mutex<std::collections::HashSet<Digest>>,
+}
+
+/// Copies made after their client was served that may run at once: each is
+/// a whole read from the bucket and a write to the local disk.
+const LATER_COPIES: usize = 2;
+
+/// Dropped with the client's stream: when its copy was given up and the
+/// client was handed all of it (the server drops a body once its length
+/// is sent, without asking for its end), the content is copied again from
+/// the bucket.
+struct Later {
+    copies: Arc<Copies>,
+    digest: Digest,
+    wanted: bool,
+    /// Bytes not yet handed to the client.
+    left: u64,
+}
+
+impl Drop for Later {
+    fn drop(&mut self) {
+        if !self.wanted || self.left > 0 {
+            return;
+        }
+        let fresh = self
+            .copies
+            .pending
+            .lock()
+            .is_ok_and(|mut p| p.insert(self.digest.clone()));
+        if !fresh {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(copy_later(self.copies.clone(), self.digest.clone()));
+        }
+    }
+}
+
+/// The copy a client's read gave up on, made once no client waits for it:
+/// read whole from the bucket (unless a copy arrived meanwhile) and
+/// written to the local cache at the disk's pace.
+async fn copy_later(copies: Arc<Copies>, d: Digest) {
+    if let Ok(_slot) = copies.slots.acquire().await {
+        if let Err(e) = copy_now(&copies, &d).await {
+            tracing::debug!(digest = %d, error = %e, "no local copy of bucket content");
+        }
+    }
+    if let Ok(mut p) = copies.pending.lock() {
+        p.remove(&d);
+    }
+}
+
+async fn copy_now(copies: &Arc<Copies>, d: &Digest) -> io::Result<()> {
+    if copies.local.stat(d).await?.is_some() {
+        return Ok(());
+    }
+    let Some(blob) = copies.bucket.open_blob(d).await? else {
+        return Ok(());
+    };
+    let info = blob.info().clone();
+    let (tx, rx) = mpsc::channel::<Bytes>(COPY_BACKLOG);
+    let copy = tokio::spawn(copy_to_local(
+        rx,
+        copies.local.clone(),
+        d.clone(),
+        info.clone(),
+        copies.life.get().cloned(),
+    ));
+    let mut body = Box::pin(coalesce(Box::new(blob).read(0, info.size), CHUNK));
+    while let Some(chunk) = body.next().await {
+        if tx.send(chunk?).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    copy.await.map_err(io::Error::other)
 }
 
 /// `s` in pieces of at least `size` bytes (the last may be shorter).
