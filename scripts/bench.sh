@@ -43,6 +43,9 @@
 #                            before each cold-local GET
 #   127.0.9.9  garage        Garage (crates.io, installed by scripts/test.sh), read directly with
 #                            curl --aws-sigv4 for the comparison
+#   127.0.9.10 nginx-relay   nginx proxy_pass to Garage (buffered, no temp files; :3900 plain,
+#                            :3943 TLS), read the same way: what relaying the object through any
+#                            process costs here
 # Clients address every peer as https://registry-1.docker.io (curl --resolve,
 # h2load --connect-to, skopeo in a mount namespace with its own /etc/hosts).
 # Needs root (port 443, unshare --mount). Installs its tools with apt when missing.
@@ -150,8 +153,8 @@ wait_tls() { # wait_tls IP: until something answers TLS on IP:443
 H=registry-1.docker.io
 UP=127.0.9.1 RM=127.0.9.2 DP=127.0.9.3 NC=127.0.9.4 NS=127.0.9.5
 declare -A IP=([direct]=$UP [regmirror]=$RM [dist-proxy]=$DP [nginx-cache]=$NC [nginx-static]=$NS)
-RS=127.0.9.8 GA=127.0.9.9
-IP[regmirror-s3]=$RS
+RS=127.0.9.8 GA=127.0.9.9 NR=127.0.9.10
+IP[regmirror-s3]=$RS IP[nginx-relay]=$NR
 
 # ---------------------------------------------------------------- certificates
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/ca.key" \
@@ -322,6 +325,22 @@ start_nginx() { # start_nginx NAME IP
   }
 }
 EOF
+    elif [[ $1 == nginx-relay ]]; then
+      cat <<EOF
+  upstream garage { server $GA:3900; keepalive 16; }
+  server {
+    listen $2:3900;
+    listen $2:3943 ssl;
+    location / {
+      proxy_pass http://garage;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$http_host;
+      proxy_max_temp_file_size 0;
+    }
+  }
+}
+EOF
     else
       cat <<EOF
   types { }
@@ -338,6 +357,10 @@ EOF
   } >"$W/$1/nginx.conf"
   "$NGINX" -c "$W/$1/nginx.conf" -p "$W/$1" >"$W/$1/stdout" 2>&1 &
   PID[$1]=$!
+  if [[ $1 == nginx-relay ]]; then
+    for _ in $(seq 100); do curl -s -o /dev/null --max-time 1 "http://$2:3900/" && return 0; sleep 0.1; done
+    fail "nginx-relay did not start: $(tail -5 "$W/$1/error.log")"
+  fi
   wait_tls "$2"
 }
 
@@ -721,11 +744,17 @@ start_regmirror_s3() {
   done
   fail "regmirror-s3 did not start (log: $(tail -5 "$W/rm-s3/log"))"
 }
-garage_blob() { # garage_blob → MiB/s of one GET of the big blob's object straight from Garage
-  local r
-  r=$(curl -sS -f --aws-sigv4 "aws:amz:garage:s3" --user "$GK:$GS" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
-    -o /dev/null -w '%{time_total} %{size_download}' "http://$GA:3900/regmirror/bench/blobs/sha256/${BIG#sha256:}")
-  [[ ${r#* } == "$BIG_SIZE" ]] || fail "garage: short object ($r)"
+garage_blob() { # garage_blob [relay|relay-tls] → MiB/s of one GET of the big blob's object
+  # straight from Garage, or through nginx-relay (its TLS port: the bench certificate names
+  # another host, hence -k), signed for Garage's address either way
+  local r via=() scheme=http
+  case ${1:-} in
+    relay) via=(--connect-to "$GA:3900:$NR:3900") ;;
+    relay-tls) via=(-k --connect-to "$GA:3900:$NR:3943") scheme=https ;;
+  esac
+  r=$(curl -sS -f "${via[@]}" --aws-sigv4 "aws:amz:garage:s3" --user "$GK:$GS" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
+    -o /dev/null -w '%{time_total} %{size_download}' "$scheme://$GA:3900/regmirror/bench/blobs/sha256/${BIG#sha256:}")
+  [[ ${r#* } == "$BIG_SIZE" ]] || fail "garage ${1:-}: short object ($r)"
   awk -v t="${r% *}" -v n="$BIG_SIZE" 'BEGIN {printf "%.1f", n / 1048576 / t}'
 }
 s3_cold_local() { # s3_cold_local tls|plain: appends to S3_RATES the MiB/s of one GET through
@@ -743,24 +772,31 @@ s3_cold_local() { # s3_cold_local tls|plain: appends to S3_RATES the MiB/s of on
   fi
   [[ ${r#* } == "$BIG_SIZE" ]] || fail "regmirror-s3: short blob ($r)"
   S3_RATES+=("$(awk -v t="${r% *}" -v n="$BIG_SIZE" 'BEGIN {printf "%.1f", n / 1048576 / t}')")
+  # The read is copied into the local read cache (as it is served, or after, when the local
+  # disk fell behind): let that finish before anything else is measured.
+  s3_local_copy || fail "regmirror-s3: no local copy of the blob it served (log: $(tail -5 "$W/rm-s3/log"))"
+}
+s3_local_copy() { # s3_local_copy: true once regmirror-s3's local read cache holds the big blob
+  for _ in $(seq 100); do find "$W/rm-s3/data/blobs" -name "${BIG#sha256:}" | grep -q . && return 0; sleep 0.1; done
+  return 1
 }
 replica_figures() { # replica_figures REP: cold-local replica vs Garage, then local hits vs the disk backend
-  local round proto g=() l=() d=()
+  local round proto g=() n=() l=() d=()
   for proto in plain tls; do
-    g=() S3_RATES=()
+    g=() n=() S3_RATES=()
     for round in 0 1 2; do
       if ((($1 + round) % 2 == 0)); then
         g+=("$(garage_blob)"); s3_cold_local "$proto"
       else
         s3_cold_local "$proto"; g+=("$(garage_blob)")
       fi
+      if [[ $proto == tls ]]; then n+=("$(garage_blob relay-tls)"); else n+=("$(garage_blob relay)"); fi
     done
     record "s3_cold_local_${proto}_mibs" garage "$(median "${g[@]}")"
     record "s3_cold_local_${proto}_mibs" regmirror "$(median "${S3_RATES[@]}")"
+    record "s3_cold_local_${proto}_mibs" nginx-relay "$(median "${n[@]}")"
   done
-  # The whole read above was copied into the local read cache as it was
-  # served; let the copy commit, then the hits are local.
-  for _ in $(seq 50); do find "$W/rm-s3/data/blobs" -name "${BIG#sha256:}" | grep -q . && break; sleep 0.1; done
+  # The last cold read left its local copy (s3_cold_local waited for it): these hits are local.
   for round in 0 1; do
     if ((($1 + round) % 2 == 0)); then
       l+=("$(blob_one regmirror-s3)"); d+=("$(blob_one regmirror)")
@@ -774,6 +810,7 @@ replica_figures() { # replica_figures REP: cold-local replica vs Garage, then lo
 if want s3; then
   echo "==> starting Garage and regmirror-s3"
   start_garage
+  start_nginx nginx-relay "$NR"
   start_regmirror_s3
   # The first pull through it puts the image in the bucket.
   warm regmirror-s3
@@ -885,7 +922,7 @@ push_figures() { # push_figures REP: one push, its pull back, and 8 concurrent p
 }
 
 if ((hold)); then
-  for p in "${!IP[@]}"; do warm "$p"; done
+  for p in "${!IP[@]}"; do [[ $p == nginx-relay ]] || warm "$p"; done
   cat <<EOF
 ==> holding: every peer is up and warm (Ctrl-C stops them)
   peers:     $(for p in "${!IP[@]}"; do printf '%s=%s ' "$p" "${IP[$p]}"; done)

@@ -24,7 +24,7 @@ GROUPS = {
         "end": "<!-- bench:registry:end -->",
     },
     "replicas": {
-        "peers": ["garage", "regmirror-disk", "regmirror"],
+        "peers": ["garage", "nginx-relay", "regmirror-disk", "regmirror"],
         "begin": "<!-- bench:replicas:begin (written by scripts/bench.sh; edit outside the markers) -->",
         "end": "<!-- bench:replicas:end -->",
     },
@@ -74,8 +74,8 @@ FIGURES = [
     # holds, through a replica whose local read cache is empty (restarted empty before each
     # GET), against curl reading the same object from Garage; then hits from its local read
     # cache against the disk backend's (regmirror-disk: the single-node instance above).
-    ("s3_cold_local_plain_mibs", "warm {big} MiB blob GET through a replica whose local read cache is cold (from the bucket), plain HTTP like curl to Garage, 1 client (median of 3 per repetition, taking turns with curl)", "MiB/s", [("garage", ">=", 0.9)]),
-    ("s3_cold_local_tls_mibs", "the same over TLS (transparent mode; curl to Garage stays plain HTTP)", "MiB/s", [("garage", ">=", 0.9)]),
+    ("s3_cold_local_plain_mibs", "warm {big} MiB blob GET through a replica whose local read cache is cold (from the bucket), plain HTTP like curl to Garage, 1 client (median of 3 per repetition, taking turns with curl; nginx-relay: curl through nginx proxy_pass to Garage)", "MiB/s", [("garage", ">=", 0.9), ("nginx-relay", None, None)]),
+    ("s3_cold_local_tls_mibs", "the same over TLS (transparent mode; curl to Garage stays plain HTTP; nginx-relay: through its TLS listener)", "MiB/s", [("garage", ">=", 0.9), ("nginx-relay", None, None)]),
     ("s3_local_mibs", "warm {big} MiB blob GET from the replica's local read cache, 1 client (median of 2 × 3 GETs per repetition, taking turns)", "MiB/s", [("regmirror-disk", ">=", 0.9)]),
     # The server's own CPU during the client-bound figures: their time is mostly the
     # client's (skopeo, h2load) on the same two cores. No target. regmirror's is its own
