@@ -21,7 +21,7 @@ use regmirror::cache::blob_store::BlobStore;
 use regmirror::cache::bucket_evict;
 use regmirror::cache::evict::{evict_to, now_ms};
 use regmirror::cache::index::{Change, Class, Index};
-use regmirror::cache::listing::{cached_tags, closure, CachedTag};
+use regmirror::cache::listing::{cached_tags, closure, CachedTag, Usage};
 use regmirror::cache::s3::S3Store;
 use regmirror::cache::{DiskStore, HostedStore, MetaStore, RepoKey, INDEX_FILE};
 use regmirror::config::{format_size as human, parse_image, parse_size, Platforms, Settings};
@@ -483,14 +483,27 @@ async fn ls_local(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
 
 async fn ls_async(s: &Settings, store: &Store) -> Res<Vec<CachedTag>> {
     let names: Vec<String> = s.upstreams.iter().map(|u| u.name.clone()).collect();
-    cached_tags(
-        store.blobs.as_ref(),
-        store.meta.as_ref(),
-        store.index.as_deref(),
-        &names,
-    )
-    .await
-    .map_err(|e| e.to_string())
+    // On the bucket: sizes and last uses (the replicas' `used/` markers)
+    // from two listings of it, as its evictor sees them.
+    let listed = match &store.bucket {
+        Some(bucket) => Some(
+            regmirror::cache::bucket_evict::usage(bucket)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|e| (e.digest.to_string(), (e.size, e.last_use_ms)))
+                .collect::<std::collections::HashMap<_, _>>(),
+        ),
+        None => None,
+    };
+    let usage = match (&listed, store.index.as_deref()) {
+        (Some(map), _) => Usage::Listed(map),
+        (None, Some(index)) => Usage::Index(index),
+        (None, None) => Usage::Unknown,
+    };
+    cached_tags(store.blobs.as_ref(), store.meta.as_ref(), usage, &names)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------- rm

@@ -368,6 +368,22 @@ fn one_replica_keeps_the_bucket_under_its_bound_and_the_cache_commands_see_the_b
         listed.contains("library/replicated") && listed.contains("old") && listed.contains("new"),
         "cache ls lists the bucket's tags:\n{listed}"
     );
+    // With the bytes each tag reaches in the bucket and its last use there.
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&cache_cmd(&filler, &garage, &["ls", "--json"])).unwrap();
+    let row = |tag: &str| {
+        rows.iter()
+            .find(|r| r["tag"] == tag)
+            .unwrap_or_else(|| panic!("no {tag} row: {rows:#?}"))
+            .clone()
+    };
+    let (old_row, new_row) = (row("old"), row("new"));
+    for r in [&old_row, &new_row] {
+        assert!(r["size"].as_u64().unwrap() > (3 * MIB) as u64, "the tag's bytes: {r}");
+    }
+    assert!(
+        new_row["last_used_ms"].as_u64().unwrap() > old_row["last_used_ms"].as_u64().unwrap(),
+        "the newer pull is the later use: {old_row} {new_row}"
+    );
     assert!(cache_cmd(&filler, &garage, &["verify"]).contains("0 mismatched"));
     filler.stop();
 

@@ -9,6 +9,27 @@ use super::index::Index;
 use super::meta_store::{MetaStore, RepoKey};
 use crate::reference::{Digest, RepoName};
 
+/// Where a listing's sizes and last uses come from.
+pub enum Usage<'a> {
+    /// The disk backend's recency index.
+    Index(&'a Index),
+    /// What a listing of the bucket found: digest → (size, last use in ms
+    /// since the Unix epoch), see [`super::bucket_evict::usage`].
+    Listed(&'a std::collections::HashMap<String, (u64, u64)>),
+    /// Neither known: sizes and last uses show as 0.
+    Unknown,
+}
+
+impl Usage<'_> {
+    fn get(&self, digest: &str) -> Option<(u64, u64)> {
+        match self {
+            Usage::Index(index) => index.get(digest).ok().flatten().map(|e| (e.size, e.last_used_ms)),
+            Usage::Listed(map) => map.get(digest).copied(),
+            Usage::Unknown => None,
+        }
+    }
+}
+
 /// Manifests larger than this are not read to follow their references.
 const MAX_WALKED_MANIFEST: u64 = 4 << 20;
 
@@ -95,7 +116,7 @@ pub async fn closure(blobs: &dyn BlobStore, root: &Digest) -> Vec<Digest> {
 pub async fn cached_tags(
     blobs: &dyn BlobStore,
     meta: &dyn MetaStore,
-    index: Option<&Index>,
+    usage: Usage<'_>,
     upstreams: &[String],
 ) -> std::io::Result<Vec<CachedTag>> {
     let mut rows = Vec::new();
@@ -108,13 +129,11 @@ pub async fn cached_tags(
                     let Ok(d) = Digest::parse(&rec.digest) else { continue };
                     let mut size = 0;
                     let mut last_used_ms = 0;
-                    if let Some(index) = index {
+                    if !matches!(usage, Usage::Unknown) {
                         for b in closure(blobs, &d).await {
-                            if let Ok(Some(e)) = index.get(&b.to_string()) {
-                                size += e.size;
-                            }
+                            size += usage.get(b.as_str()).map_or(0, |(size, _)| size);
                         }
-                        last_used_ms = index.get(&rec.digest).ok().flatten().map_or(0, |e| e.last_used_ms);
+                        last_used_ms = usage.get(&rec.digest).map_or(0, |(_, used)| used);
                     }
                     rows.push(CachedTag {
                         upstream: upstream.clone(),

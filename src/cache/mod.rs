@@ -466,7 +466,8 @@ impl Cache {
             }
         }
         let index = self.life.as_ref().and_then(|l| l.index());
-        listing::cached_tags(self.blobs.as_ref(), self.meta.as_ref(), index.as_deref(), upstreams).await
+        let usage = index.as_deref().map_or(listing::Usage::Unknown, listing::Usage::Index);
+        listing::cached_tags(self.blobs.as_ref(), self.meta.as_ref(), usage, upstreams).await
     }
 
     /// Repositories of `upstream` the cache holds tags for, sorted. The
