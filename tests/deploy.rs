@@ -356,7 +356,7 @@ fn manifests_agree_with_the_config_they_mount() {
     assert_eq!(
         find(&docs, "Service", "regmirror")["spec"]["sessionAffinity"],
         "ClientIP",
-        "a push's upload session is one replica's: a client's requests must stay on it"
+        "a client's requests stay on one replica (its local read cache, its upload sessions)"
     );
     for name in ["regmirror-peers", "regmirror", "regmirror-node"] {
         let svc = find(&docs, "Service", name);

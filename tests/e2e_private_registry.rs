@@ -66,32 +66,6 @@ fn pushed_bytes(s: &Stack) -> f64 {
     metrics(s).get("regmirror_pushed_bytes_total").copied().unwrap_or(0.0)
 }
 
-/// `image` as an OCI image layout (what `skopeo copy oci:DIR:1` reads).
-fn write_layout(dir: &Path, image: &common::images::Image) -> std::path::PathBuf {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).expect("layout dir");
-    let put = |digest: &str, data: &[u8]| {
-        std::fs::write(blobs.join(digest.trim_start_matches("sha256:")), data).expect("layout blob");
-    };
-    put(&image.config.digest, &image.config.data);
-    for l in &image.layers {
-        put(&l.digest, &l.data);
-    }
-    put(&image.manifest_digest, &image.manifest);
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": image.media_type(),
-            "digest": image.manifest_digest,
-            "size": image.manifest.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "1"},
-        }],
-    });
-    std::fs::write(dir.join("index.json"), index.to_string()).expect("index.json");
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
-    dir.to_path_buf()
-}
-
 fn skopeo(sb: &Sandbox, args: &[&str]) -> common::clients::Output {
     let policy = sb.path().join("policy.json").display().to_string();
     let mut all = vec!["skopeo", "--policy", &policy];
@@ -157,7 +131,7 @@ fn skopeo_copies_a_multi_arch_index_in_and_out_and_a_cached_image_costs_no_uploa
     // An image the cache never saw, from an OCI layout on disk: its blobs
     // are uploaded, over TLS on regmirror's own name.
     let fresh = build_image(Format::Oci, "amd64", &[48 * KIB]);
-    let layout = write_layout(&sb.path().join("out/layout"), &fresh);
+    let layout = common::images::write_layout(&sb.path().join("out/layout"), &fresh);
     let own = format!("docker://{}/private/pr-fresh:1", s.name());
     let before = pushed_bytes(&s);
     let copied = skopeo(

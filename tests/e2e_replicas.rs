@@ -589,6 +589,212 @@ fn a_push_through_one_replica_is_pulled_through_another() {
     });
 }
 
+#[test]
+fn an_upload_session_opened_on_one_replica_goes_on_through_the_others() {
+    use common::push::{dead_upstream_config, Auth, Local, Namespace, ADMIN, CI, ROLES};
+    let garage = GarageCluster::start(3, "regmirror-sessions");
+    let dir = common::tempdir("sessions-");
+    let (secret, ca) = (dir.path().join("secret"), dir.path().join("ca"));
+    std::fs::write(&secret, "a cluster secret of some length\n").unwrap();
+    let configs: Vec<Config> = (0..3).map(|_| dead_upstream_config()).collect();
+    let peers: Vec<String> = configs.iter().map(|c| format!("\"http://{}\"", c.http)).collect();
+    let namespaces = [Namespace {
+        namespace: "private",
+        users: &[ADMIN, CI],
+        keys: ROLES,
+    }];
+    let mut replicas: Vec<Local> = configs
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut cfg)| {
+            cfg.cache_extra = garage.cache_keys(i, "sessions");
+            // One token key for all (beside the CA): a login on one replica holds on every other.
+            cfg.ca_dir = Some(ca.clone());
+            cfg.extra_toml += &format!(
+                "[cluster]\nself = \"http://{}\"\npeers = [{}]\nsecret_file = {:?}\n",
+                cfg.http,
+                peers.join(", "),
+                secret.display().to_string()
+            );
+            for (k, v) in garage.credentials_env() {
+                cfg.env.push((k.into(), v.into()));
+            }
+            Local::start_with(cfg, &namespaces)
+        })
+        .collect();
+    let rt = common::runtime();
+    let admin = Auth::user(ADMIN);
+    rt.block_on(async {
+        // Opened on A, written through B and C, its state asked of C, and
+        // finished through B: each request lands on another replica.
+        let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let d = common::sha256_digest(&blob);
+        let opened = replicas[0].start_upload("private/app", &admin).await;
+        opened.expect(202);
+        let location = opened.header("location").expect("a Location").to_string();
+        let (first, rest) = blob.split_at(1_000_000);
+        let r = replicas[1].patch_chunk(&location, 0, first, &admin).await;
+        assert_eq!(
+            r.expect(202).range_end(),
+            999_999,
+            "B wrote the first chunk into A's session"
+        );
+        let r = replicas[2].get(&location, &admin).await;
+        assert_eq!(r.expect(204).range_end(), 999_999, "C reports A's session");
+        let r = replicas[2].patch_chunk(&location, 1_000_000, rest, &admin).await;
+        assert_eq!(r.expect(202).range_end(), blob.len() as u64 - 1);
+        replicas[1]
+            .put_upload(&replicas[1].url(&location), &d, &[], &admin)
+            .await
+            .expect(201);
+        let got = replicas[2]
+            .get(&format!("/v2/private/app/blobs/{d}"), &Auth::user(CI))
+            .await;
+        got.expect(200);
+        assert_eq!(got.body.len(), blob.len());
+        assert_eq!(
+            common::sha256_digest(&got.body),
+            d,
+            "the blob pushed through three replicas"
+        );
+
+        // A real client behind a load balancer without affinity (nginx,
+        // round robin): each of skopeo's requests may land on another
+        // replica, its upload sessions included.
+        let lb = RoundRobin::start(&replicas.iter().map(|r| r.rm.http_url()).collect::<Vec<_>>());
+        let image = common::images::build_image(Format::Oci, "amd64", &[2_500_000, 600_000]);
+        let sb = common::clients::Sandbox::new(replicas[0].rm.ip(), &[], &replicas[0].rm.ca_pem);
+        let layout = common::images::write_layout(&sb.path().join("layout"), &image);
+        let policy = sb.path().join("policy.json").display().to_string();
+        let creds = format!("{}:{}", ADMIN.0, ADMIN.1);
+        let pushed = sb.run(&[
+            "skopeo",
+            "--policy",
+            &policy,
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds,
+            &format!("oci:{}:1", layout.display()),
+            &format!("docker://{}/private/balanced:1", lb.addr),
+        ]);
+        pushed.assert_ok();
+        let spread = lb.sessions_spread();
+        assert!(
+            spread > 0,
+            "some session's requests reached two replicas:\n{}",
+            lb.log()
+        );
+        let got = replicas[2].get_manifest("private/balanced", "1", &Auth::user(CI)).await;
+        got.expect(200);
+        assert_eq!(
+            got.header("docker-content-digest"),
+            Some(image.manifest_digest.as_str())
+        );
+        for l in &image.layers {
+            let blob = replicas[1]
+                .get(&format!("/v2/private/balanced/blobs/{}", l.digest), &Auth::user(CI))
+                .await;
+            assert_eq!(blob.expect(200).body, l.data, "layer {} as pushed", l.digest);
+        }
+        drop(lb);
+
+        // A session of a replica that went away is unknown (the client
+        // starts the blob again), never half-written.
+        let opened = replicas[0].start_upload("private/app", &admin).await;
+        let location = opened.expect(202).header("location").expect("a Location").to_string();
+        replicas[1].patch_chunk(&location, 0, first, &admin).await.expect(202);
+        replicas[0].rm.stop();
+        replicas[1]
+            .patch_chunk(&location, 1_000_000, rest, &admin)
+            .await
+            .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+        // An id no member's tag names is unknown too, and is not passed on.
+        replicas[1]
+            .get(
+                "/v2/private/app/blobs/uploads/0badc0de-00000000000000000000000000000000",
+                &admin,
+            )
+            .await
+            .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    });
+    replicas.clear();
+}
+
+/// nginx in front of `backends` (`http://IP:PORT`), round robin, no
+/// affinity, bodies streamed; its access log names the backend of each
+/// request. Stopped on drop.
+struct RoundRobin {
+    addr: String,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl RoundRobin {
+    fn start(backends: &[String]) -> RoundRobin {
+        let dir = common::tempdir("round-robin-");
+        let addr = format!("{}:5000", alloc_ip());
+        let servers: String = backends
+            .iter()
+            .map(|b| format!("    server {};\n", b.trim_start_matches("http://")))
+            .collect();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  log_format lb '$request_method $uri $upstream_addr $status';\n  access_log {d}/access.log lb;\n\
+             client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             upstream replicas {{\n{servers}  }}\n\
+             server {{\n    listen {addr};\n    client_max_body_size 0;\n    proxy_request_buffering off;\n    proxy_buffering off;\n\
+             location / {{ proxy_pass http://replicas; proxy_http_version 1.1; proxy_set_header Host $http_host; }}\n  }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new("nginx")
+            .args(["-c", &path.display().to_string(), "-p", &d.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx");
+        let lb = RoundRobin { addr, child, dir };
+        let up = common::wait_until(std::time::Duration::from_secs(10), || {
+            std::net::TcpStream::connect(&lb.addr).is_ok()
+        });
+        assert!(up, "nginx did not listen on {}", lb.addr);
+        lb
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    /// Upload sessions whose requests (PATCH, PUT) went to more than one
+    /// replica.
+    fn sessions_spread(&self) -> usize {
+        let mut by_session: std::collections::HashMap<String, std::collections::HashSet<String>> = Default::default();
+        for line in self.log().lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if let [method, uri, upstream, _] = f.as_slice() {
+                if let Some((_, id)) = uri.split_once("/blobs/uploads/") {
+                    if !id.is_empty() && (*method == "PATCH" || *method == "PUT") {
+                        by_session
+                            .entry(id.to_string())
+                            .or_default()
+                            .insert(upstream.to_string());
+                    }
+                }
+            }
+        }
+        by_session.values().filter(|u| u.len() > 1).count()
+    }
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A webhook receiver that keeps every request body and answers 200.
 fn receiver() -> (
     std::net::SocketAddr,

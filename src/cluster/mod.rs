@@ -147,6 +147,21 @@ impl Cluster {
             .unwrap_or_else(|| self.self_url.clone())
     }
 
+    /// This replica's tag: a short name of its `self` URL, carried in the
+    /// upload session ids it opens so that every member can tell where a
+    /// session lives.
+    pub fn self_tag(&self) -> String {
+        member_tag(&self.self_url)
+    }
+
+    /// The other member tagged `tag`, if one is known.
+    pub fn member_tagged(&self, tag: &str) -> Option<Url> {
+        self.members()
+            .iter()
+            .find(|m| **m != self.self_url && member_tag(m) == tag)
+            .cloned()
+    }
+
     /// The owner of `d` when it is another member.
     pub fn other_owner(&self, d: &Digest) -> Option<Url> {
         let owner = self.owner_of(d);
@@ -212,6 +227,12 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// 8 hex digits of SHA-256 of a member's URL: enough to tell a handful of
+/// members apart, short enough for an upload URL.
+fn member_tag(url: &Url) -> String {
+    hex::encode(&Sha256::digest(url.as_str().as_bytes())[..4])
 }
 
 /// A member's weight for `d`: the first 8 bytes of

@@ -15,6 +15,7 @@
 pub mod gc;
 pub mod manifests;
 pub mod quota;
+pub mod session_forward;
 pub mod token;
 pub mod uploads;
 
@@ -280,6 +281,9 @@ async fn serve_request(
         (&Method::GET, Kind::Referrers(d)) => referrers(app, &r.repo, &d, req.uri().query()).await,
         (&Method::POST, Kind::Upload(None)) => start_upload(app, r, caller, req).await,
         (_, Kind::Upload(Some(id))) => {
+            if let Some(member) = session_forward::held_elsewhere(app, &id, req.headers()) {
+                return session_forward::forward(app, &id, &member, req).await;
+            }
             let session = app.hosted.uploads.get(&id, &r.repo, caller.name())?;
             match method {
                 Method::GET => Ok(upload_status(&session, StatusCode::NO_CONTENT).await),
@@ -586,7 +590,14 @@ async fn start_upload(
     let session = app
         .hosted
         .uploads
-        .open(&app.cache, r.namespace, &r.repo, caller.name(), max)
+        .open(
+            &app.cache,
+            r.namespace,
+            &r.repo,
+            caller.name(),
+            max,
+            app.cluster.as_ref().map(|c| c.self_tag()).as_deref(),
+        )
         .await?;
     let Some(digest) = q.digest else {
         return Ok(upload_status(&session, StatusCode::ACCEPTED).await);

@@ -91,6 +91,7 @@ impl Uploads {
         repo: &RepoName,
         owner: &str,
         max: usize,
+        replica_tag: Option<&str>,
     ) -> Result<Arc<Session>, RegistryError> {
         let open = lock(&self.sessions).values().filter(|s| s.owner == owner).count();
         if open >= max {
@@ -100,7 +101,12 @@ impl Uploads {
                 format!("{owner} has {open} uploads open already (max_uploads_per_user = {max}); finish or cancel one"),
             ));
         }
-        let id = UploadId::parse(&new_id()).map_err(RegistryError::internal)?;
+        let id = match replica_tag {
+            // `<tag>-<random>`: the replica that holds it (see `session_forward`).
+            Some(tag) => format!("{tag}-{}", new_id()),
+            None => new_id(),
+        };
+        let id = UploadId::parse(&id).map_err(RegistryError::internal)?;
         let file = cache
             .begin_upload(id.as_str())
             .await

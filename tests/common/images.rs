@@ -420,3 +420,29 @@ pub fn parse_challenge(value: &str) -> Vec<(String, String)> {
 pub fn basic(user: &str, password: &str) -> String {
     format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
 }
+
+/// `image` as an OCI image layout (what `skopeo copy oci:DIR:1` reads).
+pub fn write_layout(dir: &std::path::Path, image: &Image) -> std::path::PathBuf {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("layout dir");
+    let put = |digest: &str, data: &[u8]| {
+        std::fs::write(blobs.join(digest.trim_start_matches("sha256:")), data).expect("layout blob");
+    };
+    put(&image.config.digest, &image.config.data);
+    for l in &image.layers {
+        put(&l.digest, &l.data);
+    }
+    put(&image.manifest_digest, &image.manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": image.media_type(),
+            "digest": image.manifest_digest,
+            "size": image.manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "1"},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index.json");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+    dir.to_path_buf()
+}
