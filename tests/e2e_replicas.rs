@@ -168,6 +168,14 @@ fn owner(members: &[String], digest: &str) -> usize {
         .unwrap()
 }
 
+/// Upstream GETs of the manifest `digest` among `entries`.
+fn manifest_gets(entries: &[common::upstream::AccessEntry], digest: &str) -> usize {
+    entries
+        .iter()
+        .filter(|e| e.method == "GET" && e.manifest_ref() == Some(digest))
+        .count()
+}
+
 fn member_urls(c: &Cluster) -> Vec<String> {
     c.replicas.iter().map(|r| format!("http://{}:5000", r.ip())).collect()
 }
@@ -216,10 +224,7 @@ fn concurrent_cold_pulls_over_a_cluster_fetch_each_blob_upstream_once() {
     let entries = common::matrix::assert_cold(&env.upstream, mark, &image, "8 concurrent pulls over 3 replicas");
     // The tag is asked by every replica (a HEAD); the manifest it names is
     // content, fetched once for the cluster like the blobs.
-    let manifest_gets = entries
-        .iter()
-        .filter(|e| e.method == "GET" && e.manifest_ref() == Some(image.manifest_digest.as_str()))
-        .count();
+    let manifest_gets = manifest_gets(&entries, &image.manifest_digest);
     assert_eq!(
         manifest_gets,
         1,
@@ -273,10 +278,7 @@ fn a_stopped_owner_costs_one_fetch_by_the_asker_and_forged_peers_are_refused() {
         &image.manifest_digest,
     );
     let entries = common::matrix::assert_cold(&env.upstream, mark, &image, "with the owner of some blobs stopped");
-    let manifest_gets = entries
-        .iter()
-        .filter(|e| e.method == "GET" && e.manifest_ref() == Some(image.manifest_digest.as_str()))
-        .count();
+    let manifest_gets = manifest_gets(&entries, &image.manifest_digest);
     assert_eq!(
         manifest_gets, 1,
         "A fetched the manifest the stopped replica owns itself"
