@@ -10,8 +10,8 @@
 //! committed to a store is verified, whatever it came from), so the next
 //! read is a local one. The client never waits for that copy: when the
 //! local disk falls behind, the copy is given up and made again from the
-//! bucket after the client has all of it. The local cache is not synced to disk: after a
-//! crash it is emptied instead ([`DiskStore::open_read_cache`]).
+//! bucket after the client has all of it. The local cache is not synced to
+//! disk: after a crash it is emptied instead ([`DiskStore::open_read_cache`]).
 //! Evicting from the local cache never touches the bucket; deleting does.
 
 use std::io;
@@ -221,15 +221,8 @@ impl StoredBlob for CopiedBlob {
         if !whole {
             return Box::pin(stream);
         }
-        let (tx, rx) = mpsc::channel::<Bytes>(COPY_BACKLOG);
         let copies = self.copies.clone();
-        tokio::spawn(copy_to_local(
-            rx,
-            copies.local.clone(),
-            self.digest.clone(),
-            info,
-            copies.life.get().cloned(),
-        ));
+        let (tx, _) = copies.start_copy(&self.digest, info);
         // Each chunk goes to the copy before the client, unless the copy
         // fell [`COPY_BACKLOG`] chunks behind: then it is given up, never
         // waited for, and made again from the bucket once this client has
@@ -277,6 +270,22 @@ struct Copies {
     life: OnceLock<Arc<Lifecycle>>,
     slots: tokio::sync::Semaphore,
     pending: std::sync::Mutex<std::collections::HashSet<Digest>>,
+}
+
+impl Copies {
+    /// A copy of `d` into the local cache, fed through the returned sender
+    /// (at most [`COPY_BACKLOG`] chunks ahead of the disk).
+    fn start_copy(&self, d: &Digest, info: BlobInfo) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<Bytes>(COPY_BACKLOG);
+        let copy = tokio::spawn(copy_to_local(
+            rx,
+            self.local.clone(),
+            d.clone(),
+            info,
+            self.life.get().cloned(),
+        ));
+        (tx, copy)
+    }
 }
 
 /// Copies made after their client was served that may run at once: each is
@@ -336,14 +345,7 @@ async fn copy_now(copies: &Arc<Copies>, d: &Digest) -> io::Result<()> {
         return Ok(());
     };
     let info = blob.info().clone();
-    let (tx, rx) = mpsc::channel::<Bytes>(COPY_BACKLOG);
-    let copy = tokio::spawn(copy_to_local(
-        rx,
-        copies.local.clone(),
-        d.clone(),
-        info.clone(),
-        copies.life.get().cloned(),
-    ));
+    let (tx, copy) = copies.start_copy(d, info.clone());
     let mut body = Box::pin(coalesce(Box::new(blob).read(0, info.size), CHUNK));
     while let Some(chunk) = body.next().await {
         if tx.send(chunk?).await.is_err() {
