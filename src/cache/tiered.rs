@@ -430,14 +430,19 @@ async fn copy_to_local(
         pending.abort().await;
         return;
     }
+    // Provenance first: the copy is served as soon as it is committed, and
+    // public content must not be seen as private meanwhile. The mark is the
+    // bucket's word on the digest, true with or without this copy.
+    if info.public {
+        if let Err(e) = local.mark_public(&d).await {
+            tracing::debug!(digest = %d, error = %e, "no local copy: its provenance could not be written");
+            pending.abort().await;
+            return;
+        }
+    }
     if let Err(e) = pending.commit(info.media_type.as_deref()).await {
         tracing::debug!(digest = %d, error = %e, "no local copy of bucket content");
         return;
-    }
-    if info.public {
-        if let Err(e) = local.mark_public(&d).await {
-            tracing::debug!(digest = %d, error = %e, "local copy without its provenance");
-        }
     }
     if let Some(life) = life {
         let class = if info.media_type.is_some() {
