@@ -15,7 +15,7 @@ mod common;
 
 use common::garage::GarageCluster;
 use common::images::Format;
-use common::matrix::{assert_pulled, assert_warm};
+use common::matrix::{assert_pulled, assert_refused, assert_warm};
 use common::regmirror::{Config, Regmirror};
 use common::{alloc_ip, UpstreamEnv, UpstreamEnvOpts, UPSTREAM_HOST};
 
@@ -475,20 +475,6 @@ fn one_replica_keeps_the_bucket_under_its_bound_and_the_cache_commands_see_the_b
         total_bytes(&cache_cmd(&c.replicas[0], &garage, &["du"])),
         0,
         "out of blobs/"
-    );
-}
-
-/// A refused pull: an authorization error, not a transport one.
-#[track_caller]
-fn assert_refused(out: &common::clients::Output) {
-    assert!(!out.success(), "`{}` must be refused:\n{}", out.cmd, out.stdout);
-    let all = format!("{}\n{}", out.stdout, out.stderr).to_lowercase();
-    assert!(
-        ["unauthorized", "authentication required", "pull access denied"]
-            .iter()
-            .any(|w| all.contains(w)),
-        "`{}`: expected an authorization error:\n{all}",
-        out.cmd
     );
 }
 

@@ -326,3 +326,27 @@ pub fn summarize(entries: &[AccessEntry]) -> String {
         parts.join(", ")
     }
 }
+
+/// A refused pull: the client failed with an authorization error (whatever
+/// words it uses for it), never a TLS or protocol error.
+#[track_caller]
+pub fn assert_refused(out: &Output) {
+    assert!(
+        !out.success(),
+        "`{}` succeeded but must be refused:\n{}",
+        out.cmd,
+        out.stdout
+    );
+    let all = format!("{}\n{}", out.stdout, out.stderr);
+    let lower = all.to_lowercase();
+    assert!(
+        ["unauthorized", "authentication required", "pull access denied"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "`{}`: expected an authorization error:\n{all}",
+        out.cmd
+    );
+    for bad in ["x509", "certificate", "tls: ", "malformed", "unexpected eof"] {
+        assert!(!lower.contains(bad), "`{}`: error mentions {bad:?}:\n{all}", out.cmd);
+    }
+}
